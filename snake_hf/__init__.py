@@ -1,0 +1,58 @@
+"""snake_hf: Snake Learning for the Hugging Face stack.
+
+Train a transformer's block groups one at a time, one node at a time, in a serpentine order over nodes that keep
+their data private, handing only adapter tensors from node to node.
+"""
+
+from .blocks import BlockGroups, PartMap, find_block_list, group_boundaries
+from .config import SnakeConfig
+from .payload import Payload, PayloadError, PayloadSpec, VersionLedger, decode_payload, encode_payload
+from .plan import Stage, designated_plan, format_plan, load_plan, save_plan, serpentine_plan, validate_plan
+from .report import HopRecord, SnakeReport, StageRecord
+from .shards import (
+    DirichletPartitioner,
+    IidPartitioner,
+    LengthPartitioner,
+    PathologicalPartitioner,
+    ShardPartitioner,
+    make_partitioner,
+    plot_shards,
+    shard_summary,
+)
+from .trainer import SnakeTrainer
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockGroups",
+    "DirichletPartitioner",
+    "HopRecord",
+    "IidPartitioner",
+    "LengthPartitioner",
+    "PartMap",
+    "PathologicalPartitioner",
+    "Payload",
+    "PayloadError",
+    "PayloadSpec",
+    "ShardPartitioner",
+    "SnakeConfig",
+    "SnakeReport",
+    "SnakeTrainer",
+    "Stage",
+    "StageRecord",
+    "VersionLedger",
+    "decode_payload",
+    "designated_plan",
+    "encode_payload",
+    "find_block_list",
+    "format_plan",
+    "group_boundaries",
+    "load_plan",
+    "make_partitioner",
+    "plot_shards",
+    "save_plan",
+    "serpentine_plan",
+    "shard_summary",
+    "validate_plan",
+]

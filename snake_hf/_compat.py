@@ -1,0 +1,49 @@
+"""Every use of a private `Trainer`/`Accelerate` member lives here, with the versions it was checked against.
+
+Checked against transformers 5.23.0, accelerate 1.15.0, peft 0.21.2, torch 2.13.0.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
+
+
+def remove_unused_columns(trainer: Trainer, dataset, description: str = "Training"):
+    """`Trainer._remove_unused_columns`: drops dataset columns the model's forward does not take."""
+    return trainer._remove_unused_columns(dataset, description=description)
+
+
+def collator_with_removed_columns(trainer: Trainer, description: str = "Training"):
+    """`Trainer._get_collator_with_removed_columns`, for datasets that are not `datasets.Dataset`."""
+    return trainer._get_collator_with_removed_columns(trainer.data_collator, description=description)
+
+
+def replace_optimizer(trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+    """Swaps the trainer's optimizer mid-run, dropping every reference to the old one.
+
+    The old optimizer stays in `Accelerator._optimizers` (and its Adam state in memory) unless removed there; the
+    LR scheduler keeps stepping and must drive the new optimizer (PITFALLS.md).
+    """
+    accelerator = trainer.accelerator
+    old = trainer.optimizer
+    accelerator._optimizers = [opt for opt in accelerator._optimizers if opt is not old]
+    prepared = accelerator.prepare_optimizer(optimizer)
+    trainer.optimizer = prepared
+    scheduler = trainer.lr_scheduler
+    if scheduler is not None:
+        # torch LRScheduler internals (torch 2.13): it scales `base_lrs` per param group, LambdaLR by `lr_lambdas`.
+        scheduler.optimizer = prepared
+        scheduler.base_lrs = [group["initial_lr"] for group in prepared.param_groups]
+        if hasattr(scheduler, "lr_lambdas"):
+            scheduler.lr_lambdas = [scheduler.lr_lambdas[0]] * len(prepared.param_groups)
+    trainer.callback_handler.optimizer = prepared
+
+
+def progress_bar(trainer: Trainer):
+    """The tqdm bar of `ProgressCallback` (its `training_bar` attribute), or None."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback):
+            return getattr(callback, "training_bar", None)
+    return None

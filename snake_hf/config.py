@@ -1,0 +1,193 @@
+"""`SnakeConfig`: `TrainingArguments` plus every Snake Learning setting, validated before any work is done."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import TrainingArguments
+
+from .plan import Stage, load_plan
+
+
+__all__ = ["SnakeConfig"]
+
+SCHEDULES = ("serpentine", "designated")
+TRAIN_MODES = ("lora", "full")
+TOPOLOGIES = ("p2p", "cs")
+ENGINES = ("auto", "simulation", "distributed")
+PARTITIONS = ("iid", "dirichlet", "shard", "pathological", "length")
+
+
+@dataclass
+class SnakeConfig(TrainingArguments):
+    r"""
+    Configuration for [`SnakeTrainer`]: every field of `transformers.TrainingArguments`, plus the Snake Learning
+    fields below. The length of training comes from the plan (`num_passes`, `stage_steps`), so `num_train_epochs`
+    is not used and `max_steps` must stay unset.
+
+    Parameters:
+        num_nodes (`int`, defaults to `1`):
+            Number of nodes, each with a private shard. In distributed mode it must equal the world size.
+        num_block_groups (`int`, *optional*):
+            Number of contiguous block groups. Defaults to `num_nodes` (capped at the number of blocks); the
+            designated schedule needs exactly `num_nodes`.
+        group_boundaries (`list[int]`, *optional*):
+            Explicit cut `[0, b1, ..., num_blocks]`: group g is blocks `[b_g, b_{g+1})`. Overrides `num_block_groups`.
+        num_passes (`int`, defaults to `1`):
+            Passes over the (node, group) grid.
+        stage_steps (`int`, *optional*):
+            Optimizer steps per stage. `None` means one pass over the node's shard, counted the way `Trainer` counts
+            an epoch: `ceil(batches / gradient_accumulation_steps)`.
+        schedule (`str` or `list[Stage]`, defaults to `"serpentine"`):
+            `"serpentine"`, `"designated"`, the path of a `snake_plan.json`, or a list of [`Stage`] (Python only).
+        group_order (`str`, defaults to `"ascending"`):
+            Serpentine group order per pass: `"ascending"` or `"alternate"`.
+        train_mode (`str`, defaults to `"lora"`):
+            `"lora"`: the active group's LoRA adapters train and travel; `"full"`: all of the group's weights do.
+        block_list_path (`str`, *optional*):
+            Dotted path of the block list for models where it is not found automatically (e.g. `"features"`).
+        always_trainable_modules (`list[str]`, *optional*):
+            Modules outside the blocks that train in every stage and travel when changed (a new head). In LoRA mode
+            PEFT's `modules_to_save` are always included.
+        partition (`str`, defaults to `"iid"`):
+            How `train_dataset` is split over the nodes when it is one dataset: `"iid"`, `"dirichlet"`, `"shard"`,
+            `"pathological"` or `"length"` (see `snake_hf.shards`). With one node the shard is the dataset itself.
+        partition_label_column (`str`, defaults to `"label"`): label column for label-based partitions.
+        partition_alpha (`float`, defaults to `0.5`): Dirichlet concentration (smaller = more skew).
+        partition_min_size (`int`, defaults to `1`): smallest shard the Dirichlet partition accepts.
+        partition_classes_per_node (`int`, defaults to `2`): labels per node for `"pathological"`.
+        partition_shards_per_node (`int`, defaults to `2`): shards per node for `"shard"`.
+        partition_strictness (`float`, defaults to `1.0`): 0 = IID, 1 = sorted by length, for `"length"`.
+        partition_text_column (`str`, defaults to `"text"`): text column for `"length"` without a length column.
+        engine (`str`, defaults to `"auto"`):
+            `"simulation"` (all nodes in this process), `"distributed"` (one process per node over
+            torch.distributed) or `"auto"` (distributed when launched with a world size above 1).
+        topology (`str`, defaults to `"p2p"`):
+            Distributed payload routing: `"p2p"` (straight to the next stage's node) or `"cs"` (through a
+            coordinator rank).
+        hop_timeout (`float`, defaults to `600.0`):
+            Seconds a node waits for one payload before the hop fails.
+    """
+
+    num_nodes: int = field(default=1, metadata={"help": "Number of nodes, each with a private data shard."})
+    num_block_groups: int | None = field(
+        default=None, metadata={"help": "Number of contiguous block groups (default: num_nodes, capped at blocks)."}
+    )
+    group_boundaries: list[int] | None = field(
+        default=None, metadata={"help": "Explicit group cut [0, b1, ..., num_blocks]; overrides num_block_groups."}
+    )
+    num_passes: int = field(default=1, metadata={"help": "Passes over the (node, group) grid."})
+    stage_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps per stage (default: one pass over the node's shard)."}
+    )
+    schedule: str = field(
+        default="serpentine",
+        metadata={"help": "'serpentine', 'designated', or the path of a snake_plan.json (a list of Stage in Python)."},
+    )
+    group_order: str = field(
+        default="ascending", metadata={"help": "Serpentine group order per pass: 'ascending' or 'alternate'."}
+    )
+    train_mode: str = field(default="lora", metadata={"help": "'lora' (adapters train and travel) or 'full'."})
+    block_list_path: str | None = field(
+        default=None, metadata={"help": "Dotted path of the block list when it is not found automatically."}
+    )
+    always_trainable_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules outside the blocks that train in every stage (e.g. a new head)."}
+    )
+    partition: str = field(
+        default="iid", metadata={"help": "Node split of train_dataset: iid, dirichlet, shard, pathological, length."}
+    )
+    partition_label_column: str = field(default="label", metadata={"help": "Label column for label-based splits."})
+    partition_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (smaller = more skew)."})
+    partition_min_size: int = field(default=1, metadata={"help": "Smallest shard the Dirichlet split accepts."})
+    partition_classes_per_node: int = field(default=2, metadata={"help": "Labels per node for 'pathological'."})
+    partition_shards_per_node: int = field(default=2, metadata={"help": "Shards per node for 'shard'."})
+    partition_strictness: float = field(default=1.0, metadata={"help": "Length skew: 0 = IID, 1 = sorted."})
+    partition_text_column: str = field(default="text", metadata={"help": "Text column for the 'length' split."})
+    engine: str = field(default="auto", metadata={"help": "'simulation', 'distributed' or 'auto'."})
+    topology: str = field(default="p2p", metadata={"help": "Distributed payload routing: 'p2p' or 'cs'."})
+    hop_timeout: float = field(default=600.0, metadata={"help": "Seconds to wait for one payload."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_snake_fields()
+
+    def _validate_snake_fields(self) -> None:
+        _require(self.num_nodes >= 1, "num_nodes", self.num_nodes, "use at least 1 node")
+        if self.num_block_groups is not None:
+            _require(self.num_block_groups >= 1, "num_block_groups", self.num_block_groups, "use at least 1 group")
+        if self.group_boundaries is not None:
+            bounds = list(self.group_boundaries)
+            ok = len(bounds) >= 2 and bounds[0] == 0 and all(a < b for a, b in zip(bounds, bounds[1:]))
+            _require(ok, "group_boundaries", bounds, "give [0, b1, ..., num_blocks], strictly increasing")
+            if self.num_block_groups is not None and self.num_block_groups != len(bounds) - 1:
+                raise ValueError(
+                    f"`num_block_groups` ({self.num_block_groups}) disagrees with `group_boundaries` ({bounds}, "
+                    f"{len(bounds) - 1} groups); set only one of them."
+                )
+        _require(self.num_passes >= 1, "num_passes", self.num_passes, "use at least 1 pass")
+        if self.stage_steps is not None:
+            _require(self.stage_steps >= 1, "stage_steps", self.stage_steps, "use None (one shard pass) or >= 1")
+        self._validate_schedule()
+        _require(self.group_order in ("ascending", "alternate"), "group_order", self.group_order, "use 'ascending' or 'alternate'")
+        _require(self.train_mode in TRAIN_MODES, "train_mode", self.train_mode, "use 'lora' or 'full'")
+        _require(self.partition in PARTITIONS, "partition", self.partition, f"use one of {list(PARTITIONS)}")
+        _require(self.engine in ENGINES, "engine", self.engine, f"use one of {list(ENGINES)}")
+        _require(self.topology in TOPOLOGIES, "topology", self.topology, "use 'p2p' or 'cs'")
+        _require(self.hop_timeout > 0, "hop_timeout", self.hop_timeout, "use a positive number of seconds")
+        if self.max_steps is not None and self.max_steps > 0:
+            raise ValueError(
+                f"`max_steps` ({self.max_steps}) is set, but a Snake run's length comes from its plan; unset it and "
+                "use `stage_steps` and `num_passes` instead."
+            )
+        if self.activation_checkpointing:
+            raise ValueError(
+                "`activation_checkpointing` (gradient_checkpointing) is True; through Trainer it makes the embedding "
+                "outputs require grad, so backward runs through every frozen block and Snake's memory saving is lost. "
+                "Set it to False."
+            )
+
+    def _validate_schedule(self) -> None:
+        schedule = self.schedule
+        if isinstance(schedule, (list, tuple)):
+            self.schedule = [s if isinstance(s, Stage) else Stage.from_dict(s) for s in schedule]
+            return
+        if schedule in SCHEDULES:
+            if schedule == "designated" and self.num_block_groups not in (None, self.num_nodes):
+                raise ValueError(
+                    f"`num_block_groups` ({self.num_block_groups}) must equal `num_nodes` ({self.num_nodes}) for the "
+                    "designated schedule (one group per node); unset it or use schedule='serpentine'."
+                )
+            return
+        if isinstance(schedule, (str, os.PathLike)) and Path(schedule).is_file():
+            self.schedule = load_plan(schedule)
+            return
+        raise ValueError(
+            f"`schedule` ({schedule!r}) must be 'serpentine', 'designated', the path of an existing snake_plan.json, "
+            "or a list of Stage."
+        )
+
+    def to_dict(self) -> dict:
+        # TrainingArguments.to_dict cannot serialise a list of Stage dataclasses (PITFALLS); store them as dicts.
+        data = super().to_dict()
+        if isinstance(self.schedule, list):
+            data["schedule"] = [stage.to_dict() for stage in self.schedule]
+        return data
+
+    def partition_kwargs(self) -> dict:
+        """Arguments of the partitioner named by `partition` (see `snake_hf.shards.make_partitioner`)."""
+        label = {"label_column": self.partition_label_column}
+        return {
+            "iid": {},
+            "dirichlet": {**label, "alpha": self.partition_alpha, "min_size": self.partition_min_size},
+            "shard": {**label, "shards_per_node": self.partition_shards_per_node},
+            "pathological": {**label, "classes_per_node": self.partition_classes_per_node},
+            "length": {"text_column": self.partition_text_column, "strictness": self.partition_strictness},
+        }[self.partition]
+
+
+def _require(ok: bool, name: str, value, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"`{name}` ({value!r}) is not valid; {fix}.")

@@ -1,0 +1,406 @@
+"""What travels between nodes: adapter tensors of the parts a receiver lacks, with a manifest; and version vectors.
+
+Wire format (no pickle anywhere): three flat tensors,
+
+* `header`: int64 `[MAGIC, FORMAT_VERSION, manifest_nbytes, data_nbytes]`,
+* `manifest`: uint8, UTF-8 JSON (sender, receiver, stage, base-model fingerprint, adapter-config hash, the sender's
+  version and checksum of every part, and for each carried tensor its part, name, dtype, shape and byte offset),
+* `data`: uint8, the carried tensors' raw bytes back to back.
+
+A receiver checks everything (sizes, checksums, fingerprint, adapter hash, part set, names, shapes, dtypes) before a
+single value is copied into its model, so a wrong payload is refused whole, never loaded half-way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .blocks import PartMap
+
+
+__all__ = [
+    "PayloadError",
+    "Payload",
+    "EncodedPayload",
+    "PayloadSpec",
+    "VersionLedger",
+    "tensors_checksum",
+    "model_fingerprint",
+    "config_hash",
+    "build_payload",
+    "encode_payload",
+    "decode_payload",
+]
+
+MAGIC = 0x5EA4E  # "snake", near enough
+FORMAT_VERSION = 1
+HEADER_NUMEL = 4
+HEADER_NBYTES = HEADER_NUMEL * 8
+MAX_MANIFEST_NBYTES = 64 * 1024 * 1024
+
+_DTYPES = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+
+
+class PayloadError(ValueError):
+    """A payload (or payload file) is malformed or does not match the receiving node; nothing was loaded."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 CPU tensor (a view where possible)."""
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+
+
+def tensors_checksum(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes of `named_tensors`, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        digest.update(f"{name}|{_dtype_name(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
+        digest.update(_raw_bytes(tensor).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: nn.Module, samples: int = 64) -> str:
+    """Fingerprint of a model's weights as loaded: class, every tensor's name, dtype and shape, and a sample of values.
+
+    Hashes the first and last `samples` values of each tensor rather than all bytes, so a 7B model is fingerprinted in
+    well under a second; two different checkpoints of the same architecture still differ in their samples.
+    """
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = torch.cat([flat[:samples], flat[-samples:]]) if flat.numel() > 2 * samples else flat
+        digest.update(f"{name}|{_dtype_name(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
+        digest.update(_raw_bytes(sample).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def config_hash(config: Mapping | None, layout: Mapping[str, Mapping[str, tuple[str, tuple[int, ...]]]]) -> str:
+    """Hash of the adapter configuration (e.g. `LoraConfig.to_dict()`, or None in full mode) and the part layout."""
+    text = json.dumps({"config": config, "layout": layout}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PayloadSpec:
+    """What a receiving node expects: its run identity and, per part, each tensor's dtype and shape.
+
+    Args:
+        fingerprint (`str`): base-model fingerprint ([`model_fingerprint`] at set-up).
+        adapter_hash (`str`): [`config_hash`] of the adapter config and layout.
+        layout (`dict[str, dict[str, tuple[str, tuple[int, ...]]]]`): part -> tensor name -> (dtype, shape).
+    """
+
+    fingerprint: str
+    adapter_hash: str
+    layout: dict[str, dict[str, tuple[str, tuple[int, ...]]]]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, part_map: PartMap, fingerprint: str, adapter_config: Mapping | None):
+        state = _named_tensors(model)
+        layout = {
+            part: {n: (_dtype_name(state[n].dtype), tuple(state[n].shape)) for n in part_map.tensor_names(part)}
+            for part in part_map.parts
+        }
+        return cls(fingerprint=fingerprint, adapter_hash=config_hash(adapter_config, layout), layout=layout)
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(model.named_parameters()) | dict(model.named_buffers())
+
+
+@dataclass
+class Payload:
+    """A decoded (or about to be encoded) payload.
+
+    Args:
+        manifest (`dict`): everything but the tensor bytes (see module docstring).
+        tensors (`dict[str, torch.Tensor]`): carried tensors by name.
+    """
+
+    manifest: dict
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def parts(self) -> list[str]:
+        return sorted(self.manifest["parts"])
+
+    @property
+    def state(self) -> dict[str, tuple[int, str]]:
+        """The sender's (version, checksum) of every part."""
+        return {part: (int(v), str(c)) for part, (v, c) in self.manifest["state"].items()}
+
+    def load_into(self, model: nn.Module) -> None:
+        """Copies the carried tensors into `model` (call only on a payload returned by [`decode_payload`])."""
+        targets = _named_tensors(model)
+        with torch.no_grad():
+            for name, tensor in self.tensors.items():
+                targets[name].copy_(tensor)
+
+
+@dataclass
+class EncodedPayload:
+    """A payload as it crosses the wire: header, manifest and data tensors."""
+
+    header: torch.Tensor
+    manifest: torch.Tensor
+    data: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire: header + manifest + tensor data."""
+        return HEADER_NBYTES + self.manifest.numel() + self.data.numel()
+
+    @property
+    def data_nbytes(self) -> int:
+        return self.data.numel()
+
+    def to_bytes(self) -> bytes:
+        return (
+            struct.pack("<4q", *self.header.tolist()) + self.manifest.numpy().tobytes() + self.data.numpy().tobytes()
+        )
+
+    @classmethod
+    def from_bytes(cls, buffer: bytes) -> EncodedPayload:
+        """Splits a byte string written by [`to_bytes`]; raises [`PayloadError`] when the sizes do not add up."""
+        if len(buffer) < HEADER_NBYTES:
+            raise PayloadError(f"Payload is {len(buffer)} bytes, shorter than its {HEADER_NBYTES}-byte header.")
+        header = list(struct.unpack("<4q", buffer[:HEADER_NBYTES]))
+        _check_header(header)
+        manifest_nbytes, data_nbytes = header[2], header[3]
+        if len(buffer) != HEADER_NBYTES + manifest_nbytes + data_nbytes:
+            raise PayloadError(
+                f"Payload is {len(buffer)} bytes but its header announces {HEADER_NBYTES} + {manifest_nbytes} + "
+                f"{data_nbytes}; the file or message is truncated or padded."
+            )
+        body = torch.frombuffer(bytearray(buffer[HEADER_NBYTES:]), dtype=torch.uint8) if len(buffer) > 32 else None
+        empty = torch.empty(0, dtype=torch.uint8)
+        manifest = body[:manifest_nbytes] if body is not None else empty
+        data = body[manifest_nbytes:] if body is not None else empty
+        return cls(torch.tensor(header, dtype=torch.int64), manifest, data)
+
+
+def _check_header(header: Sequence[int]) -> None:
+    if len(header) != HEADER_NUMEL:
+        raise PayloadError(f"Payload header has {len(header)} entries; expected {HEADER_NUMEL}.")
+    magic, version, manifest_nbytes, data_nbytes = header
+    if magic != MAGIC:
+        raise PayloadError(f"Not a snake_hf payload (magic {magic:#x}, expected {MAGIC:#x}).")
+    if version != FORMAT_VERSION:
+        raise PayloadError(f"Payload format {version} is not supported by this snake_hf (format {FORMAT_VERSION}).")
+    if not 0 < manifest_nbytes <= MAX_MANIFEST_NBYTES or data_nbytes < 0:
+        raise PayloadError(f"Payload header announces impossible sizes ({manifest_nbytes}, {data_nbytes}).")
+
+
+def build_payload(
+    model: nn.Module,
+    part_map: PartMap,
+    parts: Iterable[str],
+    state: Mapping[str, tuple[int, str]],
+    spec: PayloadSpec,
+    sender: int,
+    receiver: int,
+    stage: int,
+) -> Payload:
+    """Collects the tensors of `parts` from `model` with a manifest.
+
+    Args:
+        model (`nn.Module`): the sender's model.
+        part_map (`PartMap`): tensor names per part.
+        parts (`Iterable[str]`): parts to carry (those the receiver lacks).
+        state (`Mapping[str, tuple[int, str]]`): the sender's (version, checksum) of every part.
+        spec (`PayloadSpec`): the run identity stamped on the payload.
+        sender (`int`), receiver (`int`), stage (`int`): addressing, for error messages and the report.
+    """
+    named = _named_tensors(model)
+    tensors = {}
+    for part in sorted(parts):
+        for name in part_map.tensor_names(part):
+            tensors[name] = named[name].detach()
+    manifest = {
+        "sender": sender,
+        "receiver": receiver,
+        "stage": stage,
+        "fingerprint": spec.fingerprint,
+        "adapter_hash": spec.adapter_hash,
+        "state": {part: [int(v), str(c)] for part, (v, c) in state.items()},
+        "parts": sorted(parts),
+        "tensors": [],
+    }
+    return Payload(manifest=manifest, tensors=tensors)
+
+
+def encode_payload(payload: Payload, part_of: Mapping[str, str]) -> EncodedPayload:
+    """Lays the payload out as header, manifest and data tensors (`part_of` maps tensor name -> part)."""
+    chunks, entries, offset = [], [], 0
+    for name, tensor in payload.tensors.items():
+        raw = _raw_bytes(tensor)
+        entries.append([part_of[name], name, _dtype_name(tensor.dtype), list(tensor.shape), offset, raw.numel()])
+        chunks.append(raw)
+        offset += raw.numel()
+    data = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+    manifest = dict(payload.manifest, tensors=entries)
+    manifest["data_sha256"] = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+    manifest["part_checksums"] = {
+        part: tensors_checksum((e[1], payload.tensors[e[1]]) for e in entries if e[0] == part)
+        for part in manifest["parts"]
+    }
+    manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
+    manifest_tensor = torch.frombuffer(bytearray(manifest_bytes), dtype=torch.uint8)
+    header = torch.tensor([MAGIC, FORMAT_VERSION, manifest_tensor.numel(), data.numel()], dtype=torch.int64)
+    return EncodedPayload(header=header, manifest=manifest_tensor, data=data)
+
+
+def decode_payload(
+    encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable[str] | None = None
+) -> Payload:
+    """Verifies an encoded payload against the receiver's `spec` and returns it decoded. Loads nothing.
+
+    Raises:
+        [`PayloadError`]: naming what differs (sizes, checksum, fingerprint, adapter hash, parts, names, shapes).
+    """
+    try:
+        return _decode(encoded, spec, expected_parts)
+    except PayloadError:
+        raise
+    except Exception as error:  # any other failure on hostile bytes is still a refused payload
+        raise PayloadError(f"Malformed payload: {type(error).__name__}: {error}") from error
+
+
+def _decode(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable[str] | None) -> Payload:
+    header = [int(v) for v in encoded.header.tolist()]
+    _check_header(header)
+    if header[2] != encoded.manifest.numel() or header[3] != encoded.data.numel():
+        raise PayloadError(
+            f"Payload sizes differ from its header: manifest {encoded.manifest.numel()} vs {header[2]}, data "
+            f"{encoded.data.numel()} vs {header[3]} bytes."
+        )
+    try:
+        manifest = json.loads(encoded.manifest.numpy().tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PayloadError(f"Payload manifest is not valid JSON: {error}") from error
+    required = {"sender", "receiver", "stage", "fingerprint", "adapter_hash", "state", "parts", "tensors"}
+    if not isinstance(manifest, dict) or not required <= set(manifest):
+        raise PayloadError(f"Payload manifest lacks {sorted(required - set(manifest or {}))}.")
+    data_bytes = encoded.data.numpy().tobytes()
+    if hashlib.sha256(data_bytes).hexdigest() != manifest.get("data_sha256"):
+        raise PayloadError(
+            f"Payload from node {manifest['sender']} (stage {manifest['stage']}) fails its checksum: the data was "
+            "corrupted or tampered with in transit."
+        )
+    where = f"payload from node {manifest['sender']} to node {manifest['receiver']} (stage {manifest['stage']})"
+    if manifest["fingerprint"] != spec.fingerprint:
+        raise PayloadError(
+            f"The {where} was made from a different base model (fingerprint {manifest['fingerprint']}, this node "
+            f"{spec.fingerprint}); every node must load the same pretrained checkpoint."
+        )
+    if manifest["adapter_hash"] != spec.adapter_hash:
+        raise PayloadError(
+            f"The {where} has a different adapter configuration or layout (hash {manifest['adapter_hash']}, this "
+            f"node {spec.adapter_hash}); every node needs the same peft_config, groups and train_mode."
+        )
+    parts = manifest["parts"]
+    unknown = set(parts) - set(spec.layout)
+    if unknown:
+        raise PayloadError(f"The {where} carries unknown parts {sorted(unknown)}; this node has {sorted(spec.layout)}.")
+    if expected_parts is not None and set(parts) != set(expected_parts):
+        raise PayloadError(
+            f"The {where} carries parts {sorted(parts)} but this node lacks exactly {sorted(expected_parts)}."
+        )
+    tensors, seen = {}, {part: set() for part in parts}
+    for part, name, dtype, shape, offset, nbytes in manifest["tensors"]:
+        expected = spec.layout.get(part, {}).get(name)
+        if expected is None or part not in seen:
+            raise PayloadError(f"The {where} carries tensor {name!r} which is not in part {part!r} here.")
+        if (dtype, tuple(shape)) != expected:
+            raise PayloadError(
+                f"The {where} has tensor {name!r} as {dtype}{list(shape)}; this node expects "
+                f"{expected[0]}{list(expected[1])}."
+            )
+        torch_dtype = _DTYPES[dtype]
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        if nbytes != numel * torch.empty(0, dtype=torch_dtype).element_size() or not 0 <= offset <= len(data_bytes):
+            raise PayloadError(f"The {where} has inconsistent byte ranges for {name!r}.")
+        if offset + nbytes > len(data_bytes):
+            raise PayloadError(f"The {where} is truncated inside tensor {name!r}.")
+        raw = encoded.data[offset : offset + nbytes].clone()
+        tensors[name] = raw.view(torch_dtype).reshape(tuple(shape))
+        seen[part].add(name)
+    for part in parts:
+        missing = set(spec.layout[part]) - seen[part]
+        if missing:
+            raise PayloadError(f"The {where} misses {len(missing)} tensors of part {part!r}, e.g. {min(missing)!r}.")
+        checksum = tensors_checksum((n, tensors[n]) for n in seen[part])
+        if checksum != manifest.get("part_checksums", {}).get(part):
+            raise PayloadError(f"The {where} fails the checksum of part {part!r}.")
+    if set(manifest["state"]) != set(spec.layout):
+        raise PayloadError(f"The {where} describes parts {sorted(manifest['state'])}; expected {sorted(spec.layout)}.")
+    return Payload(manifest=manifest, tensors=tensors)
+
+
+class VersionLedger:
+    """Version vectors: for every node, the version (and, where known, the checksum) of every part it holds.
+
+    Versions are metadata that follows from the plan alone, so every node can keep the whole ledger; checksums are
+    known for the nodes whose tensors this process holds (all of them in simulation, its own in distributed mode).
+
+    Args:
+        num_nodes (`int`): number of nodes.
+        initial (`dict[str, str]`): checksum of every part at version 0 (identical on every node).
+    """
+
+    def __init__(self, num_nodes: int, initial: Mapping[str, str]):
+        self.parts = list(initial)
+        self.versions = [dict.fromkeys(self.parts, 0) for _ in range(num_nodes)]
+        self.checksums = [dict(initial) for _ in range(num_nodes)]
+
+    def state(self, node: int) -> dict[str, tuple[int, str]]:
+        return {p: (self.versions[node][p], self.checksums[node].get(p, "")) for p in self.parts}
+
+    def latest(self, part: str) -> int:
+        return max(versions[part] for versions in self.versions)
+
+    def lacking(self, receiver: int, sender: int) -> list[str]:
+        """Parts whose version at `receiver` is behind `sender`'s."""
+        return [p for p in self.parts if self.versions[receiver][p] < self.versions[sender][p]]
+
+    def record_training(self, node: int, checksums: Mapping[str, str]) -> None:
+        """`node` trained these parts: each becomes the newest version of its part."""
+        for part, checksum in checksums.items():
+            self.versions[node][part] = self.latest(part) + 1
+            self.checksums[node][part] = checksum
+
+    def record_receipt(self, node: int, state: Mapping[str, tuple[int, str]], parts: Iterable[str]) -> None:
+        """`node` received `parts` at the sender's `state`."""
+        for part in parts:
+            self.versions[node][part], self.checksums[node][part] = state[part]
+
+    def mismatches(self, node: int, state: Mapping[str, tuple[int, str]]) -> list[str]:
+        """Parts where `node`'s (version, checksum) differs from `state` (empty when it holds exactly that state)."""
+        return [p for p in self.parts if (self.versions[node][p], self.checksums[node].get(p)) != tuple(state[p])]

@@ -1,0 +1,324 @@
+"""`SnakeTrainer`: a drop-in `transformers.Trainer` that trains one block group at a time, one node at a time.
+
+The whole plan runs inside a single `Trainer.train()` (DESIGN §4): one `TrainerState`, one learning-rate schedule,
+one log history. The training dataloader yields the plan's batches stage after stage, each from its node's shard;
+at every stage boundary (an optimizer-step boundary) the trainer closes the stage, lets the relay hand the
+trainable state to the next node, makes exactly the next group trainable and builds a fresh optimizer for it.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import Trainer
+from transformers.trainer_utils import seed_worker
+from transformers.utils import logging
+
+from . import _compat
+from .blocks import BlockGroups, PartMap, frozen_batchnorms, part_nbytes, set_trainable
+from .config import SnakeConfig
+from .memory import PeakMemory
+from .node_data import NodeData
+from .payload import PayloadSpec, model_fingerprint
+from .plan import PLAN_FILE, Stage, designated_plan, format_plan, save_plan, serpentine_plan, validate_plan
+from .relay import Relay
+from .report import StageRecord, SnakeReport
+from .sampler import PlanBatchSampler, default_stage_steps
+from .transport import InMemoryTransport
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["SnakeTrainer"]
+
+
+class SnakeTrainer(Trainer):
+    """Snake Learning on the Hugging Face `Trainer`.
+
+    Cuts the model's blocks into groups and trains them one group and one node at a time along a plan, handing only
+    the trainable state (LoRA adapters, or the group's weights in full mode) from node to node. Everything else
+    behaves like `Trainer`: `train()`, `evaluate()`, `predict()`, `save_model()`, callbacks and `report_to`.
+
+    Args:
+        model (`PreTrainedModel`, `PeftModel` or `nn.Module`):
+            The model. In LoRA mode, a plain model plus `peft_config`, or a `PeftModel`.
+        args ([`SnakeConfig`]): training and Snake settings.
+        train_dataset (`datasets.Dataset` or `list`):
+            One dataset, split over `args.num_nodes` nodes by `partitioner` or `args.partition`, or one dataset per
+            node.
+        eval_dataset (`datasets.Dataset`, *optional*): evaluated as with `Trainer`.
+        peft_config (`peft.PeftConfig`, *optional*): wraps a plain model with `get_peft_model` in LoRA mode.
+        compute_metrics (`Callable`, *optional*): as with `Trainer`.
+        partitioner (`snake_hf.shards.Partitioner`, *optional*): overrides `args.partition`.
+        **kwargs: passed on to `Trainer` (`data_collator`, `processing_class`, `callbacks`, ...).
+
+    Example:
+        ```python
+        >>> from peft import LoraConfig
+        >>> trainer = SnakeTrainer(
+        ...     model, SnakeConfig(output_dir="out", num_nodes=3, num_block_groups=2), train_dataset=dataset,
+        ...     peft_config=LoraConfig(r=8, target_modules=["c_attn"]),
+        ... )
+        >>> trainer.train()
+        >>> print(trainer.snake_report)
+        >>> trainer.save_model("out/adapter")  # plain PeftModel.from_pretrained loads it
+        ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: SnakeConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        peft_config=None,
+        compute_metrics=None,
+        partitioner=None,
+        **kwargs,
+    ):
+        if args is None:
+            args = SnakeConfig(output_dir="snake_output")
+        if not isinstance(args, SnakeConfig):
+            raise TypeError(
+                f"`args` is a {type(args).__name__}; SnakeTrainer needs a SnakeConfig (it subclasses "
+                "TrainingArguments, so SnakeConfig(**your_args.to_dict()) carries your settings over)."
+            )
+        if kwargs.get("model_init") is not None:
+            raise ValueError("`model_init` is not supported by SnakeTrainer; pass the model itself.")
+        model = _wrap_for_mode(model, args, peft_config)
+        self.groups = BlockGroups.from_model(
+            model, _default_num_groups(model, args), args.group_boundaries, args.block_list_path
+        )
+        self.part_map = PartMap.build(model, self.groups, args.train_mode, args.always_trainable_modules or ())
+        self.node_data = NodeData.build(train_dataset, args.num_nodes, partitioner or _partitioner_for(args))
+        self.plan = self._build_plan(args)
+        # Fingerprint the base as loaded, before training changes anything.
+        adapter_config = model.peft_config[model.active_adapter].to_dict() if isinstance(model, PeftModel) else None
+        self._spec = PayloadSpec.from_model(model, self.part_map, model_fingerprint(model), adapter_config)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=self.node_data.dataset,
+            eval_dataset=eval_dataset,
+            compute_metrics=compute_metrics,
+            **kwargs,
+        )
+        self.snake_report = self._new_report()
+        logger.info(f"Snake plan ({len(self.plan)} stages, {self.total_steps} steps):\n{format_plan(self.plan)}")
+
+    # ---- set-up ----
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.plan)
+
+    def _build_plan(self, args: SnakeConfig) -> list[Stage]:
+        if args.stage_steps is not None:
+            steps = [args.stage_steps] * args.num_nodes
+        else:
+            steps = [
+                default_stage_steps(
+                    size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.dataloader_drop_last
+                )
+                for size in self.node_data.sizes
+            ]
+        num_groups = self.groups.num_groups
+        if isinstance(args.schedule, list):
+            return validate_plan(args.schedule, args.num_nodes, num_groups)
+        if args.schedule == "designated":
+            if num_groups != args.num_nodes:
+                raise ValueError(
+                    f"The designated schedule needs one group per node, but the model is cut into {num_groups} groups "
+                    f"for {args.num_nodes} nodes; set num_block_groups={args.num_nodes} or use 'serpentine'."
+                )
+            return designated_plan(args.num_nodes, args.num_passes, steps)
+        return serpentine_plan(args.num_nodes, num_groups, args.num_passes, steps, args.group_order)
+
+    def _new_report(self) -> SnakeReport:
+        return SnakeReport(
+            num_nodes=self.args.num_nodes,
+            num_groups=self.groups.num_groups,
+            train_mode=self.args.train_mode,
+            engine="simulation",
+            group_boundaries=list(self.groups.boundaries),
+            part_nbytes=part_nbytes(self.part_map, self.model),
+            shard_sizes=self.node_data.sizes,
+            memory_kind=PeakMemory(self.args.device).kind,
+        )
+
+    # ---- the plan inside one Trainer.train() ----
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Runs the whole plan inside one `Trainer.train()`; returns its `TrainOutput`."""
+        self.snake_report = self._new_report()
+        self._relay = Relay(
+            self.model,
+            self.part_map,
+            self._spec,
+            self.plan,
+            self.args.num_nodes,
+            self.args.seed,
+            InMemoryTransport(),
+            self.snake_report,
+        )
+        self._meter = PeakMemory(self.args.device)
+        self._stage_index = -1
+        self._relay.start()
+        self._begin_stage(self.plan[0], first=True)
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        self._end_stage()
+        logger.info(f"Snake run finished:\n{self.snake_report.to_markdown()}")
+        return output
+
+    def set_initial_training_values(self, args, dataloader):
+        # The plan fixes the length: one "epoch" holds every stage; num_train_epochs and max_steps are not used.
+        values = list(super().set_initial_training_values(args, dataloader))
+        total_batch = values[4]
+        values[0] = 1
+        values[1] = self.total_steps
+        values[3] = self.total_steps * total_batch
+        values[6] = self.total_steps
+        return tuple(values)
+
+    def get_train_dataloader(self) -> DataLoader:
+        # Batches come stage by stage, each from its node's shard (snake_hf.sampler). Not passed through
+        # accelerator.prepare: this loader must never be sharded across processes; Trainer moves batches to device.
+        dataset = self.node_data.dataset
+        collator = self.data_collator
+        if hasattr(dataset, "column_names"):
+            dataset = _compat.remove_unused_columns(self, dataset)
+        else:
+            collator = _compat.collator_with_removed_columns(self)
+        sampler = PlanBatchSampler(
+            self.node_data.node_indices,
+            self.plan,
+            self.args.per_device_train_batch_size,
+            self.args.gradient_accumulation_steps,
+            self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            self.args.dataloader_drop_last,
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers,
+            worker_init_fn=partial(seed_worker, num_workers=self.args.dataloader_num_workers, rank=0),
+        )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Stage boundaries fall on optimizer-step boundaries; the first micro-batch of a step checks for one.
+        if self.state.global_step >= self._stage_end:
+            self._end_stage()
+            self._begin_stage(self.plan[self._stage_index + 1])
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._stage_loss += loss.detach().float()
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Trainer calls model.train() every step; frozen groups' batch-norm statistics must not drift (full mode).
+        for module in self._frozen_norms:
+            module.eval()
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _begin_stage(self, stage: Stage, first: bool = False) -> None:
+        bytes_in, wait = self._relay.enter(stage)
+        set_trainable(self.model, self.part_map.trainable_names(stage.group))
+        self._frozen_norms = (
+            frozen_batchnorms(self.model, self.groups, stage.group) if self.args.train_mode == "full" else []
+        )
+        if not first:
+            self._fresh_optimizer()
+        self._stage_index = stage.index
+        self._stage_end = sum(s.steps for s in self.plan[: stage.index + 1])
+        self._stage_loss = torch.zeros((), device=self.args.device)
+        self._stage_record = StageRecord(
+            stage=stage.index,
+            pass_index=stage.pass_index,
+            node=stage.node,
+            group=stage.group,
+            steps=stage.steps,
+            bytes_received=bytes_in,
+            wait_seconds=wait,
+        )
+        self._meter.reset()
+        self._stage_started = time.perf_counter()
+        bar = _compat.progress_bar(self)
+        if bar is not None:
+            bar.set_description(f"stage {stage.index + 1}/{len(self.plan)} node {stage.node} group {stage.group}")
+
+    def _end_stage(self) -> None:
+        record = self._stage_record
+        record.wall_seconds = time.perf_counter() - self._stage_started
+        record.peak_memory_bytes = self._meter.read()
+        done = self.state.global_step - (self._stage_end - record.steps)
+        record.train_loss = self._stage_loss.item() / max(done, 1)
+        record.bytes_sent = self._relay.leave(self.plan[record.stage])
+        self.snake_report.stages.append(record)
+        self.log({"stage_loss": record.train_loss, "stage": record.stage, "node": record.node, "group": record.group})
+
+    def _fresh_optimizer(self) -> None:
+        """A new optimizer over exactly the trainable parameters; the schedule carries on where it was."""
+        scheduled = [group["lr"] for group in self.optimizer.param_groups]
+        self.optimizer = None
+        optimizer = self.create_optimizer()
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]  # what the scheduler scales
+            group["lr"] = scheduled[0] * group["lr"] / self.args.learning_rate if self.args.learning_rate else 0.0
+        _compat.replace_optimizer(self, optimizer)
+
+    # ---- outputs ----
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Saves like `Trainer.save_model` (a PEFT adapter folder in LoRA mode) plus `snake_plan.json` and
+        `snake_report.json`."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            output_dir = output_dir or self.args.output_dir
+            save_plan(self.plan, f"{output_dir}/{PLAN_FILE}")
+            self.snake_report.to_json(f"{output_dir}/snake_report.json")
+
+
+def _wrap_for_mode(model: nn.Module | None, args: SnakeConfig, peft_config) -> nn.Module:
+    if model is None:
+        raise ValueError("`model` is None; pass the model to fine-tune.")
+    if args.train_mode == "full":
+        if isinstance(model, PeftModel) or peft_config is not None:
+            raise ValueError(
+                "`train_mode` is 'full' but a PEFT model or `peft_config` was given; use train_mode='lora' to train "
+                "adapters, or pass the plain model without peft_config."
+            )
+        return model
+    if isinstance(model, PeftModel):
+        if peft_config is not None:
+            raise ValueError("`model` is already a PeftModel and `peft_config` is also given; pass only one of them.")
+        return model
+    if peft_config is None:
+        raise ValueError(
+            "`train_mode` is 'lora' but neither a PeftModel nor `peft_config` was given; pass "
+            "peft_config=LoraConfig(...), or set train_mode='full'."
+        )
+    return get_peft_model(model, peft_config)
+
+
+def _default_num_groups(model: nn.Module, args: SnakeConfig) -> int | None:
+    if args.group_boundaries is not None or args.num_block_groups is not None:
+        return args.num_block_groups
+    from .blocks import find_block_list
+
+    num_blocks = len(find_block_list(model, args.block_list_path)[1])
+    return min(args.num_nodes, num_blocks) if args.schedule != "designated" else args.num_nodes
+
+
+def _partitioner_for(args: SnakeConfig):
+    if args.num_nodes == 1:
+        return None
+    from .shards import make_partitioner
+
+    return make_partitioner(args.partition, args.num_nodes, seed=args.seed, **args.partition_kwargs())
