@@ -20,14 +20,13 @@ def collator_with_removed_columns(trainer: Trainer, description: str = "Training
     return trainer._get_collator_with_removed_columns(trainer.data_collator, description=description)
 
 
-def replace_optimizer(trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+def replace_optimizer(trainer: Trainer, old, optimizer: torch.optim.Optimizer) -> None:
     """Swaps the trainer's optimizer mid-run, dropping every reference to the old one.
 
     The old optimizer stays in `Accelerator._optimizers` (and its Adam state in memory) unless removed there; the
     LR scheduler keeps stepping and must drive the new optimizer (PITFALLS.md).
     """
     accelerator = trainer.accelerator
-    old = trainer.optimizer
     accelerator._optimizers = [opt for opt in accelerator._optimizers if opt is not old]
     prepared = accelerator.prepare_optimizer(optimizer)
     trainer.optimizer = prepared

@@ -265,13 +265,14 @@ class SnakeTrainer(Trainer):
 
     def _fresh_optimizer(self) -> None:
         """A new optimizer over exactly the trainable parameters; the schedule carries on where it was."""
-        scheduled = [group["lr"] for group in self.optimizer.param_groups]
+        old = self.optimizer
+        scheduled = [group["lr"] for group in old.param_groups]
         self.optimizer = None
         optimizer = self.create_optimizer()
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]  # what the scheduler scales
             group["lr"] = scheduled[0] * group["lr"] / self.args.learning_rate if self.args.learning_rate else 0.0
-        _compat.replace_optimizer(self, optimizer)
+        _compat.replace_optimizer(self, old, optimizer)
 
     # ---- outputs ----
 

@@ -1,0 +1,101 @@
+"""Tiny models and datasets built from configs: offline, CPU, seconds."""
+
+from __future__ import annotations
+
+import os
+
+import datasets
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, set_seed
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+VOCAB = 64
+
+
+def tiny_gpt2(seed: int = 0, n_layer: int = 4) -> GPT2LMHeadModel:
+    set_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=32))
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
+    set_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config)
+
+
+def lm_dataset(n: int = 24, length: int = 8, seed: int = 1) -> datasets.Dataset:
+    ids = torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed)).tolist()
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def cls_dataset(n: int = 32, length: int = 8, num_labels: int = 2, seed: int = 1) -> datasets.Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_labels, (n,), generator=generator)
+    ids = torch.randint(4, VOCAB, (n, length), generator=generator)
+    ids[:, 0] = labels + 1  # a learnable signal
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "label": labels.tolist()}
+    )
+
+
+class TinyCNN(nn.Module):
+    """Three conv stages and a classifier head: `features` is the block list (block_list_path='features')."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Flatten(), nn.Linear(8 * 2 * 2, num_classes)),
+        )
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.features(pixel_values)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+def image_dataset(n: int = 24, num_classes: int = 3, seed: int = 1) -> datasets.Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    images = torch.randn(n, 1, 8, 8, generator=generator) + labels.view(-1, 1, 1, 1)
+    return datasets.Dataset.from_dict({"pixel_values": images.tolist(), "labels": labels.tolist()}).with_format(
+        "torch"
+    )
+
+
+@pytest.fixture
+def snake_args(tmp_path):
+    """SnakeConfig factory with quiet, CPU, deterministic defaults for tests."""
+    from snake_hf import SnakeConfig
+
+    def make(**overrides):
+        base = dict(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            logging_steps=1,
+            save_strategy="no",
+            seed=0,
+        )
+        base.update(overrides)
+        return SnakeConfig(**base)
+
+    return make

@@ -1,0 +1,140 @@
+"""Payloads: exact contents, exact byte counts, round trips, and refusal of anything that does not match."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from conftest import tiny_bert
+from snake_hf.blocks import SHARED, BlockGroups, PartMap
+from snake_hf.payload import (
+    HEADER_NBYTES,
+    EncodedPayload,
+    PayloadError,
+    PayloadSpec,
+    VersionLedger,
+    build_payload,
+    decode_payload,
+    encode_payload,
+    model_fingerprint,
+)
+
+
+def _setup(seed=0, r=2):
+    model = get_peft_model(tiny_bert(seed), LoraConfig(r=r, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    parts = PartMap.build(model, BlockGroups.from_model(model, num_groups=2), "lora")
+    spec = PayloadSpec.from_model(model, parts, model_fingerprint(model), model.peft_config["default"].to_dict())
+    part_of = {n: p for p in parts.parts for n in parts.tensor_names(p)}
+    return model, parts, spec, part_of
+
+
+def _encode(model, parts, spec, part_of, carried=("g1", SHARED)):
+    state = {p: (1, "x") for p in parts.parts}
+    payload = build_payload(model, parts, carried, state, spec, sender=0, receiver=1, stage=3)
+    return encode_payload(payload, part_of)
+
+
+def test_payload_holds_exactly_the_lacking_parts_adapter_tensors():
+    model, parts, spec, part_of = _setup()
+    encoded = _encode(model, parts, spec, part_of)
+    decoded = decode_payload(encoded, spec, expected_parts=["g1", SHARED])
+    assert set(decoded.tensors) == set(parts.params["g1"]) | set(parts.params[SHARED])
+    assert not any("base_layer" in n or "exp_avg" in n for n in decoded.tensors)
+    named = dict(model.named_parameters())
+    assert all(torch.equal(t, named[n]) for n, t in decoded.tensors.items())
+
+
+def test_payload_bytes_are_tensor_bytes_plus_a_bounded_manifest():
+    model, parts, spec, part_of = _setup()
+    encoded = _encode(model, parts, spec, part_of)
+    named = dict(model.named_parameters())
+    tensor_bytes = sum(named[n].numel() * named[n].element_size() for n in parts.params["g1"] + parts.params[SHARED])
+    assert encoded.data_nbytes == tensor_bytes
+    manifest = encoded.nbytes - tensor_bytes - HEADER_NBYTES
+    assert manifest == encoded.manifest.numel()
+    assert manifest < 1024 + 300 * len(parts.params["g1"] + parts.params[SHARED])
+
+
+def test_payload_bytes_round_trip_exactly():
+    model, parts, spec, part_of = _setup()
+    encoded = _encode(model, parts, spec, part_of)
+    again = EncodedPayload.from_bytes(encoded.to_bytes())
+    assert again.to_bytes() == encoded.to_bytes()
+    assert decode_payload(again, spec).parts == ["g1", SHARED]
+
+
+def test_payload_load_into_copies_values():
+    model, parts, spec, part_of = _setup(seed=0)
+    other, _, _, _ = _setup(seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in parts.params["g1"]:
+                p.add_(1.0)
+    decode_payload(_encode(model, parts, spec, part_of, ("g1",)), spec).load_into(other)
+    a, b = dict(model.named_parameters()), dict(other.named_parameters())
+    assert all(torch.equal(a[n], b[n]) for n in parts.params["g1"])
+
+
+def _tamper_data(encoded):
+    data = encoded.data.clone()
+    data[5] ^= 0xFF
+    return EncodedPayload(encoded.header, encoded.manifest, data)
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (_tamper_data, "checksum"),
+        (lambda e: EncodedPayload.from_bytes(e.to_bytes()[:-10]), "truncated"),
+        (lambda e: EncodedPayload(torch.tensor([1, 1, 1, 1]), e.manifest, e.data), "Not a snake_hf payload"),
+    ],
+    ids=["tampered", "truncated", "bad-magic"],
+)
+def test_decode_refuses_corrupt_payloads(mutate, message):
+    model, parts, spec, part_of = _setup()
+    with pytest.raises(PayloadError, match=message):
+        decode_payload(mutate(_encode(model, parts, spec, part_of)), spec)
+
+
+def test_decode_refuses_other_base_model():
+    model, parts, spec, part_of = _setup(seed=0)
+    _, _, other_spec, _ = _setup(seed=1)
+    with pytest.raises(PayloadError, match="different base model"):
+        decode_payload(_encode(model, parts, spec, part_of), other_spec)
+
+
+def test_decode_refuses_other_lora_config():
+    model, parts, spec, part_of = _setup(r=2)
+    _, _, other_spec, _ = _setup(r=4)
+    other_spec = PayloadSpec(spec.fingerprint, other_spec.adapter_hash, other_spec.layout)
+    with pytest.raises(PayloadError, match="adapter configuration"):
+        decode_payload(_encode(model, parts, spec, part_of), other_spec)
+
+
+def test_decode_refuses_a_part_set_the_receiver_does_not_lack():
+    model, parts, spec, part_of = _setup()
+    with pytest.raises(PayloadError, match="lacks exactly"):
+        decode_payload(_encode(model, parts, spec, part_of), spec, expected_parts=["g0"])
+
+
+def test_decode_refuses_wrong_shapes_before_loading_anything():
+    model, parts, spec, part_of = _setup()
+    name = parts.params["g1"][0]
+    dtype, shape = spec.layout["g1"][name]
+    layout = {p: dict(t) for p, t in spec.layout.items()}
+    layout["g1"][name] = (dtype, (shape[0] + 1, *shape[1:]))
+    changed = PayloadSpec(spec.fingerprint, spec.adapter_hash, layout)
+    with pytest.raises(PayloadError, match="expects"):
+        decode_payload(_encode(model, parts, spec, part_of), changed)
+
+
+def test_version_ledger_tracks_what_each_node_lacks():
+    ledger = VersionLedger(3, {"g0": "a", "g1": "b"})
+    ledger.record_training(0, {"g0": "a1"})
+    assert ledger.lacking(1, 0) == ["g0"] and ledger.lacking(0, 1) == []
+    ledger.record_receipt(1, ledger.state(0), ["g0"])
+    ledger.record_training(1, {"g1": "b1"})
+    assert ledger.lacking(2, 1) == ["g0", "g1"]
+    assert ledger.state(1) == {"g0": (1, "a1"), "g1": (1, "b1")}
+    assert ledger.mismatches(2, ledger.state(1)) == ["g0", "g1"]
