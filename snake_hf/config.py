@@ -131,7 +131,12 @@ class SnakeConfig(TrainingArguments):
         if self.stage_steps is not None:
             _require(self.stage_steps >= 1, "stage_steps", self.stage_steps, "use None (one shard pass) or >= 1")
         self._validate_schedule()
-        _require(self.group_order in ("ascending", "alternate"), "group_order", self.group_order, "use 'ascending' or 'alternate'")
+        _require(
+            self.group_order in ("ascending", "alternate"),
+            "group_order",
+            self.group_order,
+            "use 'ascending' or 'alternate'",
+        )
         _require(self.train_mode in TRAIN_MODES, "train_mode", self.train_mode, "use 'lora' or 'full'")
         _require(self.partition in PARTITIONS, "partition", self.partition, f"use one of {list(PARTITIONS)}")
         _require(self.engine in ENGINES, "engine", self.engine, f"use one of {list(ENGINES)}")

@@ -6,6 +6,7 @@ torch has no peak-memory API for CPU tensors. Linux exposes the process's peak r
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -52,10 +53,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
-        try:
+        # Where this is not permitted, the high-water mark covers the whole process lifetime instead.
+        with contextlib.suppress(OSError):
             _CLEAR_REFS.write_text("5")
-        except OSError:
-            pass  # not permitted here: the high-water mark then covers the whole process lifetime
 
     def read(self) -> int | None:
         if self.device.type == "cuda":

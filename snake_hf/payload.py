@@ -275,9 +275,7 @@ def encode_payload(payload: Payload, part_of: Mapping[str, str]) -> EncodedPaylo
     return EncodedPayload(header=header, manifest=manifest_tensor, data=data)
 
 
-def decode_payload(
-    encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable[str] | None = None
-) -> Payload:
+def decode_payload(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable[str] | None = None) -> Payload:
     """Verifies an encoded payload against the receiver's `spec` and returns it decoded. Loads nothing.
 
     Raises:
@@ -326,7 +324,9 @@ def _decode(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable
     parts = manifest["parts"]
     unknown = set(parts) - set(spec.layout)
     if unknown:
-        raise PayloadError(f"The {where} carries unknown parts {sorted(unknown)}; this node has {sorted(spec.layout)}.")
+        raise PayloadError(
+            f"The {where} carries unknown parts {sorted(unknown)}; this node has {sorted(spec.layout)}."
+        )
     if expected_parts is not None and set(parts) != set(expected_parts):
         raise PayloadError(
             f"The {where} carries parts {sorted(parts)} but this node lacks exactly {sorted(expected_parts)}."

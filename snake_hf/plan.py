@@ -83,7 +83,9 @@ def _per_node_steps(steps: int | Sequence[int], num_nodes: int) -> list[int]:
     else:
         per_node = [int(s) for s in steps]
         if len(per_node) != num_nodes:
-            raise ValueError(f"`steps` has {len(per_node)} entries but there are {num_nodes} nodes; give one per node.")
+            raise ValueError(
+                f"`steps` has {len(per_node)} entries but there are {num_nodes} nodes; give one per node."
+            )
     for node, value in enumerate(per_node):
         if value < 1:
             raise ValueError(f"`steps` for node {node} is {value}; every stage needs at least 1 optimizer step.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from functools import partial
 
+import datasets
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
@@ -27,8 +28,9 @@ from .node_data import NodeData
 from .payload import PayloadSpec, model_fingerprint
 from .plan import PLAN_FILE, Stage, designated_plan, format_plan, save_plan, serpentine_plan, validate_plan
 from .relay import Relay
-from .report import StageRecord, SnakeReport
+from .report import SnakeReport, StageRecord
 from .sampler import PlanBatchSampler, default_stage_steps
+from .shards import make_partitioner, shard_summary
 from .transport import InMemoryTransport
 
 
@@ -108,6 +110,7 @@ class SnakeTrainer(Trainer):
             compute_metrics=compute_metrics,
             **kwargs,
         )
+        self.shard_summary = _summarise_shards(self.node_data, args.partition_label_column)
         self.snake_report = self._new_report()
         logger.info(f"Snake plan ({len(self.plan)} stages, {self.total_steps} steps):\n{format_plan(self.plan)}")
 
@@ -148,6 +151,7 @@ class SnakeTrainer(Trainer):
             group_boundaries=list(self.groups.boundaries),
             part_nbytes=part_nbytes(self.part_map, self.model),
             shard_sizes=self.node_data.sizes,
+            shard_summary=self.shard_summary.to_dict() if self.shard_summary is not None else None,
             memory_kind=PeakMemory(self.args.device).kind,
         )
 
@@ -168,6 +172,8 @@ class SnakeTrainer(Trainer):
         )
         self._meter = PeakMemory(self.args.device)
         self._stage_index = -1
+        if self.shard_summary is not None:
+            logger.info(f"Node shards:\n{self.shard_summary.to_markdown()}")
         self._relay.start()
         self._begin_stage(self.plan[0], first=True)
         output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
@@ -317,9 +323,19 @@ def _default_num_groups(model: nn.Module, args: SnakeConfig) -> int | None:
     return min(args.num_nodes, num_blocks) if args.schedule != "designated" else args.num_nodes
 
 
+def _summarise_shards(node_data: NodeData, label_column: str):
+    """The shard summary table, when the data is a `datasets.Dataset` (label counts where a label column exists)."""
+    dataset = node_data.dataset
+    if not isinstance(dataset, datasets.Dataset):
+        return None
+    columns = dataset.column_names
+    label = next((c for c in (label_column, "label", "labels") if c in columns), None)
+    if label is not None and not isinstance(dataset.features[label], (datasets.ClassLabel, datasets.Value)):
+        label = None  # token-level labels (causal LM): sizes only
+    return shard_summary([node_data.shard(n) for n in range(len(node_data.sizes))], label)
+
+
 def _partitioner_for(args: SnakeConfig):
     if args.num_nodes == 1:
         return None
-    from .shards import make_partitioner
-
     return make_partitioner(args.partition, args.num_nodes, seed=args.seed, **args.partition_kwargs())

@@ -30,7 +30,7 @@ class Transport(ABC):
     def recv(self, src: int, dst: int, stage: int) -> EncodedPayload:
         """Waits for the payload from `src` to `dst` for stage `stage`; raises `HopTimeoutError` when it is late."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
         """Releases the transport's resources."""
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from conftest import TinyCNN, tiny_bert, tiny_gpt2
 from peft import LoraConfig, get_peft_model
 
-from conftest import TinyCNN, tiny_bert, tiny_gpt2
 from snake_hf.blocks import SHARED, BlockGroups, PartMap, find_block_list, group_boundaries, set_trainable
 
 
@@ -105,7 +105,12 @@ def test_part_map_full_mode_holds_all_block_weights_and_batchnorm_buffers():
     model = TinyCNN()
     groups = BlockGroups.from_model(model, num_groups=3, block_list_path="features")
     parts = PartMap.build(model, groups, "full")
-    assert parts.params["g0"] == ["features.0.0.weight", "features.0.0.bias", "features.0.1.weight", "features.0.1.bias"]
+    assert parts.params["g0"] == [
+        "features.0.0.weight",
+        "features.0.0.bias",
+        "features.0.1.weight",
+        "features.0.1.bias",
+    ]
     assert set(parts.buffers["g0"]) == {
         "features.0.1.running_mean",
         "features.0.1.running_var",
@@ -128,7 +133,9 @@ def test_frozen_lower_blocks_store_no_activations():
     set_trainable(model, parts.trainable_names(1))
     needs_grad = []
     for block in find_block_list(model)[1]:
-        block.register_forward_hook(lambda m, i, o: needs_grad.append(o[0].requires_grad if isinstance(o, tuple) else o.requires_grad))
+        block.register_forward_hook(
+            lambda m, i, o: needs_grad.append(o[0].requires_grad if isinstance(o, tuple) else o.requires_grad)
+        )
     model(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
     # blocks 0-1 (group 0) build no graph: autograd stores nothing for them and backward stops at block 2
     assert needs_grad == [False, False, True, True]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_bert
 from peft import LoraConfig, get_peft_model
 
-from conftest import tiny_bert
 from snake_hf.blocks import SHARED, BlockGroups, PartMap
 from snake_hf.payload import (
     HEADER_NBYTES,
@@ -30,7 +30,7 @@ def _setup(seed=0, r=2):
 
 
 def _encode(model, parts, spec, part_of, carried=("g1", SHARED)):
-    state = {p: (1, "x") for p in parts.parts}
+    state = dict.fromkeys(parts.parts, (1, "x"))
     payload = build_payload(model, parts, carried, state, spec, sender=0, receiver=1, stage=3)
     return encode_payload(payload, part_of)
 

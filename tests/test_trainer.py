@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import TinyCNN, cls_dataset, image_dataset, lm_dataset, tiny_bert, tiny_gpt2
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from conftest import TinyCNN, cls_dataset, image_dataset, lm_dataset, tiny_bert, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
 from snake_hf.blocks import SHARED
 
@@ -105,11 +105,6 @@ def _changed(before, after, names):
     return {n for n in names if not torch.equal(before[n], after[n])}
 
 
-def _state_names(trainer, names):
-    """state_dict keys of parameters named in `names` (named_parameters and state_dict agree for these models)."""
-    return set(names)
-
-
 def test_stage_trains_exactly_its_group_and_leaves_everything_else_bit_identical(snake_args):
     args = snake_args(num_nodes=2, num_block_groups=2, stage_steps=3, learning_rate=1e-2)
     trainer = SnakeTrainer(tiny_bert(), args, train_dataset=cls_dataset(), peft_config=bert_lora())
@@ -136,7 +131,7 @@ def test_each_stage_has_a_fresh_optimizer_over_exactly_its_group(snake_args):
         assert names == set(trainer.part_map.params[f"g{group}"]) | set(trainer.part_map.params[SHARED])
     optimizers = trainer.accelerator._optimizers
     assert len(optimizers) == 1 and optimizers[0] is trainer.optimizer, "old optimizers (and their state) are dropped"
-    state_tensors = [p for p in trainer.optimizer.state]
+    state_tensors = list(trainer.optimizer.state)
     assert len(state_tensors) == len(snaps.optimized[-1][1])
 
 
@@ -238,3 +233,16 @@ def test_trainer_refuses_bad_setup(snake_args, tmp_path, kwargs, message):
         kwargs["peft_config"] = bert_lora()
     with pytest.raises((ValueError, TypeError), match=message):
         SnakeTrainer(tiny_bert(), train_dataset=cls_dataset(), **{"args": args, **kwargs})
+
+
+def test_partition_by_name_splits_and_records_the_shard_summary(snake_args, tmp_path):
+    args = snake_args(num_nodes=2, num_block_groups=1, stage_steps=1, partition="pathological",
+                      partition_classes_per_node=1)  # fmt: skip
+    trainer = SnakeTrainer(tiny_bert(), args, train_dataset=cls_dataset(n=40), peft_config=bert_lora())
+    rows = trainer.shard_summary.rows
+    assert sum(r["size"] for r in rows) == 40
+    assert all(sum(1 for c in r["label_counts"].values() if c) == 1 for r in rows), "one label per node"
+    trainer.train()
+    trainer.save_model(str(tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "snake_report.json").read_text())
+    assert [r["size"] for r in report["shard_summary"]["rows"]] == trainer.node_data.sizes
