@@ -69,6 +69,19 @@ class SnakeConfig(TrainingArguments):
             coordinator rank).
         hop_timeout (`float`, defaults to `600.0`):
             Seconds a node waits for one payload before the hop fails.
+        distill_alpha (`float`, defaults to `0.0`):
+            Weight λ of distillation from the model as it arrived at the stage: loss = (1-λ)·task + λ·T²·KL.
+            0 turns it off (no teacher forward at all).
+        distill_temperature (`float`, defaults to `2.0`): distillation temperature T.
+        logit_adjustment (`float`, defaults to `0.0`):
+            Classification only: train on logits + τ·log(node label prior) (τ = this value); 0 turns it off.
+        restrict_to_node_classes (`bool`, defaults to `False`):
+            Classification only: mask the classes a node does not hold out of its softmax.
+        head_learning_rate (`float`, *optional*):
+            Learning rate of the always-trainable modules (e.g. a new head), scheduled like the others.
+        scale_steps_by_shard (`bool`, defaults to `False`):
+            With `stage_steps`, scale each node's steps by its shard size over the mean shard size (data-rich nodes
+            weigh more). Without `stage_steps` steps already follow the shard size (one pass).
     """
 
     num_nodes: int = field(default=1, metadata={"help": "Number of nodes, each with a private data shard."})
@@ -109,6 +122,20 @@ class SnakeConfig(TrainingArguments):
     engine: str = field(default="auto", metadata={"help": "'simulation', 'distributed' or 'auto'."})
     topology: str = field(default="p2p", metadata={"help": "Distributed payload routing: 'p2p' or 'cs'."})
     hop_timeout: float = field(default=600.0, metadata={"help": "Seconds to wait for one payload."})
+    distill_alpha: float = field(default=0.0, metadata={"help": "Distillation weight λ (0 = off)."})
+    distill_temperature: float = field(default=2.0, metadata={"help": "Distillation temperature T."})
+    logit_adjustment: float = field(
+        default=0.0, metadata={"help": "Classification: logits + τ·log(node label prior) in the loss (0 = off)."}
+    )
+    restrict_to_node_classes: bool = field(
+        default=False, metadata={"help": "Classification: softmax only over the classes the node holds."}
+    )
+    head_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the always-trainable modules (e.g. a new head)."}
+    )
+    scale_steps_by_shard: bool = field(
+        default=False, metadata={"help": "Scale stage_steps per node by shard size over the mean shard size."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -142,6 +169,11 @@ class SnakeConfig(TrainingArguments):
         _require(self.engine in ENGINES, "engine", self.engine, f"use one of {list(ENGINES)}")
         _require(self.topology in TOPOLOGIES, "topology", self.topology, "use 'p2p' or 'cs'")
         _require(self.hop_timeout > 0, "hop_timeout", self.hop_timeout, "use a positive number of seconds")
+        _require(0.0 <= self.distill_alpha <= 1.0, "distill_alpha", self.distill_alpha, "use a weight in [0, 1]")
+        _require(self.distill_temperature > 0, "distill_temperature", self.distill_temperature, "use T > 0")
+        _require(self.logit_adjustment >= 0, "logit_adjustment", self.logit_adjustment, "use τ >= 0 (1.0 is usual)")
+        if self.head_learning_rate is not None:
+            _require(self.head_learning_rate > 0, "head_learning_rate", self.head_learning_rate, "use a rate > 0")
         if self.max_steps is not None and self.max_steps > 0:
             raise ValueError(
                 f"`max_steps` ({self.max_steps}) is set, but a Snake run's length comes from its plan; unset it and "

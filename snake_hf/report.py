@@ -182,24 +182,30 @@ class SnakeReport:
         plt.close(fig)
         return [path]
 
-    def model_card_section(self) -> str:
-        """Markdown describing the run, for the model card."""
+    def model_card_section(self, plan: str = "", shards: str = "") -> str:
+        """Markdown describing the run, for the model card: setting, plan, shards, bytes, memory, metrics, stages."""
         peaks = self.peak_memory_per_node()
         lines = [
             "## Snake Learning",
             "",
-            f"Trained with [snake_hf](https://github.com/) over {self.num_nodes} nodes and {self.num_groups} block groups "
-            f"(boundaries {self.group_boundaries}, {self.train_mode} mode, {self.engine} engine).",
-            f"Bytes moved between nodes: {self.total_bytes:,} in {len(self.hops)} hops.",
+            f"Trained with snake_hf (Snake Learning) over {self.num_nodes} nodes and {self.num_groups} block groups "
+            f"(boundaries {self.group_boundaries}, {self.train_mode} mode, {self.engine} engine). Each node kept its "
+            "data; only the trained tensors travelled between nodes.",
+            "",
+            f"**Bytes moved between nodes:** {self.total_bytes:,} in {len(self.hops)} hops.",
             "",
         ]
-        if self.shard_sizes:
+        if plan:
+            lines += ["### Plan", "", "```", plan, "```", ""]
+        if shards:
+            lines += ["### Shards", "", shards, ""]
+        elif self.shard_sizes:
             lines.append(f"Shard sizes per node: {self.shard_sizes}.")
         if peaks:
             lines.append(
-                "Peak memory per node (MiB): " + ", ".join(f"node {n}: {v / 2**20:.0f}" for n, v in peaks.items())
+                "**Peak memory per node** (MiB): " + ", ".join(f"node {n}: {v / 2**20:.0f}" for n, v in peaks.items())
             )
         if self.metrics:
-            lines += ["", "Evaluation: " + ", ".join(f"{k} = {v:.4g}" for k, v in self.metrics.items())]
-        lines += ["", self.to_markdown()]
+            lines += ["", "**Evaluation:** " + ", ".join(f"{k} = {v:.4g}" for k, v in self.metrics.items())]
+        lines += ["", "### Stages", "", self.to_markdown()]
         return "\n".join(lines)

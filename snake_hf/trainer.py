@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from pathlib import Path
 
 import datasets
 import torch
@@ -21,8 +22,19 @@ from transformers.trainer_utils import seed_worker
 from transformers.utils import logging
 
 from . import _compat
-from .blocks import BlockGroups, PartMap, frozen_batchnorms, part_nbytes, set_trainable
+from .blocks import (
+    SHARED,
+    BlockGroups,
+    PartMap,
+    find_block_list,
+    frozen_batchnorms,
+    part_name,
+    part_nbytes,
+    set_trainable,
+    unwrap_model,
+)
 from .config import SnakeConfig
+from .losses import StageObjective, TeacherForward, node_label_priors
 from .memory import PeakMemory
 from .node_data import NodeData
 from .payload import PayloadSpec, model_fingerprint
@@ -111,6 +123,7 @@ class SnakeTrainer(Trainer):
             **kwargs,
         )
         self.shard_summary = _summarise_shards(self.node_data, args.partition_label_column)
+        self._node_priors = _node_priors(self.node_data, args, model) if _needs_priors(args) else None
         self.snake_report = self._new_report()
         logger.info(f"Snake plan ({len(self.plan)} stages, {self.total_steps} steps):\n{format_plan(self.plan)}")
 
@@ -229,9 +242,24 @@ class SnakeTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer calls model.train() every step; frozen groups' batch-norm statistics must not drift (full mode).
-        for module in self._frozen_norms:
+        for module in getattr(self, "_frozen_norms", ()):
             module.eval()
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        objective = getattr(self, "_objective", None)
+        if objective is None or not model.training:  # evaluation reports the plain task loss
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        base = partial(super().compute_loss, model, inputs, True, num_items_in_batch)
+        scaled = bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+        loss, outputs = objective(base, inputs, num_items_in_batch, scaled)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        # Trainer builds over the parameters that require grad now; with head_learning_rate the always-trainable
+        # modules get their own param groups (the scheduler scales every group alike).
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh and self.args.head_learning_rate is not None:
+            _split_head_groups(optimizer, self.model, set(self.part_map.params.get(SHARED, ())), self.args)
+        return optimizer
 
     def _begin_stage(self, stage: Stage, first: bool = False) -> None:
         bytes_in, wait = self._relay.enter(stage)
@@ -241,6 +269,7 @@ class SnakeTrainer(Trainer):
         )
         if not first:
             self._fresh_optimizer()
+        self._objective = self._stage_objective(stage)
         self._stage_index = stage.index
         self._stage_end = sum(s.steps for s in self.plan[: stage.index + 1])
         self._stage_loss = torch.zeros((), device=self.args.device)
@@ -265,9 +294,26 @@ class SnakeTrainer(Trainer):
         record.peak_memory_bytes = self._meter.read()
         done = self.state.global_step - (self._stage_end - record.steps)
         record.train_loss = self._stage_loss.item() / max(done, 1)
+        if self._objective is not None and self._objective.distill_share is not None:
+            record.extra["distill_share"] = self._objective.distill_share
         record.bytes_sent = self._relay.leave(self.plan[record.stage])
         self.snake_report.stages.append(record)
         self.log({"stage_loss": record.train_loss, "stage": record.stage, "node": record.node, "group": record.group})
+
+    def _stage_objective(self, stage: Stage) -> StageObjective | None:
+        args = self.args
+        if not (args.distill_alpha > 0 or args.logit_adjustment > 0 or args.restrict_to_node_classes):
+            return None
+        teacher = None
+        if args.distill_alpha > 0:
+            names = self.part_map.tensor_names(part_name(stage.group)) + self.part_map.tensor_names(SHARED)
+            blocks = find_block_list(self.model, self.groups.path)[1]
+            teacher = TeacherForward(self.model, blocks, self.groups.boundaries[stage.group], names)
+        prior = self._node_priors[stage.node] if self._node_priors is not None else None
+        return StageObjective(
+            args.distill_alpha, args.distill_temperature, teacher, prior, args.logit_adjustment,
+            args.restrict_to_node_classes,
+        )  # fmt: skip
 
     def _fresh_optimizer(self) -> None:
         """A new optimizer over exactly the trainable parameters; the schedule carries on where it was."""
@@ -290,6 +336,20 @@ class SnakeTrainer(Trainer):
             output_dir = output_dir or self.args.output_dir
             save_plan(self.plan, f"{output_dir}/{PLAN_FILE}")
             self.snake_report.to_json(f"{output_dir}/snake_report.json")
+
+    def create_model_card(self, tags=None, **kwargs) -> None:
+        """`Trainer.create_model_card` with the `snake-learning` tag and a section on the plan, shards, bytes moved,
+        per-node peak memory and evaluation metrics (what `push_to_hub` uploads as README.md)."""
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        super().create_model_card(tags=[*tags, "snake-learning"], **kwargs)
+        if not self.is_world_process_zero():
+            return
+        card = Path(self.args.output_dir) / "README.md"
+        metrics = {k: v for h in self.state.log_history for k, v in h.items() if k.startswith("eval_")}
+        self.snake_report.metrics = metrics
+        summary = self.shard_summary.to_markdown() if self.shard_summary is not None else ""
+        section = self.snake_report.model_card_section(plan=format_plan(self.plan), shards=summary)
+        card.write_text(card.read_text() + "\n" + section + "\n")
 
 
 def _wrap_for_mode(model: nn.Module | None, args: SnakeConfig, peft_config) -> nn.Module:
@@ -333,6 +393,35 @@ def _summarise_shards(node_data: NodeData, label_column: str):
     if label is not None and not isinstance(dataset.features[label], (datasets.ClassLabel, datasets.Value)):
         label = None  # token-level labels (causal LM): sizes only
     return shard_summary([node_data.shard(n) for n in range(len(node_data.sizes))], label)
+
+
+def _needs_priors(args: SnakeConfig) -> bool:
+    return args.logit_adjustment > 0 or args.restrict_to_node_classes
+
+
+def _node_priors(node_data: NodeData, args: SnakeConfig, model: nn.Module) -> torch.Tensor:
+    """Each node's label frequencies (known to that node alone), for the label-skew-aware loss."""
+    dataset = node_data.dataset
+    columns = getattr(dataset, "column_names", [])
+    label = next((c for c in (args.partition_label_column, "label", "labels") if c in columns), None)
+    if label is None:
+        raise ValueError(
+            f"`logit_adjustment`/`restrict_to_node_classes` need a label column, but the training data has "
+            f"{columns}; set `partition_label_column` to the label column, or turn these options off."
+        )
+    labels = dataset[label]
+    num_classes = getattr(getattr(unwrap_model(model), "config", None), "num_labels", None) or (max(labels) + 1)
+    return node_label_priors([[labels[i] for i in idx] for idx in node_data.node_indices], num_classes)
+
+
+def _split_head_groups(optimizer, model: nn.Module, head_names: set[str], args: SnakeConfig) -> None:
+    """Moves the always-trainable parameters into their own param groups at `head_learning_rate`."""
+    head_ids = {id(p) for n, p in model.named_parameters() if n in head_names}
+    for group in list(optimizer.param_groups):
+        head = [p for p in group["params"] if id(p) in head_ids]
+        if head:
+            group["params"] = [p for p in group["params"] if id(p) not in head_ids]
+            optimizer.add_param_group({**group, "params": head, "lr": args.head_learning_rate})
 
 
 def _partitioner_for(args: SnakeConfig):

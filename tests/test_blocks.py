@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import TinyCNN, tiny_bert, tiny_gpt2
 from peft import LoraConfig, get_peft_model
 
+from conftest import TinyCNN, tiny_bert, tiny_gpt2
 from snake_hf.blocks import SHARED, BlockGroups, PartMap, find_block_list, group_boundaries, set_trainable
 
 

@@ -7,9 +7,9 @@ import math
 import evaluate
 import numpy as np
 import pytest
-from conftest import cls_dataset, tiny_bert
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
+from conftest import cls_dataset, tiny_bert
 from snake_hf.metrics import (
     METRICS_DIR,
     available_metrics,

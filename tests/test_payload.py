@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert
 from peft import LoraConfig, get_peft_model
 
+from conftest import tiny_bert
 from snake_hf.blocks import SHARED, BlockGroups, PartMap
 from snake_hf.payload import (
     HEADER_NBYTES,

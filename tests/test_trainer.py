@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import TinyCNN, cls_dataset, image_dataset, lm_dataset, tiny_bert, tiny_gpt2
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from conftest import TinyCNN, cls_dataset, image_dataset, lm_dataset, tiny_bert, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
 from snake_hf.blocks import SHARED
 
