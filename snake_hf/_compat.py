@@ -5,6 +5,8 @@ Checked against transformers 5.23.0, accelerate 1.15.0, peft 0.21.2, torch 2.13.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
@@ -46,3 +48,22 @@ def progress_bar(trainer: Trainer):
         if isinstance(callback, ProgressCallback):
             return getattr(callback, "training_bar", None)
     return None
+
+
+def seek_plan_step(trainer: Trainer, step: int) -> None:
+    """Moves a distributed node's `global_step` and LR schedule forward to the plan step where its stage starts.
+
+    Each process runs only its own node's stages, but the plan has one schedule: before a stage the process skips the
+    steps other nodes trained. `_globalstep_last_logged` (private) moves along so the logged loss averages only
+    this process's steps. A no-op in simulation, where the global step is already there.
+    """
+    gap = step - trainer.state.global_step
+    if gap <= 0:
+        return
+    trainer.state.global_step = step
+    trainer._globalstep_last_logged = step
+    scheduler = trainer.lr_scheduler
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
+        for _ in range(gap):
+            scheduler.step()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
+from .distributed import LaunchInfo, hide_launch_env, launch_info
 from .plan import Stage, load_plan
 
 
@@ -69,6 +70,10 @@ class SnakeConfig(TrainingArguments):
             coordinator rank).
         hop_timeout (`float`, defaults to `600.0`):
             Seconds a node waits for one payload before the hop fails.
+        local_shard (`bool`, defaults to `False`):
+            Distributed mode: `train_dataset` is this process's own shard (e.g. a per-node file only this node
+            loaded); the nodes tell each other only their shard sizes. Otherwise every process gets the same dataset
+            and takes its node's slice of the seeded partition.
         distill_alpha (`float`, defaults to `0.0`):
             Weight λ of distillation from the model as it arrived at the stage: loss = (1-λ)·task + λ·T²·KL.
             0 turns it off (no teacher forward at all).
@@ -122,6 +127,10 @@ class SnakeConfig(TrainingArguments):
     engine: str = field(default="auto", metadata={"help": "'simulation', 'distributed' or 'auto'."})
     topology: str = field(default="p2p", metadata={"help": "Distributed payload routing: 'p2p' or 'cs'."})
     hop_timeout: float = field(default=600.0, metadata={"help": "Seconds to wait for one payload."})
+    local_shard: bool = field(
+        default=False, metadata={"help": "Distributed: train_dataset is this process's own shard only."}
+    )
+    launch: LaunchInfo | None = field(default=None, init=False, repr=False)
     distill_alpha: float = field(default=0.0, metadata={"help": "Distillation weight λ (0 = off)."})
     distill_temperature: float = field(default=2.0, metadata={"help": "Distillation temperature T."})
     logit_adjustment: float = field(
@@ -138,8 +147,31 @@ class SnakeConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        self._detect_launch()  # before TrainingArguments sets up devices: its world must stay one process
         super().__post_init__()
         self._validate_snake_fields()
+
+    def _detect_launch(self) -> None:
+        _require(self.engine in ENGINES, "engine", self.engine, f"use one of {list(ENGINES)}")
+        info = launch_info() if self.engine != "simulation" else None
+        if self.engine == "distributed" and info is None:
+            raise ValueError(
+                "`engine` is 'distributed' but this process was not started by a launcher (no WORLD_SIZE > 1); run "
+                "`torchrun --nproc_per_node N script.py`, or use engine='simulation'."
+            )
+        if info is None:
+            return
+        if self.num_nodes == 1:
+            self.num_nodes = info.world_size  # rank = node
+        elif self.num_nodes != info.world_size:
+            raise ValueError(
+                f"`num_nodes` ({self.num_nodes}) differs from the {info.world_size} launched processes; in "
+                "distributed mode each process is one node: launch num_nodes processes or leave num_nodes unset."
+            )
+        # Each process runs an ordinary single-process Trainer (PITFALLS: under torchrun Trainer would wrap DDP and
+        # all-gather every step, which hangs when one node trains at a time). Snake's transport keeps the launch info.
+        hide_launch_env()
+        self.launch = info
 
     def _validate_snake_fields(self) -> None:
         _require(self.num_nodes >= 1, "num_nodes", self.num_nodes, "use at least 1 node")

@@ -208,6 +208,7 @@ class DistributedTransport(Transport):
         self.wait_timeout = wait_timeout
         self.link_bytes: dict[tuple[int, int], int] = defaultdict(int)
         self.authoritative: dict[int, EncodedPayload] = {}
+        self._pending: list[tuple[int, int, int]] = []  # cs coordinator: hops it still has to forward
         self._store_server = rank == 0 and store is None if store_server is None else store_server
         if store is None:
             addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
@@ -263,6 +264,36 @@ class DistributedTransport(Transport):
         self.authoritative[stage] = encoded
         self._wire_send(dst, encoded, stage, f"stage {stage}", src, dst)
         return encoded
+
+    def expect(self, hops: list[tuple[int, int, int]]) -> None:
+        """Remembers the plan's hops; on the cs coordinator, those between two other ranks are forwarded in order."""
+        if self.topology == "cs" and self.rank == self.coordinator:
+            self._pending = [hop for hop in hops if self._via(hop[0], hop[1])]
+
+    def before_stage(self, stage: int) -> None:
+        """On the cs coordinator: forwards, in plan order, every pending hop into a stage before `stage`."""
+        while self._pending and self._pending[0][2] < stage:
+            self.forward(*self._pending.pop(0))
+
+    def drain(self) -> None:
+        """On the cs coordinator: forwards every hop still pending."""
+        self.before_stage(1 << 62)
+
+    def exchange_text(self, name: str, text: str) -> list[str]:
+        """Every rank's `text`, in rank order, on every rank (through the store; e.g. local shard sizes)."""
+        self.store.set(f"snake/exchange/{name}/{self.rank}", text)
+        keys = {r: f"snake/exchange/{name}/{r}" for r in range(self.world_size) if r != self.rank}
+        self._await(keys, lambda reason: f"exchanging {name!r}: {reason} (topology {self.topology})")
+        return [text if r == self.rank else self.store.get(keys[r]).decode() for r in range(self.world_size)]
+
+    def gather_text(self, name: str, text: str) -> list[str] | None:
+        """Collects every rank's `text` on rank 0 through the store (small JSON reports; nothing pickled)."""
+        self.store.set(f"snake/gather/{name}/{self.rank}", text)
+        if self.rank != 0:
+            return None
+        keys = {r: f"snake/gather/{name}/{r}" for r in range(1, self.world_size)}
+        self._await(keys, lambda reason: f"gathering {name!r}: {reason} (topology {self.topology})")
+        return [text] + [self.store.get(keys[r]).decode() for r in range(1, self.world_size)]
 
     def coordinator_loop(self, hops: Sequence[tuple[int, int, int]]) -> None:
         """On a coordinator that does not train: forwards every `(src, dst, stage)` of `hops` (see [`plan_hops`])."""

@@ -23,10 +23,21 @@ class NodeData:
 
     dataset: Dataset | datasets.Dataset
     node_indices: list[list[int]]
+    known_sizes: list[int] | None = None
 
     @property
     def sizes(self) -> list[int]:
-        return [len(idx) for idx in self.node_indices]
+        """Examples per node (in distributed mode with local shards, as each node reported it)."""
+        return list(self.known_sizes) if self.known_sizes is not None else [len(idx) for idx in self.node_indices]
+
+    @classmethod
+    def local(cls, dataset, node: int, sizes: list[int]) -> NodeData:
+        """Distributed mode with `local_shard`: `dataset` is this node's own shard; the others only told their sizes."""
+        indices = [[] for _ in sizes]
+        indices[node] = list(range(len(dataset)))
+        data = cls(dataset, indices, known_sizes=sizes)
+        data._check_not_empty()
+        return data
 
     def shard(self, node: int):
         """Node `node`'s examples as a dataset (a `datasets.Dataset` when the data is one)."""

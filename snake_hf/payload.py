@@ -376,6 +376,7 @@ class VersionLedger:
     """
 
     def __init__(self, num_nodes: int, initial: Mapping[str, str]):
+        self.num_nodes = num_nodes
         self.parts = list(initial)
         self.versions = [dict.fromkeys(self.parts, 0) for _ in range(num_nodes)]
         self.checksums = [dict(initial) for _ in range(num_nodes)]

@@ -42,6 +42,10 @@ def node_rng_state(seed: int, node: int) -> torch.Tensor:
 class Relay:
     """Hands the trainable state along a plan.
 
+    Version bookkeeping is a sequence of events that every process applies in plan order: "stage s trained" and "the
+    hop after stage s arrived". A process applies the events of its own stages with real checksums and the others'
+    as metadata when it catches up, so every process knows every node's version vector without seeing its tensors.
+
     Args:
         model (`nn.Module`): this process's model (shared by all virtual nodes in simulation).
         part_map (`PartMap`): which tensors belong to which part.
@@ -75,60 +79,109 @@ class Relay:
         self.local_nodes = set(range(num_nodes)) if local_nodes is None else set(local_nodes)
         self.part_of = {name: part for part in part_map.parts for name in part_map.tensor_names(part)}
         self.ledger = VersionLedger(num_nodes, {part: self.checksum(part) for part in part_map.parts})
-        self._rng = {node: node_rng_state(seed, node) for node in range(num_nodes)}
-        self._replayed = 0  # stages whose version bookkeeping the ledger holds
+        self.rng = {node: node_rng_state(seed, node) for node in range(num_nodes)}
+        self.applied = 0  # events applied: 2s = "stage s trained", 2s+1 = "the hop after stage s arrived"
+        self._active_rng: int | None = None
+        self.transport.expect(
+            [(a.node, b.node, b.index) for a, b in zip(self.plan, self.plan[1:]) if a.node != b.node]
+        )
 
     def checksum(self, part: str) -> str:
         named = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         return tensors_checksum((name, named[name]) for name in self.part_map.tensor_names(part))
 
-    def start(self) -> None:
-        """Before training: the global RNG holds the stream of the first stage's node.
+    def _trained_parts(self, stage: Stage) -> list[str]:
+        return [part_name(stage.group)] + ([SHARED] if SHARED in self.ledger.parts else [])
 
-        (Creating the dataloader iterator draws one number from it, in every engine alike.)
-        """
-        torch.set_rng_state(self._rng[self.plan[0].node])
+    # -- RNG streams --
+
+    def start(self, first: Stage, resumed: bool = False) -> None:
+        """Before training: the global RNG holds the stream of the first stage's node (a fresh run), so that the one
+        draw the dataloader iterator makes comes from it exactly as in a plain `Trainer` run. A resumed run leaves the
+        global RNG alone: its iterator draw was already made before the checkpoint."""
+        self._active_rng = None
+        if not resumed:
+            torch.set_rng_state(self.rng[first.node])
+            self._active_rng = first.node
+
+    def activate(self, node: int) -> None:
+        """Makes `node`'s private stream the global RNG (a no-op when it already is)."""
+        if self._active_rng == node:
+            return
+        if self._active_rng is not None:
+            self.rng[self._active_rng] = torch.get_rng_state()
+        torch.set_rng_state(self.rng[node])
+        self._active_rng = node
+
+    # -- stage boundaries --
 
     def enter(self, stage: Stage) -> tuple[int, float]:
-        """Makes `stage`'s node ready to train: receives what it lacks, swaps in its RNG stream.
+        """Makes `stage`'s node ready to train: catches up on the version bookkeeping and receives what it lacks.
 
         Returns:
             `tuple[int, float]`: bytes received and seconds spent waiting for and loading them.
         """
-        self._replay_until(stage.index)
+        self.transport.before_stage(stage.index)
+        self._apply_until(2 * stage.index - 1 if stage.index > 0 else 0)
         nbytes, seconds = 0, 0.0
         previous = self.plan[stage.index - 1] if stage.index > 0 else None
         if previous is not None and previous.node != stage.node:
             nbytes, seconds = self._receive(previous, stage)
-        torch.set_rng_state(self._rng[stage.node])
+        self.applied = 2 * stage.index
         return nbytes, seconds
 
     def leave(self, stage: Stage) -> int:
-        """Closes `stage` on its node: saves its RNG stream, bumps versions, sends the next stage what it lacks.
+        """Closes `stage` on its node (new versions, with checksums) and sends the next stage what it lacks.
 
         Returns:
             `int`: bytes sent (0 when the next stage runs on the same node, or there is none).
         """
-        self._rng[stage.node] = torch.get_rng_state()
-        trained = [part_name(stage.group)] + ([SHARED] if SHARED in self.ledger.parts else [])
-        self.ledger.record_training(stage.node, {part: self.checksum(part) for part in trained})
-        self._replayed = stage.index + 1
+        self.close_stage(stage)
+        return self.hand_on(stage)
+
+    def close_stage(self, stage: Stage) -> None:
+        """Records that `stage` trained: its node holds new versions of the group and the shared part."""
+        self.ledger.record_training(stage.node, {part: self.checksum(part) for part in self._trained_parts(stage)})
+        self.applied = 2 * stage.index + 1
+
+    def hand_on(self, stage: Stage) -> int:
+        """Sends the next stage's node the parts it lacks (nothing when it is the same node or there is none)."""
         following = self.plan[stage.index + 1] if stage.index + 1 < len(self.plan) else None
         if following is None or following.node == stage.node:
             return 0
         return self._send(stage, following)
 
-    def _replay_until(self, index: int) -> None:
-        """Brings the version bookkeeping of stages run elsewhere (other processes) up to stage `index`."""
-        while self._replayed < index:
-            stage = self.plan[self._replayed]
-            trained = [part_name(stage.group)] + ([SHARED] if SHARED in self.ledger.parts else [])
-            self.ledger.record_training(stage.node, dict.fromkeys(trained, ""))
-            following = self.plan[stage.index + 1]
-            if following.node != stage.node and following.index < index:
-                lacking = self.ledger.lacking(following.node, stage.node)
-                self.ledger.record_receipt(following.node, self.ledger.state(stage.node), lacking)
-            self._replayed += 1
+    def finish(self) -> None:
+        """After this process's last stage: forwards what is still due (cs), and hands every process the final state."""
+        self.transport.drain()
+        self._apply_until(2 * len(self.plan))
+        if len(self.local_nodes) == self.ledger.num_nodes:
+            return  # simulation: every node's tensors are in this model already
+        last = self.plan[-1]
+        spec_parts = self.part_map.parts
+        encoded = None
+        if last.node in self.local_nodes:
+            payload = build_payload(
+                self.model, self.part_map, spec_parts, self.ledger.state(last.node), self.spec, last.node, -1, -1
+            )
+            encoded = encode_payload(payload, self.part_of)
+        encoded = self.transport.broadcast_final(encoded, last.node)
+        if last.node not in self.local_nodes:
+            payload = decode_payload(encoded, self.spec, expected_parts=spec_parts)
+            payload.load_into(self.model)
+
+    def _apply_until(self, event: int) -> None:
+        """Applies, as metadata, the events of other processes' stages up to (not including) `event`."""
+        while self.applied < event:
+            index, hop = divmod(self.applied, 2)
+            stage = self.plan[index]
+            if not hop:
+                self.ledger.record_training(stage.node, dict.fromkeys(self._trained_parts(stage), ""))
+            elif index + 1 < len(self.plan) and self.plan[index + 1].node != stage.node:
+                receiver = self.plan[index + 1].node
+                lacking = self.ledger.lacking(receiver, stage.node)
+                self.ledger.record_receipt(receiver, self.ledger.state(stage.node), lacking)
+            self.applied += 1
 
     def _send(self, stage: Stage, following: Stage) -> int:
         start = time.perf_counter()

