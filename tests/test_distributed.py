@@ -80,3 +80,70 @@ def test_distributed_adapters_are_bit_identical_to_the_simulation(tmp_path, simu
     assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in sim_report.stages]
     # the payloads are the same bytes: per-link byte counts match the simulation's
     assert report["link_bytes"] == sim_report.link_bytes()
+
+
+def _make_two_hosts(suffix: str) -> list[str] | None:
+    """Two network namespaces joined by a veth pair, 10.231.0.1 and 10.231.0.2: two hosts on this machine."""
+    names = [f"snake-a-{suffix}", f"snake-b-{suffix}"]
+    commands = [
+        ["ip", "netns", "add", names[0]],
+        ["ip", "netns", "add", names[1]],
+        ["ip", "link", "add", f"sva{suffix}", "type", "veth", "peer", "name", f"svb{suffix}"],
+        ["ip", "link", "set", f"sva{suffix}", "netns", names[0]],
+        ["ip", "link", "set", f"svb{suffix}", "netns", names[1]],
+        ["ip", "-n", names[0], "addr", "add", "10.231.0.1/24", "dev", f"sva{suffix}"],
+        ["ip", "-n", names[1], "addr", "add", "10.231.0.2/24", "dev", f"svb{suffix}"],
+        *[["ip", "-n", n, "link", "set", dev, "up"] for n, dev in zip(names, (f"sva{suffix}", f"svb{suffix}"))],
+        *[["ip", "-n", n, "link", "set", "lo", "up"] for n in names],
+    ]
+    for command in commands:
+        if subprocess.run(command, capture_output=True).returncode != 0:
+            _remove_hosts(names)
+            return None
+    return names
+
+
+def _remove_hosts(names: list[str]) -> None:
+    for name in names:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.slow
+def test_two_hosts_in_network_namespaces_match_the_simulation(tmp_path, simulated):
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root (ip netns add)")
+    names = _make_two_hosts(str(os.getpid() % 10000))
+    if names is None:
+        pytest.skip("could not create network namespaces and a veth pair here (ip netns / ip link failed)")
+    try:
+        procs = []
+        for rank, name in enumerate(names):
+            # gloo binds its pairs to the address the hostname resolves to unless told the interface to use
+            device = f"sv{'ab'[rank]}{name.rsplit('-', 1)[1]}"
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="10.231.0.1",
+                       MASTER_PORT="29611", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=device)  # fmt: skip
+            command = [
+                "ip",
+                "netns",
+                "exec",
+                name,
+                sys.executable,
+                str(HERE / "_snake_run.py"),
+                str(tmp_path),
+                "p2p",
+                "2",
+            ]
+            procs.append(
+                subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            )
+        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+        for rank, (proc, output) in enumerate(zip(procs, outputs)):
+            assert proc.returncode == 0, f"host {rank} failed:\n{output[-3000:]}"
+    finally:
+        for proc in procs:
+            proc.kill()
+        _remove_hosts(names)
+    expected, _ = simulated[2]
+    for rank in range(2):
+        adapters = load_file(str(tmp_path / f"adapters-{rank}.safetensors"))
+        assert all(torch.equal(adapters[k], expected[k]) for k in expected)
