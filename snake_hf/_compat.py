@@ -62,8 +62,12 @@ def seek_plan_step(trainer: Trainer, step: int) -> None:
         return
     trainer.state.global_step = step
     trainer._globalstep_last_logged = step
-    scheduler = trainer.lr_scheduler
+    advance_scheduler(trainer.lr_scheduler, gap)
+
+
+def advance_scheduler(scheduler, steps: int) -> None:
+    """Steps an LR scheduler `steps` times without optimizer steps (a schedule is a function of the step count)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
-        for _ in range(gap):
+        for _ in range(steps):
             scheduler.step()

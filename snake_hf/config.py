@@ -70,6 +70,9 @@ class SnakeConfig(TrainingArguments):
             coordinator rank).
         hop_timeout (`float`, defaults to `600.0`):
             Seconds a node waits for one payload before the hop fails.
+        save_stages (`int`, defaults to `1`):
+            With `save_strategy` other than `"no"`, a checkpoint after every this many stages. Snake checkpoints at
+            stage boundaries only (a step checkpoint would cut a stage in half); `save_total_limit` is honoured.
         local_shard (`bool`, defaults to `False`):
             Distributed mode: `train_dataset` is this process's own shard (e.g. a per-node file only this node
             loaded); the nodes tell each other only their shard sizes. Otherwise every process gets the same dataset
@@ -127,6 +130,7 @@ class SnakeConfig(TrainingArguments):
     engine: str = field(default="auto", metadata={"help": "'simulation', 'distributed' or 'auto'."})
     topology: str = field(default="p2p", metadata={"help": "Distributed payload routing: 'p2p' or 'cs'."})
     hop_timeout: float = field(default=600.0, metadata={"help": "Seconds to wait for one payload."})
+    save_stages: int = field(default=1, metadata={"help": "Checkpoint every this many stages (save_strategy != no)."})
     local_shard: bool = field(
         default=False, metadata={"help": "Distributed: train_dataset is this process's own shard only."}
     )
@@ -190,6 +194,7 @@ class SnakeConfig(TrainingArguments):
         if self.stage_steps is not None:
             _require(self.stage_steps >= 1, "stage_steps", self.stage_steps, "use None (one shard pass) or >= 1")
         self._validate_schedule()
+        _require(self.save_stages >= 1, "save_stages", self.save_stages, "use 1 (every stage) or more")
         _require(
             self.group_order in ("ascending", "alternate"),
             "group_order",

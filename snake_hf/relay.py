@@ -141,6 +141,8 @@ class Relay:
 
     def close_stage(self, stage: Stage) -> None:
         """Records that `stage` trained: its node holds new versions of the group and the shared part."""
+        if self._active_rng == stage.node:
+            self.rng[stage.node] = torch.get_rng_state()
         self.ledger.record_training(stage.node, {part: self.checksum(part) for part in self._trained_parts(stage)})
         self.applied = 2 * stage.index + 1
 
@@ -169,6 +171,13 @@ class Relay:
         if last.node not in self.local_nodes:
             payload = decode_payload(encoded, self.spec, expected_parts=spec_parts)
             payload.load_into(self.model)
+
+    def restore(self, versions, checksums, rng: dict, next_stage: int) -> None:
+        """Puts back the bookkeeping a stage checkpoint saved before `next_stage`'s hop."""
+        self.ledger.versions = [dict(v) for v in versions]
+        self.ledger.checksums = [dict(c) for c in checksums]
+        self.rng = dict(rng)
+        self.applied = 2 * (next_stage - 1) + 1
 
     def _apply_until(self, event: int) -> None:
         """Applies, as metadata, the events of other processes' stages up to (not including) `event`."""

@@ -34,6 +34,7 @@ from .blocks import (
     set_trainable,
     unwrap_model,
 )
+from .checkpoint import CheckpointError, StageCheckpoint, latest_checkpoint, rotate_checkpoints, write_atomically
 from .config import SnakeConfig
 from .distributed import DistributedTransport
 from .losses import StageObjective, TeacherForward, node_label_priors
@@ -201,11 +202,17 @@ class SnakeTrainer(Trainer):
         self._own_stages = [stage for stage in self.plan if stage.node in self.local_nodes]
         if self.shard_summary is not None:
             logger.info(f"Node shards:\n{self.shard_summary.to_markdown()}")
-        self._relay.start(self.plan[0])
-        output = TrainOutput(0, 0.0, {})
-        if self._own_stages:
-            self._begin_stage(self._own_stages[0], first=True)
-            output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        checkpoint = self._resume_point(resume_from_checkpoint)
+        next_stage = self._restore(checkpoint) if checkpoint is not None else 0
+        self._relay.start(self.plan[0], resumed=checkpoint is not None)
+        if checkpoint is not None:  # the checkpoint was taken before the stage's payload left
+            self.snake_report.stages[-1].bytes_sent = self._relay.hand_on(self.plan[next_stage - 1])
+        output = TrainOutput(self.state.global_step, 0.0, {})
+        remaining = [stage for stage in self._own_stages if stage.index >= next_stage]
+        if remaining:
+            self._begin_stage(remaining[0], first=True)
+            checkpoint = str(checkpoint) if checkpoint is not None else None
+            output = super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
             self._end_stage()
         self._relay.finish()
         self._merge_reports()
@@ -292,10 +299,107 @@ class SnakeTrainer(Trainer):
         # Trainer builds over the parameters that require grad now; with head_learning_rate the always-trainable
         # modules get their own param groups (the scheduler scales every group alike).
         fresh = self.optimizer is None
+        if fresh and getattr(self, "_stage_index", None) is not None:
+            # Loading an adapter (resume) re-enables every LoRA layer (PITFALLS): freeze again before building.
+            set_trainable(self.model, self.part_map.trainable_names(self.plan[self._stage_index].group))
         optimizer = super().create_optimizer(model)
         if fresh and self.args.head_learning_rate is not None:
             _split_head_groups(optimizer, self.model, set(self.part_map.params.get(SHARED, ())), self.args)
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # A resumed run's schedule continues at the checkpoint's step (a schedule is a function of the step count).
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if getattr(self, "_resume_step", 0):
+            _compat.advance_scheduler(scheduler, self._resume_step)
+            self._resume_step = 0
+        return scheduler
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Trainer._save_checkpoint (private, transformers 5.23) would checkpoint mid-stage; Snake checkpoints at
+        # stage boundaries instead (`save_stages`), see _save_stage_checkpoint.
+        return
+
+    def _checkpoint_due(self, stage: Stage) -> bool:
+        if self.args.save_strategy == "no" or self.launch is not None:
+            return False  # distributed processes: resume from a stage checkpoint is simulation-only for now
+        return (stage.index + 1) % self.args.save_stages == 0 and stage.index + 1 < len(self.plan)
+
+    def _save_stage_checkpoint(self, stage: Stage) -> Path:
+        """Writes `checkpoint-<step>` atomically, before the stage's payload is handed on."""
+        named = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        ledger = self._relay.ledger
+        state = {
+            "next_stage": stage.index + 1,
+            "global_step": self.state.global_step,
+            "plan": [s.to_dict() for s in self.plan],
+            "fingerprint": self._spec.fingerprint,
+            "versions": ledger.versions,
+            "checksums": ledger.checksums,
+            "report": self.snake_report.to_dict(),
+        }
+        names = [name for part in self.part_map.parts for name in self.part_map.tensor_names(part)]
+        checkpoint = StageCheckpoint(state, {n: named[n] for n in names}, dict(self._relay.rng))
+
+        def write(folder: Path) -> None:
+            self.save_model(str(folder), _internal_call=True)  # a standard adapter folder, for users
+            self.state.save_to_json(str(folder / "trainer_state.json"))
+            checkpoint.save(folder)  # snake_state.json last: a folder without it is never trusted
+
+        path = write_atomically(self.args.output_dir, self.state.global_step, write)
+        rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        logger.info(f"Saved stage checkpoint {path} (next stage {stage.index + 1}).")
+        return path
+
+    def _resume_point(self, resume_from_checkpoint) -> Path | None:
+        if resume_from_checkpoint in (None, False):
+            return None
+        if self.launch is not None:
+            raise ValueError(
+                "`resume_from_checkpoint` is not supported in distributed mode yet; resume the run as a simulation "
+                "(one process) from its stage checkpoint, or start it again."
+            )
+        if resume_from_checkpoint is True:
+            path = latest_checkpoint(self.args.output_dir)
+            if path is None:
+                raise CheckpointError(
+                    f"No complete stage checkpoint in {self.args.output_dir}; train without resume_from_checkpoint, "
+                    "or pass the path of a checkpoint-N folder."
+                )
+            return path
+        return Path(resume_from_checkpoint)
+
+    def _restore(self, path: Path) -> int:
+        """Loads a stage checkpoint into the model, the relay and the report; returns the next stage's index."""
+        checkpoint = StageCheckpoint.load(path)
+        state = checkpoint.state
+        if state["plan"] != [s.to_dict() for s in self.plan]:
+            raise CheckpointError(f"Checkpoint {path} was written for another plan; resume with the same settings.")
+        if state["fingerprint"] != self._spec.fingerprint:
+            raise CheckpointError(f"Checkpoint {path} was written from another base model; load the same base.")
+        expected = {name: meta for layout in self._spec.layout.values() for name, meta in layout.items()}
+        if set(checkpoint.parts) != set(expected) or any(
+            (str(t.dtype).removeprefix("torch."), tuple(t.shape)) != expected[n] for n, t in checkpoint.parts.items()
+        ):
+            raise CheckpointError(f"Checkpoint {path} holds other tensors than this run trains (names or shapes).")
+        named = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, tensor in checkpoint.parts.items():
+                named[name].copy_(tensor)
+        next_stage = int(state["next_stage"])
+        self._relay.restore(state["versions"], state["checksums"], checkpoint.rng, next_stage)
+        holder = self.plan[next_stage - 1].node
+        damaged = [
+            p for p in self.part_map.parts if self._relay.checksum(p) != self._relay.ledger.checksums[holder][p]
+        ]
+        if damaged:
+            raise CheckpointError(f"Checkpoint {path}: parts {damaged} do not match their recorded checksums.")
+        report = state["report"]
+        self.snake_report.stages = [StageRecord(**record) for record in report["stages"]]
+        self.snake_report.hops = [HopRecord(**hop) for hop in report["hops"]]
+        self._resume_step = int(state["global_step"])
+        logger.info(f"Resuming from {path} at stage {next_stage} (global step {self._resume_step}).")
+        return next_stage
 
     def _begin_stage(self, stage: Stage, first: bool = False) -> None:
         bytes_in, wait = self._relay.enter(stage)
@@ -342,8 +446,12 @@ class SnakeTrainer(Trainer):
         record.train_loss = self._stage_loss.item() / max(done, 1)
         if self._objective is not None and self._objective.distill_share is not None:
             record.extra["distill_share"] = self._objective.distill_share
-        record.bytes_sent = self._relay.leave(self.plan[record.stage])
+        stage = self.plan[record.stage]
+        self._relay.close_stage(stage)
         self.snake_report.stages.append(record)
+        if self._checkpoint_due(stage):
+            self._save_stage_checkpoint(stage)
+        record.bytes_sent = self._relay.hand_on(stage)
         self.log({"stage_loss": record.train_loss, "stage": record.stage, "node": record.node, "group": record.group})
 
     def _stage_objective(self, stage: Stage) -> StageObjective | None:
