@@ -269,10 +269,17 @@ def encode_payload(payload: Payload, part_of: Mapping[str, str]) -> EncodedPaylo
         part: tensors_checksum((e[1], payload.tensors[e[1]]) for e in entries if e[0] == part)
         for part in manifest["parts"]
     }
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
     manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
     manifest_tensor = torch.frombuffer(bytearray(manifest_bytes), dtype=torch.uint8)
     header = torch.tensor([MAGIC, FORMAT_VERSION, manifest_tensor.numel(), data.numel()], dtype=torch.int64)
     return EncodedPayload(header=header, manifest=manifest_tensor, data=data)
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest without its own digest (the same compact JSON the encoder writes)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
 
 def decode_payload(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable[str] | None = None) -> Payload:
@@ -304,6 +311,8 @@ def _decode(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable
     required = {"sender", "receiver", "stage", "fingerprint", "adapter_hash", "state", "parts", "tensors"}
     if not isinstance(manifest, dict) or not required <= set(manifest):
         raise PayloadError(f"Payload manifest lacks {sorted(required - set(manifest or {}))}.")
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise PayloadError("Payload manifest fails its checksum: it was corrupted or tampered with in transit.")
     data_bytes = encoded.data.numpy().tobytes()
     if hashlib.sha256(data_bytes).hexdigest() != manifest.get("data_sha256"):
         raise PayloadError(

@@ -565,11 +565,13 @@ def _node_priors(node_data: NodeData, args: SnakeConfig, model: nn.Module) -> to
     """Each node's label frequencies (known to that node alone), for the label-skew-aware loss."""
     dataset = node_data.dataset
     columns = getattr(dataset, "column_names", [])
-    label = next((c for c in (args.partition_label_column, "label", "labels") if c in columns), None)
+    features = getattr(dataset, "features", {})
+    scalar = [c for c in columns if isinstance(features.get(c), (datasets.ClassLabel, datasets.Value))]
+    label = next((c for c in (args.partition_label_column, "label", "labels") if c in scalar), None)
     if label is None:
         raise ValueError(
-            f"`logit_adjustment`/`restrict_to_node_classes` need a label column, but the training data has "
-            f"{columns}; set `partition_label_column` to the label column, or turn these options off."
+            f"`logit_adjustment`/`restrict_to_node_classes` need a label column (one class id per example), but the "
+            f"training data has {columns}; set `partition_label_column` to the label column, or turn these options off."
         )
     labels = dataset[label]
     num_classes = getattr(getattr(unwrap_model(model), "config", None), "num_labels", None) or (max(labels) + 1)
