@@ -205,7 +205,8 @@ def load_image_folder(
             normalisation; the defaults map [0, 1] to [-1, 1]. CIFAR-10's own are (0.4914, 0.4822, 0.4465) and
             (0.2470, 0.2435, 0.2616).
         class_names (`Sequence[str]`, *optional*): the label names in label order; every sub-folder must be one.
-        limit (`int`, *optional*): keep only the first `limit` images (in class, then file-name order).
+        limit (`int`, *optional*): keep only `limit` images: each class's first image (by file name), then each
+            class's second, and so on.
 
     Returns:
         `datasets.Dataset`: `pixel_values` (float32, `(in_channels, image_size, image_size)`) and `labels`
@@ -226,8 +227,14 @@ def load_image_folder(
     if in_channels not in (1, 3):
         raise ValueError(f"`in_channels` ({in_channels}) must be 1 (grayscale) or 3 (RGB).")
     files, labels, names = _scan_image_folder(Path(root), class_names)
-    if limit is not None:
-        files, labels = files[:limit], labels[:limit]
+    if limit is not None:  # the first images of every class in turn, so a subset keeps every class
+        seen: dict[int, int] = {}
+        rank = []
+        for label in labels:
+            rank.append(seen.get(label, 0))
+            seen[label] = rank[-1] + 1
+        keep = sorted(range(len(files)), key=lambda i: (rank[i], labels[i]))[:limit]
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     mode = "L" if in_channels == 1 else "RGB"
     pixels = np.empty((len(files), in_channels, image_size, image_size), dtype=np.float32)
     for i, path in enumerate(files):
