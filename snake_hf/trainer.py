@@ -13,9 +13,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-import datasets
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
@@ -32,12 +31,9 @@ from .blocks import (
     part_name,
     part_nbytes,
     set_trainable,
-    unwrap_model,
 )
-from .checkpoint import CheckpointError, StageCheckpoint, latest_checkpoint, rotate_checkpoints, write_atomically
 from .config import SnakeConfig
-from .distributed import DistributedTransport
-from .losses import StageObjective, TeacherForward, node_label_priors
+from .losses import StageObjective, TeacherForward
 from .memory import PeakMemory
 from .node_data import NodeData
 from .payload import PayloadSpec, model_fingerprint
@@ -45,8 +41,17 @@ from .plan import PLAN_FILE, Stage, designated_plan, format_plan, save_plan, ser
 from .relay import Relay
 from .report import HopRecord, SnakeReport, StageRecord
 from .sampler import PlanBatchSampler, default_stage_steps
-from .shards import make_partitioner, shard_summary
-from .transport import InMemoryTransport
+from .trainer_checkpoint import StageCheckpointing
+from .trainer_setup import (
+    default_num_groups,
+    make_transport,
+    needs_priors,
+    node_priors,
+    partitioner_for,
+    split_head_groups,
+    summarise_shards,
+    wrap_for_mode,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -54,7 +59,7 @@ logger = logging.get_logger(__name__)
 __all__ = ["SnakeTrainer"]
 
 
-class SnakeTrainer(Trainer):
+class SnakeTrainer(StageCheckpointing, Trainer):
     """Snake Learning on the Hugging Face `Trainer`.
 
     Cuts the model's blocks into groups and trains them one group and one node at a time along a plan, handing only
@@ -107,19 +112,19 @@ class SnakeTrainer(Trainer):
             )
         if kwargs.get("model_init") is not None:
             raise ValueError("`model_init` is not supported by SnakeTrainer; pass the model itself.")
-        model = _wrap_for_mode(model, args, peft_config)
+        model = wrap_for_mode(model, args, peft_config)
         self.groups = BlockGroups.from_model(
-            model, _default_num_groups(model, args), args.group_boundaries, args.block_list_path
+            model, default_num_groups(model, args), args.group_boundaries, args.block_list_path
         )
         self.part_map = PartMap.build(model, self.groups, args.train_mode, args.always_trainable_modules or ())
         self.launch = args.launch
-        self.transport = _make_transport(args)
+        self.transport = make_transport(args)
         self.local_nodes = {self.launch.rank} if self.launch is not None else set(range(args.num_nodes))
         if args.local_shard and self.launch is not None:
             sizes = [int(t) for t in self.transport.exchange_text("shard_sizes", str(len(train_dataset)))]
             self.node_data = NodeData.local(train_dataset, self.launch.rank, sizes)
         else:
-            self.node_data = NodeData.build(train_dataset, args.num_nodes, partitioner or _partitioner_for(args))
+            self.node_data = NodeData.build(train_dataset, args.num_nodes, partitioner or partitioner_for(args))
         self.plan = self._build_plan(args)
         # Fingerprint the base as loaded, before training changes anything.
         adapter_config = model.peft_config[model.active_adapter].to_dict() if isinstance(model, PeftModel) else None
@@ -132,8 +137,8 @@ class SnakeTrainer(Trainer):
             compute_metrics=compute_metrics,
             **kwargs,
         )
-        self.shard_summary = _summarise_shards(self.node_data, args.partition_label_column)
-        self._node_priors = _node_priors(self.node_data, args, model) if _needs_priors(args) else None
+        self.shard_summary = summarise_shards(self.node_data, args.partition_label_column)
+        self._node_priors = node_priors(self.node_data, args, model) if needs_priors(args) else None
         self.snake_report = self._new_report()
         logger.info(f"Snake plan ({len(self.plan)} stages, {self.total_steps} steps):\n{format_plan(self.plan)}")
 
@@ -304,105 +309,12 @@ class SnakeTrainer(Trainer):
             set_trainable(self.model, self.part_map.trainable_names(self.plan[self._stage_index].group))
         optimizer = super().create_optimizer(model)
         if fresh and self.args.head_learning_rate is not None:
-            _split_head_groups(optimizer, self.model, set(self.part_map.params.get(SHARED, ())), self.args)
+            split_head_groups(optimizer, self.model, set(self.part_map.params.get(SHARED, ())), self.args)
         return optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        # A resumed run's schedule continues at the checkpoint's step (a schedule is a function of the step count).
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if getattr(self, "_resume_step", 0):
-            _compat.advance_scheduler(scheduler, self._resume_step)
-            self._resume_step = 0
-        return scheduler
-
-    def _save_checkpoint(self, model, trial) -> None:
-        # Trainer._save_checkpoint (private, transformers 5.23) would checkpoint mid-stage; Snake checkpoints at
-        # stage boundaries instead (`save_stages`), see _save_stage_checkpoint.
-        return
-
-    def _checkpoint_due(self, stage: Stage) -> bool:
-        if self.args.save_strategy == "no" or self.launch is not None:
-            return False  # distributed processes: resume from a stage checkpoint is simulation-only for now
-        return (stage.index + 1) % self.args.save_stages == 0 and stage.index + 1 < len(self.plan)
-
-    def _save_stage_checkpoint(self, stage: Stage) -> Path:
-        """Writes `checkpoint-<step>` atomically, before the stage's payload is handed on."""
-        named = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
-        ledger = self._relay.ledger
-        state = {
-            "next_stage": stage.index + 1,
-            "global_step": self.state.global_step,
-            "plan": [s.to_dict() for s in self.plan],
-            "fingerprint": self._spec.fingerprint,
-            "versions": ledger.versions,
-            "checksums": ledger.checksums,
-            "report": self.snake_report.to_dict(),
-        }
-        names = [name for part in self.part_map.parts for name in self.part_map.tensor_names(part)]
-        checkpoint = StageCheckpoint(state, {n: named[n] for n in names}, dict(self._relay.rng))
-
-        def write(folder: Path) -> None:
-            self.save_model(str(folder), _internal_call=True)  # a standard adapter folder, for users
-            self.state.save_to_json(str(folder / "trainer_state.json"))
-            checkpoint.save(folder)  # snake_state.json last: a folder without it is never trusted
-
-        path = write_atomically(self.args.output_dir, self.state.global_step, write)
-        rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
-        logger.info(f"Saved stage checkpoint {path} (next stage {stage.index + 1}).")
-        return path
-
-    def _resume_point(self, resume_from_checkpoint) -> Path | None:
-        if resume_from_checkpoint in (None, False):
-            return None
-        if self.launch is not None:
-            raise ValueError(
-                "`resume_from_checkpoint` is not supported in distributed mode yet; resume the run as a simulation "
-                "(one process) from its stage checkpoint, or start it again."
-            )
-        if resume_from_checkpoint is True:
-            path = latest_checkpoint(self.args.output_dir)
-            if path is None:
-                raise CheckpointError(
-                    f"No complete stage checkpoint in {self.args.output_dir}; train without resume_from_checkpoint, "
-                    "or pass the path of a checkpoint-N folder."
-                )
-            return path
-        return Path(resume_from_checkpoint)
-
-    def _restore(self, path: Path) -> int:
-        """Loads a stage checkpoint into the model, the relay and the report; returns the next stage's index."""
-        checkpoint = StageCheckpoint.load(path)
-        state = checkpoint.state
-        if state["plan"] != [s.to_dict() for s in self.plan]:
-            raise CheckpointError(f"Checkpoint {path} was written for another plan; resume with the same settings.")
-        if state["fingerprint"] != self._spec.fingerprint:
-            raise CheckpointError(f"Checkpoint {path} was written from another base model; load the same base.")
-        expected = {name: meta for layout in self._spec.layout.values() for name, meta in layout.items()}
-        if set(checkpoint.parts) != set(expected) or any(
-            (str(t.dtype).removeprefix("torch."), tuple(t.shape)) != expected[n] for n, t in checkpoint.parts.items()
-        ):
-            raise CheckpointError(f"Checkpoint {path} holds other tensors than this run trains (names or shapes).")
-        named = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
-        with torch.no_grad():
-            for name, tensor in checkpoint.parts.items():
-                named[name].copy_(tensor)
-        next_stage = int(state["next_stage"])
-        self._relay.restore(state["versions"], state["checksums"], checkpoint.rng, next_stage)
-        holder = self.plan[next_stage - 1].node
-        damaged = [
-            p for p in self.part_map.parts if self._relay.checksum(p) != self._relay.ledger.checksums[holder][p]
-        ]
-        if damaged:
-            raise CheckpointError(f"Checkpoint {path}: parts {damaged} do not match their recorded checksums.")
-        report = state["report"]
-        self.snake_report.stages = [StageRecord(**record) for record in report["stages"]]
-        self.snake_report.hops = [HopRecord(**hop) for hop in report["hops"]]
-        self._resume_step = int(state["global_step"])
-        logger.info(f"Resuming from {path} at stage {next_stage} (global step {self._resume_step}).")
-        return next_stage
 
     def _begin_stage(self, stage: Stage, first: bool = False) -> None:
         bytes_in, wait = self._relay.enter(stage)
+        self._stage_index = stage.index
         set_trainable(self.model, self.part_map.trainable_names(stage.group))
         self._frozen_norms = (
             frozen_batchnorms(self.model, self.groups, stage.group) if self.args.train_mode == "full" else []
@@ -410,7 +322,6 @@ class SnakeTrainer(Trainer):
         if not first:
             self._fresh_optimizer()
         self._objective = self._stage_objective(stage)
-        self._stage_index = stage.index
         self._own_position = self._own_stages.index(stage)
         self._stage_start = sum(s.steps for s in self.plan[: stage.index])
         self._stage_end = self._stage_start + stage.steps
@@ -506,89 +417,3 @@ class SnakeTrainer(Trainer):
         summary = self.shard_summary.to_markdown() if self.shard_summary is not None else ""
         section = self.snake_report.model_card_section(plan=format_plan(self.plan), shards=summary)
         card.write_text(card.read_text() + "\n" + section + "\n")
-
-
-def _make_transport(args: SnakeConfig):
-    if args.launch is None:
-        return InMemoryTransport()
-    return DistributedTransport.from_launch(args.launch, topology=args.topology, hop_timeout=args.hop_timeout)
-
-
-def _wrap_for_mode(model: nn.Module | None, args: SnakeConfig, peft_config) -> nn.Module:
-    if model is None:
-        raise ValueError("`model` is None; pass the model to fine-tune.")
-    if args.train_mode == "full":
-        if isinstance(model, PeftModel) or peft_config is not None:
-            raise ValueError(
-                "`train_mode` is 'full' but a PEFT model or `peft_config` was given; use train_mode='lora' to train "
-                "adapters, or pass the plain model without peft_config."
-            )
-        return model
-    if isinstance(model, PeftModel):
-        if peft_config is not None:
-            raise ValueError("`model` is already a PeftModel and `peft_config` is also given; pass only one of them.")
-        return model
-    if peft_config is None:
-        raise ValueError(
-            "`train_mode` is 'lora' but neither a PeftModel nor `peft_config` was given; pass "
-            "peft_config=LoraConfig(...), or set train_mode='full'."
-        )
-    return get_peft_model(model, peft_config)
-
-
-def _default_num_groups(model: nn.Module, args: SnakeConfig) -> int | None:
-    if args.group_boundaries is not None or args.num_block_groups is not None:
-        return args.num_block_groups
-    from .blocks import find_block_list
-
-    num_blocks = len(find_block_list(model, args.block_list_path)[1])
-    return min(args.num_nodes, num_blocks) if args.schedule != "designated" else args.num_nodes
-
-
-def _summarise_shards(node_data: NodeData, label_column: str):
-    """The shard summary table, when the data is a `datasets.Dataset` (label counts where a label column exists)."""
-    dataset = node_data.dataset
-    if not isinstance(dataset, datasets.Dataset):
-        return None
-    columns = dataset.column_names
-    label = next((c for c in (label_column, "label", "labels") if c in columns), None)
-    if label is not None and not isinstance(dataset.features[label], (datasets.ClassLabel, datasets.Value)):
-        label = None  # token-level labels (causal LM): sizes only
-    return shard_summary([node_data.shard(n) for n in range(len(node_data.sizes))], label)
-
-
-def _needs_priors(args: SnakeConfig) -> bool:
-    return args.logit_adjustment > 0 or args.restrict_to_node_classes
-
-
-def _node_priors(node_data: NodeData, args: SnakeConfig, model: nn.Module) -> torch.Tensor:
-    """Each node's label frequencies (known to that node alone), for the label-skew-aware loss."""
-    dataset = node_data.dataset
-    columns = getattr(dataset, "column_names", [])
-    features = getattr(dataset, "features", {})
-    scalar = [c for c in columns if isinstance(features.get(c), (datasets.ClassLabel, datasets.Value))]
-    label = next((c for c in (args.partition_label_column, "label", "labels") if c in scalar), None)
-    if label is None:
-        raise ValueError(
-            f"`logit_adjustment`/`restrict_to_node_classes` need a label column (one class id per example), but the "
-            f"training data has {columns}; set `partition_label_column` to the label column, or turn these options off."
-        )
-    labels = dataset[label]
-    num_classes = getattr(getattr(unwrap_model(model), "config", None), "num_labels", None) or (max(labels) + 1)
-    return node_label_priors([[labels[i] for i in idx] for idx in node_data.node_indices], num_classes)
-
-
-def _split_head_groups(optimizer, model: nn.Module, head_names: set[str], args: SnakeConfig) -> None:
-    """Moves the always-trainable parameters into their own param groups at `head_learning_rate`."""
-    head_ids = {id(p) for n, p in model.named_parameters() if n in head_names}
-    for group in list(optimizer.param_groups):
-        head = [p for p in group["params"] if id(p) in head_ids]
-        if head:
-            group["params"] = [p for p in group["params"] if id(p) not in head_ids]
-            optimizer.add_param_group({**group, "params": head, "lr": args.head_learning_rate})
-
-
-def _partitioner_for(args: SnakeConfig):
-    if args.num_nodes == 1:
-        return None
-    return make_partitioner(args.partition, args.num_nodes, seed=args.seed, **args.partition_kwargs())
