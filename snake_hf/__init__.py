@@ -5,7 +5,9 @@ their data private, handing only adapter tensors from node to node.
 """
 
 from .blocks import BlockGroups, PartMap, find_block_list, group_boundaries
+from .checkpoint import CheckpointError
 from .config import SnakeConfig
+from .distributed import DistributedTransport, LaunchInfo, hide_launch_env, launch_info
 from .payload import Payload, PayloadError, PayloadSpec, VersionLedger, decode_payload, encode_payload
 from .plan import Stage, designated_plan, format_plan, load_plan, save_plan, serpentine_plan, validate_plan
 from .report import HopRecord, SnakeReport, StageRecord
@@ -20,12 +22,25 @@ from .shards import (
     shard_summary,
 )
 from .trainer import SnakeTrainer
+from .transport import HopTimeoutError, InMemoryTransport, Transport
+from .vision import VGG11, load_image_folder, synthetic_image_dataset
 
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "VGG11",
     "BlockGroups",
+    "CheckpointError",
+    "DistributedTransport",
+    "HopTimeoutError",
+    "InMemoryTransport",
+    "LaunchInfo",
+    "Transport",
+    "hide_launch_env",
+    "launch_info",
+    "load_image_folder",
+    "synthetic_image_dataset",
     "DirichletPartitioner",
     "HopRecord",
     "IidPartitioner",

@@ -544,10 +544,10 @@ def load_fashion_mnist(split: str = "train", limit: int | None = None) -> datase
 
     padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))[:, None, :, :]  # (N, 1, 32, 32)
     pixel_values = (padded.astype(np.float32) / 255.0 - _FASHION_MNIST_MEAN) / _FASHION_MNIST_STD
-    return _image_dataset(pixel_values, labels.astype(np.int64), FASHION_MNIST_LABELS).with_format("torch")
+    return image_dataset(pixel_values, labels.astype(np.int64), FASHION_MNIST_LABELS).with_format("torch")
 
 
-def _image_dataset(pixel_values: np.ndarray, labels: np.ndarray, label_names: list[str]) -> datasets.Dataset:
+def image_dataset(pixel_values: np.ndarray, labels: np.ndarray, label_names: list[str]) -> datasets.Dataset:
     """A `Dataset` of `pixel_values` (`Array3D`) and `labels` (`ClassLabel`), built straight from arrow arrays.
 
     `Dataset.from_dict` encodes each image through Python lists (12 s for Fashion-MNIST's 60,000 images, against
@@ -582,6 +582,7 @@ __all__ = [
     "ROTTEN_TOMATOES_LABELS",
     "SMOLLM2_GGUF_FILE",
     "AssetNotFoundError",
+    "image_dataset",
     "load_bible_text",
     "load_fashion_mnist",
     "load_hamlet_text",

@@ -80,7 +80,9 @@ def node_priors(node_data: NodeData, args: SnakeConfig, model: nn.Module) -> tor
             f"training data has {columns}; set `partition_label_column` to the label column, or turn these options off."
         )
     labels = dataset[label]
-    num_classes = getattr(getattr(unwrap_model(model), "config", None), "num_labels", None) or (max(labels) + 1)
+    base = unwrap_model(model)
+    num_classes = getattr(getattr(base, "config", None), "num_labels", None) or getattr(base, "num_labels", None)
+    num_classes = num_classes or (max(labels) + 1)
     return node_label_priors([[labels[i] for i in idx] for idx in node_data.node_indices], num_classes)
 
 

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import logging
 
 # The arrow-backed builder of `Array3D` image datasets (10x faster than `Dataset.from_dict`); shared with assets.
-from .assets import _image_dataset
+from .assets import image_dataset
 
 
 logger = logging.get_logger(__name__)
@@ -246,7 +246,7 @@ def load_image_folder(
     pixels -= np.broadcast_to(np.asarray(mean, dtype=np.float32), (in_channels,))[:, None, None]
     pixels /= np.broadcast_to(np.asarray(std, dtype=np.float32), (in_channels,))[:, None, None]
     logger.info(f"Read {len(files)} images of {len(names)} classes from {root}")
-    return _image_dataset(pixels, np.asarray(labels, dtype=np.int64), list(names)).with_format("torch")
+    return image_dataset(pixels, np.asarray(labels, dtype=np.int64), list(names)).with_format("torch")
 
 
 def _scan_image_folder(root: Path, class_names: Sequence[str] | None) -> tuple[list[Path], list[int], list[str]]:
@@ -318,7 +318,7 @@ def synthetic_image_dataset(
         (num_examples, in_channels, image_size, image_size), dtype=np.float32
     )
     names = [f"class_{k}" for k in range(num_classes)]
-    return _image_dataset(images, labels.astype(np.int64), names).with_format("torch")
+    return image_dataset(images, labels.astype(np.int64), names).with_format("torch")
 
 
 # ---- accuracy ----

@@ -13,7 +13,8 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: bit-identical results across processes, and no busy-waiting threads on a loaded 2-core machine.
+torch.set_num_threads(1)
 
 VOCAB = 64
 
