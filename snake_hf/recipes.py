@@ -137,6 +137,9 @@ class ModelArguments:
         lora_r (`int`, defaults to 8), lora_alpha (`int`, defaults to 16), lora_dropout (`float`, defaults to 0.05):
             LoRA rank, scaling and dropout.
         lora_target_modules (`list[str]`, *optional*): defaults to the architecture's (`LORA_TARGET_MODULES`).
+        lora_modules_to_save (`list[str]`, *optional*):
+            Modules outside the blocks that train fully in every stage and travel with the adapters (e.g. BERT's
+            `pooler`). For classification PEFT adds the head (`classifier`/`score`) itself.
     """
 
     model_name_or_path: str | None = field(
@@ -154,6 +157,10 @@ class ModelArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "LoRA target modules (default: the architecture's attention projections)."}
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules outside the blocks that train fully in every stage (a classifier head is added)."},
     )
 
 
@@ -367,6 +374,7 @@ def build_lora_config(model: PreTrainedModel, task: str, model_args: ModelArgume
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=list(targets),
+        modules_to_save=list(model_args.lora_modules_to_save) if model_args.lora_modules_to_save else None,
         task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS",
     )
 
@@ -449,10 +457,12 @@ def load_text_classification(
     dataset = _load_file(dataset_name)
     for column in (text_column, label_column):
         if column not in dataset.column_names:
-            raise ValueError(f"{dataset_name} has columns {dataset.column_names}, not {column!r}; set the column name.")
+            raise ValueError(
+                f"{dataset_name} has columns {dataset.column_names}, not {column!r}; set the column name."
+            )
     dataset = dataset.select_columns([text_column, label_column])
     dataset = dataset.rename_columns({text_column: "text", label_column: "label"})
-    if dataset.features["label"].dtype == "string":
+    if "string" in getattr(dataset.features["label"], "dtype", ""):  # "string" or "large_string"
         dataset = dataset.class_encode_column("label")
     return _split(dataset, eval_fraction, seed)
 
@@ -566,7 +576,9 @@ def causal_lm_splits(data_args: DataArguments, tokenizer: PreTrainedTokenizerBas
     blocks = text_corpus_dataset(text, tokenizer, block_size=data_args.max_length, max_blocks=max_blocks)
     if max_blocks is not None and len(blocks) == max_blocks:
         cut = data_args.max_train_samples
-        return datasets.DatasetDict({"train": blocks.select(range(cut)), "eval": blocks.select(range(cut, max_blocks))})
+        return datasets.DatasetDict(
+            {"train": blocks.select(range(cut)), "eval": blocks.select(range(cut, max_blocks))}
+        )
     return _subset_splits(split_blocks(blocks, data_args.eval_fraction), data_args)
 
 
