@@ -469,7 +469,8 @@ class ShardSummary:
 
 def _entropy_bits(counts: Sequence[int]) -> float:
     total = sum(counts)
-    return float(-sum(c / total * math.log2(c / total) for c in counts if c > 0)) if total else 0.0
+    # `0.0 - x` rather than `-x`: a one-label node has entropy 0.0, not -0.0
+    return float(0.0 - sum(c / total * math.log2(c / total) for c in counts if c > 0)) if total else 0.0
 
 
 def shard_summary(shards: Sequence[datasets.Dataset], label_column: str | None = "label") -> ShardSummary:
