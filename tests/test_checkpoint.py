@@ -47,12 +47,7 @@ def test_sigkill_mid_stage_then_resume_gives_bit_identical_adapters(tmp_path):
 
 
 def _trained_with_checkpoints(tmp_path) -> SnakeTrainer:
-    args = SnakeConfig(
-        output_dir=str(tmp_path), num_nodes=2, num_block_groups=2, stage_steps=2, per_device_train_batch_size=4,
-        save_strategy="steps", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-    )  # fmt: skip
-    lora = LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM")
-    trainer = SnakeTrainer(tiny_gpt2(), args, train_dataset=lm_dataset(), peft_config=lora)
+    trainer = _fresh(tmp_path)
     trainer.train()
     return trainer
 
