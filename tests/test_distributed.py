@@ -82,6 +82,18 @@ def test_distributed_adapters_are_bit_identical_to_the_simulation(tmp_path, simu
     assert report["link_bytes"] == sim_report.link_bytes()
 
 
+@pytest.mark.slow
+def test_a_node_that_never_answers_raises_a_hop_timeout_naming_stage_ranks_and_topology(tmp_path):
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", SNAKE_TEST_HOP_TIMEOUT="4")  # fmt: skip
+    command = [sys.executable, str(HERE / "_snake_run.py"), str(tmp_path), "p2p", "2"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)  # rank 1 never starts
+    assert done.returncode != 0
+    assert "HopTimeoutError" in done.stderr
+    assert "stage 1: payload from rank 0 to rank 1 not delivered: rank 1 never joined" in done.stderr
+    assert "(topology p2p)" in done.stderr
+
+
 def _make_two_hosts(suffix: str) -> list[str] | None:
     """Two network namespaces joined by a veth pair, 10.231.0.1 and 10.231.0.2: two hosts on this machine."""
     names = [f"snake-a-{suffix}", f"snake-b-{suffix}"]
