@@ -197,11 +197,8 @@ class EncodedPayload:
                 f"Payload is {len(buffer)} bytes but its header announces {HEADER_NBYTES} + {manifest_nbytes} + "
                 f"{data_nbytes}; the file or message is truncated or padded."
             )
-        body = torch.frombuffer(bytearray(buffer[HEADER_NBYTES:]), dtype=torch.uint8) if len(buffer) > 32 else None
-        empty = torch.empty(0, dtype=torch.uint8)
-        manifest = body[:manifest_nbytes] if body is not None else empty
-        data = body[manifest_nbytes:] if body is not None else empty
-        return cls(torch.tensor(header, dtype=torch.int64), manifest, data)
+        body = torch.frombuffer(bytearray(buffer[HEADER_NBYTES:]), dtype=torch.uint8)  # non-empty: manifest > 0
+        return cls(torch.tensor(header, dtype=torch.int64), body[:manifest_nbytes], body[manifest_nbytes:])
 
 
 def _check_header(header: Sequence[int]) -> None:
