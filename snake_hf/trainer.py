@@ -43,6 +43,7 @@ from .report import HopRecord, SnakeReport, StageRecord
 from .sampler import PlanBatchSampler, default_stage_steps
 from .trainer_checkpoint import StageCheckpointing
 from .trainer_setup import (
+    check_mode,
     default_num_groups,
     make_transport,
     needs_priors,
@@ -112,11 +113,11 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             )
         if kwargs.get("model_init") is not None:
             raise ValueError("`model_init` is not supported by SnakeTrainer; pass the model itself.")
-        model = wrap_for_mode(model, args, peft_config)
+        # Everything that can refuse the input runs before the model is touched (get_peft_model edits it in place).
+        check_mode(model, args, peft_config)
         self.groups = BlockGroups.from_model(
             model, default_num_groups(model, args), args.group_boundaries, args.block_list_path
         )
-        self.part_map = PartMap.build(model, self.groups, args.train_mode, args.always_trainable_modules or ())
         self.launch = args.launch
         self.transport = make_transport(args)
         self.local_nodes = {self.launch.rank} if self.launch is not None else set(range(args.num_nodes))
@@ -126,6 +127,8 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         else:
             self.node_data = NodeData.build(train_dataset, args.num_nodes, partitioner or partitioner_for(args))
         self.plan = self._build_plan(args)
+        model = wrap_for_mode(model, args, peft_config)
+        self.part_map = PartMap.build(model, self.groups, args.train_mode, args.always_trainable_modules or ())
         # Fingerprint the base as loaded, before training changes anything.
         adapter_config = model.peft_config[model.active_adapter].to_dict() if isinstance(model, PeftModel) else None
         self._spec = PayloadSpec.from_model(model, self.part_map, model_fingerprint(model), adapter_config)

@@ -22,7 +22,8 @@ def make_transport(args: SnakeConfig):
     return DistributedTransport.from_launch(args.launch, topology=args.topology, hop_timeout=args.hop_timeout)
 
 
-def wrap_for_mode(model: nn.Module | None, args: SnakeConfig, peft_config) -> nn.Module:
+def check_mode(model: nn.Module | None, args: SnakeConfig, peft_config) -> None:
+    """Refuses a model and adapter setup that does not fit `train_mode`, without touching the model."""
     if model is None:
         raise ValueError("`model` is None; pass the model to fine-tune.")
     if args.train_mode == "full":
@@ -31,16 +32,20 @@ def wrap_for_mode(model: nn.Module | None, args: SnakeConfig, peft_config) -> nn
                 "`train_mode` is 'full' but a PEFT model or `peft_config` was given; use train_mode='lora' to train "
                 "adapters, or pass the plain model without peft_config."
             )
-        return model
-    if isinstance(model, PeftModel):
+    elif isinstance(model, PeftModel):
         if peft_config is not None:
             raise ValueError("`model` is already a PeftModel and `peft_config` is also given; pass only one of them.")
-        return model
-    if peft_config is None:
+    elif peft_config is None:
         raise ValueError(
             "`train_mode` is 'lora' but neither a PeftModel nor `peft_config` was given; pass "
             "peft_config=LoraConfig(...), or set train_mode='full'."
         )
+
+
+def wrap_for_mode(model: nn.Module, args: SnakeConfig, peft_config) -> nn.Module:
+    """The model that trains: in LoRA mode a `PeftModel` (wrapping a plain model with `peft_config`)."""
+    if args.train_mode == "full" or isinstance(model, PeftModel):
+        return model
     return get_peft_model(model, peft_config)
 
 

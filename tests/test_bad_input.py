@@ -116,3 +116,12 @@ def test_bad_input_is_refused_before_training_naming_field_and_fix(tmp_path, bui
 
 def test_the_table_covers_at_least_25_bad_inputs():
     assert len(CASES) >= 25
+
+
+def test_a_refused_setup_leaves_the_users_model_untouched(tmp_path):
+    model = tiny_bert()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="num_block_groups"):
+        trainer(tmp_path, model=model, num_block_groups=9)
+    assert not any("lora_" in n for n, _ in model.named_modules()), "no adapters were injected"
+    assert {n: p for n, p in model.named_parameters()}.keys() == before.keys()
