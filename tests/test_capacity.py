@@ -20,8 +20,6 @@ from snake_hf.blocks import BlockGroups, PartMap, set_trainable
 from snake_hf.capacity import (
     BlockCosts,
     NodeProfile,
-    _LiveBytes,
-    _storage_bytes,
     as_profiles,
     check_plan_memory,
     default_probe_inputs,
@@ -34,6 +32,7 @@ from snake_hf.capacity import (
     profiles_to_dicts,
     scale_steps,
 )
+from snake_hf.memory_estimate import _LiveBytes, _storage_bytes
 from snake_hf.plan import designated_plan, serpentine_plan
 
 
