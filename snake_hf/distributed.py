@@ -432,7 +432,9 @@ class DistributedTransport(Transport):
                 if self.wait_timeout is not None and now - start > self.wait_timeout and pending:
                     raise HopTimeoutError(describe(f"still waiting for rank {pending[0]} after {self.wait_timeout} s"))
             time.sleep(delay)
-            delay = min(2 * delay, 0.1)
+            # A short cap: a waiting receiver must notice the sender within milliseconds (a 100 ms cap made the
+            # store handshake, not the payload, the cost of a hop; benchmarks/distributed_overhead.py).
+            delay = min(2 * delay, 0.005)
 
     def _absence(self, peer: int, beats: int, still: float) -> str | None:
         """Why `peer` will not come: it closed, never joined, or its heartbeat stopped; None while it lives."""

@@ -82,6 +82,7 @@ class Relay:
         self.rng = {node: node_rng_state(seed, node) for node in range(num_nodes)}
         self.applied = 0  # events applied: 2s = "stage s trained", 2s+1 = "the hop after stage s arrived"
         self._active_rng: int | None = None
+        self.last_load_seconds = 0.0  # of the last receive: decode + verify + load, without the wait
         self.transport.expect(
             [(a.node, b.node, b.index) for a, b in zip(self.plan, self.plan[1:]) if a.node != b.node]
         )
@@ -123,7 +124,7 @@ class Relay:
         """
         self.transport.before_stage(stage.index)
         self._apply_until(2 * stage.index - 1 if stage.index > 0 else 0)
-        nbytes, seconds = 0, 0.0
+        nbytes, seconds, self.last_load_seconds = 0, 0.0, 0.0
         previous = self.plan[stage.index - 1] if stage.index > 0 else None
         if previous is not None and previous.node != stage.node:
             nbytes, seconds = self._receive(previous, stage)
@@ -225,6 +226,7 @@ class Relay:
         start = time.perf_counter()
         lacking = self.ledger.lacking(stage.node, previous.node)
         encoded = self.transport.recv(previous.node, stage.node, stage.index)
+        arrived = time.perf_counter()
         payload = decode_payload(encoded, self.spec, expected_parts=lacking)
         payload.load_into(self.model)
         self.ledger.record_receipt(stage.node, payload.state, payload.parts)
@@ -234,4 +236,5 @@ class Relay:
                 f"After the hop from node {previous.node} to node {stage.node} (stage {stage.index}) the receiver "
                 f"does not hold the sender's state for parts {stale}: its version vector is out of step."
             )
+        self.last_load_seconds = time.perf_counter() - arrived  # decode + verify + load, without the wait
         return encoded.nbytes, time.perf_counter() - start

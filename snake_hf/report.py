@@ -25,6 +25,7 @@ class StageRecord:
         bytes_received (`int`): bytes of the payload that arrived for this stage.
         peak_memory_bytes (`int` or None): peak memory during the stage (see `snake_hf.memory`).
         wait_seconds (`float`): time spent waiting for and receiving the incoming payload.
+        load_seconds (`float`): of that, the time to decode, verify and load it once its bytes arrived.
     """
 
     stage: int
@@ -38,6 +39,7 @@ class StageRecord:
     bytes_received: int = 0
     peak_memory_bytes: int | None = None
     wait_seconds: float = 0.0
+    load_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
 

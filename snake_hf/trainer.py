@@ -338,6 +338,7 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             steps=stage.steps,
             bytes_received=bytes_in,
             wait_seconds=wait,
+            load_seconds=self._relay.last_load_seconds,
         )
 
     def _start_stage_clock(self) -> None:
