@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
+from .capacity import as_profiles, profiles_to_dicts
 from .distributed import LaunchInfo, hide_launch_env, launch_info
 from .plan import Stage, load_plan
 
@@ -87,9 +88,18 @@ class SnakeConfig(TrainingArguments):
             Classification only: mask the classes a node does not hold out of its softmax.
         head_learning_rate (`float`, *optional*):
             Learning rate of the always-trainable modules (e.g. a new head), scheduled like the others.
-        scale_steps_by_shard (`bool`, defaults to `False`):
-            With `stage_steps`, scale each node's steps by its shard size over the mean shard size (data-rich nodes
-            weigh more). Without `stage_steps` steps already follow the shard size (one pass).
+        node_profiles (`str` or `list[dict]`, *optional*):
+            One profile per node — `memory_bytes` (e.g. "2GiB"), `speed` (relative), `num_examples` — or the path of
+            a YAML/JSON file of them (see `snake_hf.capacity.NodeProfile`). With the designated schedule the blocks
+            are cut and placed by the profiles (a node with little memory owns an upper group); with any schedule a
+            plan that does not fit a node's memory is refused before training.
+        profile_size_by (`str`, defaults to `"memory"`):
+            Designated cut: group sizes follow each node's `"memory"`, `"speed"`, or are `"equal"`.
+        scale_steps_by (`str`, *optional*):
+            `"speed"`: a faster node takes proportionally more steps per stage (stage wall times even out);
+            `"data"`: a node with more examples takes more steps (data-rich nodes weigh more). Scaled around the mean.
+        profile_seq_len (`int`, *optional*):
+            Sequence length the memory estimate assumes (default: the longest `input_ids` in the training data).
     """
 
     num_nodes: int = field(default=1, metadata={"help": "Number of nodes, each with a private data shard."})
@@ -146,9 +156,14 @@ class SnakeConfig(TrainingArguments):
     head_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the always-trainable modules (e.g. a new head)."}
     )
-    scale_steps_by_shard: bool = field(
-        default=False, metadata={"help": "Scale stage_steps per node by shard size over the mean shard size."}
+    node_profiles: str | None = field(
+        default=None, metadata={"help": "Node profiles (memory_bytes, speed, num_examples): a YAML/JSON file path."}
     )
+    profile_size_by: str = field(default="memory", metadata={"help": "Designated cut by 'memory', 'speed', 'equal'."})
+    scale_steps_by: str | None = field(
+        default=None, metadata={"help": "Scale steps per node by 'speed' or by 'data' (shard size)."}
+    )
+    profile_seq_len: int | None = field(default=None, metadata={"help": "Sequence length of the memory estimate."})
 
     def __post_init__(self):
         self._detect_launch()  # before TrainingArguments sets up devices: its world must stay one process
@@ -209,6 +224,21 @@ class SnakeConfig(TrainingArguments):
         _require(0.0 <= self.distill_alpha <= 1.0, "distill_alpha", self.distill_alpha, "use a weight in [0, 1]")
         _require(self.distill_temperature > 0, "distill_temperature", self.distill_temperature, "use T > 0")
         _require(self.logit_adjustment >= 0, "logit_adjustment", self.logit_adjustment, "use τ >= 0 (1.0 is usual)")
+        _require(self.profile_size_by in ("memory", "speed", "equal"), "profile_size_by", self.profile_size_by,
+                 "use 'memory', 'speed' or 'equal'")  # fmt: skip
+        _require(self.scale_steps_by in (None, "speed", "data"), "scale_steps_by", self.scale_steps_by,
+                 "use 'speed', 'data' or leave it unset")  # fmt: skip
+        if self.node_profiles is not None:
+            profiles = as_profiles(self.node_profiles, self.num_nodes)  # validates count and values now
+            if not isinstance(self.node_profiles, (str, os.PathLike)):
+                self.node_profiles = profiles_to_dicts(profiles)  # plain data keeps to_json_string working
+            if self.schedule == "designated" and self.group_boundaries is not None:
+                raise ValueError(
+                    "`group_boundaries` is set with the designated schedule and `node_profiles`; the profiles decide "
+                    "the cut: unset group_boundaries, or drop node_profiles."
+                )
+        if self.scale_steps_by == "speed" and self.node_profiles is None:
+            raise ValueError("`scale_steps_by` is 'speed' but no `node_profiles` give the speeds; set node_profiles.")
         if self.head_learning_rate is not None:
             _require(self.head_learning_rate > 0, "head_learning_rate", self.head_learning_rate, "use a rate > 0")
         if self.max_steps is not None and self.max_steps > 0:

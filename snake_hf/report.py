@@ -78,6 +78,7 @@ class SnakeReport:
     part_nbytes: dict[str, int] = field(default_factory=dict)
     shard_sizes: list[int] = field(default_factory=list)
     shard_summary: dict | None = None
+    designation: dict | None = None
     memory_kind: str = ""
     stages: list[StageRecord] = field(default_factory=list)
     hops: list[HopRecord] = field(default_factory=list)

@@ -32,6 +32,7 @@ from .blocks import (
     part_nbytes,
     set_trainable,
 )
+from .capacity import check_plan_memory, explain
 from .config import SnakeConfig
 from .losses import StageObjective, TeacherForward
 from .memory import PeakMemory
@@ -46,9 +47,11 @@ from .trainer_setup import (
     check_mode,
     default_num_groups,
     make_transport,
+    measure_capacity,
     needs_priors,
     node_priors,
     partitioner_for,
+    scaled_steps,
     split_head_groups,
     summarise_shards,
     wrap_for_mode,
@@ -115,9 +118,11 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             raise ValueError("`model_init` is not supported by SnakeTrainer; pass the model itself.")
         # Everything that can refuse the input runs before the model is touched (get_peft_model edits it in place).
         check_mode(model, args, peft_config)
-        self.groups = BlockGroups.from_model(
-            model, default_num_groups(model, args), args.group_boundaries, args.block_list_path
-        )
+        designated_by_profiles = args.node_profiles is not None and args.schedule == "designated"
+        if not designated_by_profiles:
+            self.groups = BlockGroups.from_model(
+                model, default_num_groups(model, args), args.group_boundaries, args.block_list_path
+            )
         self.launch = args.launch
         self.transport = make_transport(args)
         self.local_nodes = {self.launch.rank} if self.launch is not None else set(range(args.num_nodes))
@@ -126,6 +131,14 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             self.node_data = NodeData.local(train_dataset, self.launch.rank, sizes)
         else:
             self.node_data = NodeData.build(train_dataset, args.num_nodes, partitioner or partitioner_for(args))
+        self.capacity = None
+        if args.node_profiles is not None:  # the estimate measures the model that trains
+            model = wrap_for_mode(model, args, peft_config)
+            self.capacity = measure_capacity(model, args, self.node_data)
+        if designated_by_profiles:
+            self.groups = BlockGroups.from_model(
+                model, None, self.capacity.designation.boundaries, args.block_list_path
+            )
         self.plan = self._build_plan(args)
         model = wrap_for_mode(model, args, peft_config)
         self.part_map = PartMap.build(model, self.groups, args.train_mode, args.always_trainable_modules or ())
@@ -161,17 +174,30 @@ class SnakeTrainer(StageCheckpointing, Trainer):
                 )
                 for size in self.node_data.sizes
             ]
+        steps = scaled_steps(steps, args, self.capacity, self.node_data.sizes)
         num_groups = self.groups.num_groups
         if isinstance(args.schedule, list):
-            return validate_plan(args.schedule, args.num_nodes, num_groups)
-        if args.schedule == "designated":
+            plan = validate_plan(args.schedule, args.num_nodes, num_groups)
+        elif args.schedule == "designated":
             if num_groups != args.num_nodes:
                 raise ValueError(
                     f"The designated schedule needs one group per node, but the model is cut into {num_groups} groups "
                     f"for {args.num_nodes} nodes; set num_block_groups={args.num_nodes} or use 'serpentine'."
                 )
-            return designated_plan(args.num_nodes, args.num_passes, steps)
-        return serpentine_plan(args.num_nodes, num_groups, args.num_passes, steps, args.group_order)
+            designation = self.capacity.designation if self.capacity is not None else None
+            owners = designation.owners if designation is not None else None
+            plan = designated_plan(args.num_nodes, args.num_passes, steps, owners)
+        else:
+            plan = serpentine_plan(args.num_nodes, num_groups, args.num_passes, steps, args.group_order)
+        if self.capacity is not None:
+            capacity = self.capacity
+            if capacity.costs is not None:  # refuse a plan that does not fit a node, before any training
+                check_plan_memory(
+                    plan, capacity.profiles, capacity.costs, self.groups.boundaries,
+                    args.per_device_train_batch_size, capacity.seq_len,
+                )  # fmt: skip
+            logger.info(explain(plan, capacity.profiles, capacity.designation, args.scale_steps_by))
+        return plan
 
     def _new_report(self) -> SnakeReport:
         return SnakeReport(
@@ -184,6 +210,9 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             shard_sizes=self.node_data.sizes,
             shard_summary=self.shard_summary.to_dict() if self.shard_summary is not None else None,
             memory_kind=PeakMemory(self.args.device).kind,
+            designation=designation.to_dict()
+            if (designation := getattr(self.capacity, "designation", None))
+            else None,
         )
 
     # ---- the plan inside one Trainer.train() ----
@@ -340,6 +369,11 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             wait_seconds=wait,
             load_seconds=self._relay.last_load_seconds,
         )
+        if self.capacity is not None and self.capacity.costs is not None:
+            estimate = self.capacity.estimate(
+                self.groups.boundaries, stage.group, self.args.per_device_train_batch_size
+            )
+            self._stage_record.extra["estimated_memory_bytes"] = estimate
 
     def _start_stage_clock(self) -> None:
         """On the stage's first micro-batch: its node's RNG stream, its place in the schedule, timers, progress."""

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import datasets
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
+from transformers import default_data_collator
 
-from .blocks import find_block_list, unwrap_model
+from .blocks import BlockGroups, PartMap, find_block_list, unwrap_model
+from .capacity import Designation, NodeProfile, as_profiles, designate, scale_steps
 from .config import SnakeConfig
 from .distributed import DistributedTransport
 from .losses import node_label_priors
+from .memory_estimate import BlockCosts, measure_block_costs
 from .node_data import NodeData
 from .shards import make_partitioner, shard_summary
 from .transport import InMemoryTransport
@@ -99,6 +104,71 @@ def split_head_groups(optimizer, model: nn.Module, head_names: set[str], args: S
         if head:
             group["params"] = [p for p in group["params"] if id(p) not in head_ids]
             optimizer.add_param_group({**group, "params": head, "lr": args.head_learning_rate})
+
+
+@dataclass
+class Capacity:
+    """What the node profiles decided: the measured block costs, the sequence length assumed, the designated cut."""
+
+    profiles: list[NodeProfile]
+    costs: BlockCosts | None = None
+    seq_len: int | None = None
+    designation: Designation | None = None
+
+    def estimate(self, boundaries: list[int], group: int, batch_size: int) -> int | None:
+        if self.costs is None:
+            return None
+        return self.costs.estimate(boundaries[group], boundaries[group + 1], batch_size, self.seq_len).total
+
+
+def measure_capacity(model: nn.Module, args: SnakeConfig, node_data: NodeData) -> Capacity | None:
+    """Reads the node profiles and, where memory matters, measures the model's block costs and designates the cut."""
+    profiles = as_profiles(args.node_profiles, args.num_nodes)
+    if profiles is None:
+        return None
+    capacity = Capacity(profiles)
+    if args.schedule != "designated" and not any(p.memory_bytes for p in profiles):
+        return capacity
+    trainable = args.always_trainable_modules or ()
+    probe_map = PartMap.build(
+        model, BlockGroups.from_model(model, 1, None, args.block_list_path), args.train_mode, trainable
+    )
+    capacity.seq_len, probe = _probe_for(node_data.dataset, args, model)
+    capacity.costs = measure_block_costs(
+        model, args.train_mode, probe_map, args.block_list_path, trainable, probe_inputs=probe
+    )
+    if args.schedule == "designated":
+        capacity.designation = designate(
+            profiles, num_nodes=args.num_nodes, batch_size=args.per_device_train_batch_size,
+            seq_len=capacity.seq_len, mode=args.train_mode, costs=capacity.costs, size_by=args.profile_size_by,
+        )  # fmt: skip
+    return capacity
+
+
+def _probe_for(dataset, args: SnakeConfig, model: nn.Module):
+    """The sequence length the estimate assumes, and probe batches for models that do not take `input_ids`."""
+    columns = getattr(dataset, "column_names", None) or list(dataset[0])
+    if "input_ids" in columns:
+        longest = args.profile_seq_len or max(len(ids) for ids in dataset["input_ids"])
+        return longest, None
+    device = next(model.parameters()).device
+
+    def probe(batch_size: int, seq_len: int | None) -> dict:
+        rows = [dataset[i] for i in range(min(batch_size, len(dataset)))]
+        batch = default_data_collator(rows)
+        return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    return None, probe
+
+
+def scaled_steps(steps: list[int], args: SnakeConfig, capacity: Capacity | None, sizes: list[int]) -> list[int]:
+    """Steps per node scaled by speed or by data (`scale_steps_by`), around the mean."""
+    if args.scale_steps_by is None:
+        return steps
+    profiles = capacity.profiles if capacity is not None else [NodeProfile() for _ in sizes]
+    if args.scale_steps_by == "data":
+        profiles = [replace(p, num_examples=p.num_examples or size) for p, size in zip(profiles, sizes)]
+    return scale_steps(steps, profiles, by=args.scale_steps_by)
 
 
 def partitioner_for(args: SnakeConfig):
