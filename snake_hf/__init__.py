@@ -5,6 +5,7 @@ their data private, handing only adapter tensors from node to node.
 """
 
 from .blocks import BlockGroups, PartMap, find_block_list, group_boundaries
+from .capacity import Designation, NodeProfile, designate, explain, load_profiles, scale_steps
 from .checkpoint import CheckpointError
 from .config import SnakeConfig
 from .distributed import DistributedTransport, LaunchInfo, hide_launch_env, launch_info
@@ -30,6 +31,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VGG11",
+    "Designation",
+    "NodeProfile",
+    "designate",
+    "explain",
+    "load_profiles",
+    "scale_steps",
     "BlockGroups",
     "CheckpointError",
     "DistributedTransport",
