@@ -442,6 +442,13 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             save_plan(self.plan, f"{output_dir}/{PLAN_FILE}")
             self.snake_report.to_json(f"{output_dir}/snake_report.json")
 
+    def push_to_hub(self, *args, **kwargs):
+        """`Trainer.push_to_hub`; in distributed mode only the first process uploads (every process holds the same
+        final state, and each one's Trainer believes it is process zero)."""
+        if self.launch is not None and self.launch.rank != 0:
+            return None
+        return super().push_to_hub(*args, **kwargs)
+
     def create_model_card(self, tags=None, **kwargs) -> None:
         """`Trainer.create_model_card` with the `snake-learning` tag and a section on the plan, shards, bytes moved,
         per-node peak memory and evaluation metrics (what `push_to_hub` uploads as README.md)."""
