@@ -19,7 +19,9 @@ from snake_hf import SnakeConfig, SnakeTrainer, format_plan
 
 def main(output_dir: str = "outputs/01_simulate_nodes") -> dict:
     set_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    )
     ids = torch.randint(0, 64, (96, 16), generator=torch.Generator().manual_seed(0)).tolist()
     data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
 

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     rank = int(os.environ.get("RANK", "0"))
 
     set_seed(0)  # the same base model and the same version-0 adapters on every rank
-    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    )
     ids = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0)).tolist()
     data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
 

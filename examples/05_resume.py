@@ -32,7 +32,9 @@ class StopAt(TrainerCallback):
 
 def make_trainer(output_dir: str, callbacks=None) -> SnakeTrainer:
     set_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    )
     ids = torch.randint(0, 64, (48, 16), generator=torch.Generator().manual_seed(0)).tolist()
     data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
     args = SnakeConfig(

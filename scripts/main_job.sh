@@ -3,16 +3,16 @@
 # a real pretrained model on real data on the CPU:
 #
 #   all-MiniLM-L6-v2 + LoRA + a new head, on Rotten Tomatoes, over 4 nodes with non-IID (Dirichlet) label shards,
-#   2 block groups x 2 passes (recipes/configs/minilm_rotten_tomatoes.yaml).
+#   2 block groups, 160 steps (recipes/configs/minilm_rotten_tomatoes.yaml).
 #
 # It prints the plan, the shards, the per-stage table, and held-out accuracy before and after, and writes the
 # adapter, snake_report.json, results.json, the plots and the model card to outputs/minilm_rotten_tomatoes.
-# About 10 minutes on 2 free CPU cores (most of it training: 320 steps of 32 sentences).
+# Under 15 minutes on 2 free CPU cores, installation included (most of it training: 160 steps of 32 sentences).
 #
 # Usage (from the repository root):
 #   bash scripts/main_job.sh                      # install, then run
 #   SKIP_INSTALL=1 bash scripts/main_job.sh       # run only (everything already installed)
-#   bash scripts/main_job.sh --num_passes 1       # extra flags override the YAML
+#   bash scripts/main_job.sh --num_passes 2       # extra flags override the YAML
 #
 # Environment: PYTHON (default: python) picks the interpreter; OUTPUT_DIR (default: outputs/minilm_rotten_tomatoes).
 set -euo pipefail

@@ -90,7 +90,7 @@ MODEL_ALIASES: dict[str, tuple[str, str]] = {
 
 # Tiny random models for tests and smoke runs: a few thousand parameters, 4 blocks, 64-token vocabulary.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "gpt2": dict(n_layer=4, n_embd=16, n_head=2, n_positions=64, vocab_size=64),
+    "gpt2": dict(n_layer=4, n_embd=16, n_head=2, n_positions=64, vocab_size=64, bos_token_id=0, eos_token_id=0),
     "bert": dict(
         num_hidden_layers=4,
         hidden_size=16,
@@ -177,7 +177,7 @@ class DataArguments:
         max_train_samples (`int`, *optional*), max_eval_samples (`int`, *optional*): seeded subsets.
         eval_fraction (`float`, defaults to 0.1): held-out share where the data has no test split.
         synthetic_size (`int`, defaults to 64): examples of the synthetic data set (train and eval together).
-        synthetic_vocab_size (`int`, defaults to 64): token ids of the synthetic data lie in `[0, synthetic_vocab_size)`.
+        synthetic_vocab_size (`int`, defaults to 64): synthetic token ids lie in `[0, synthetic_vocab_size)`.
         data_split_seed (`int`, defaults to 42): seed of the train/eval split and of the subsets.
     """
 
@@ -379,7 +379,7 @@ def build_lora_config(model: PreTrainedModel, task: str, model_args: ModelArgume
     )
 
 
-# ---- data ---------------------------------------------------------------------------------------------------------
+# ---- data -----------------------------------------------------------------------------------------------------------
 
 
 def synthetic_classification(
@@ -406,8 +406,8 @@ def synthetic_classification(
 
 
 def synthetic_causal_lm(num_examples: int, length: int = 16, vocab_size: int = 64, seed: int = 0) -> datasets.Dataset:
-    """Tokenized arithmetic sequences `(a + d·t) mod vocab_size` (random start `a` and step `d` per row): the next
-    token follows from the two before it, so a tiny model's loss falls quickly.
+    """Tokenized arithmetic sequences `(a + d·t) mod vocab_size` (random start `a` and step `d` in 1..3 per row): the
+    next token follows from the two before it, a pattern a model can learn; seeded, so runs can be pinned.
 
     Returns:
         `datasets.Dataset`: `input_ids`, `attention_mask` and `labels` (equal to `input_ids`).
@@ -592,7 +592,7 @@ def _subset_splits(splits: datasets.DatasetDict, data_args: DataArguments) -> da
     )
 
 
-# ---- running and outputs --------------------------------------------------------------------------------------------------------
+# ---- running and outputs --------------------------------------------------------------------------------------------
 
 
 def train_and_evaluate(

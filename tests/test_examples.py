@@ -54,3 +54,8 @@ def test_distributed_example_runs_as_one_simulated_process(tmp_path, monkeypatch
 def test_custom_groups_example_uses_its_boundaries_and_plan(tmp_path):
     results = _load("02_custom_groups").main(str(tmp_path))
     assert results == {"boundaries": [0, 1, 4], "stages": 3}
+
+
+def test_resume_example_finishes_the_plan_with_the_uninterrupted_adapters(tmp_path):
+    results = _load("05_resume").main(str(tmp_path))
+    assert results == {"global_step": 12, "identical": True}

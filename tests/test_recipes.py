@@ -75,49 +75,57 @@ def _recipe(name: str):
 # ---- recipes end to end ----
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Runs a recipe on its tiny config once per module: `tiny_run(name) -> (results, output folder)`."""
+    runs = {}
+
+    def run(name: str):
+        if name not in runs:
+            out = tmp_path_factory.mktemp(name)
+            runs[name] = _recipe(name).main([str(CONFIGS / f"tiny_{name}.yaml"), "--output_dir", str(out)]), out
+        return runs[name]
+
+    return run
+
+
 @pytest.mark.parametrize("name", ["sequence_classification", "causal_lm"])
-def test_recipe_runs_tiny_config_to_pinned_losses(tmp_path, name):
-    out = tmp_path / "out"
-    results = _recipe(name).main([str(CONFIGS / f"tiny_{name}.yaml"), "--output_dir", str(out)])
+def test_recipe_runs_tiny_config_to_pinned_losses(tiny_run, name):
+    results, _ = tiny_run(name)
     pinned = PINNED[name]
     assert results["train_loss"] == pytest.approx(pinned["train_loss"], rel=1e-4)
     assert results["final_loss"] == pytest.approx(pinned["final_loss"], rel=1e-4)
     assert results["after"]["eval_loss"] == pytest.approx(pinned["eval_loss"], rel=1e-4)
     assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
-    assert all((out / name).is_file() for name in OUTPUT_FILES)
+
+
+@pytest.mark.parametrize("name", ["sequence_classification", "causal_lm"])
+def test_recipe_writes_adapter_report_plots_results_and_card(tiny_run, name):
+    results, out = tiny_run(name)
+    assert all((out / file).is_file() for file in OUTPUT_FILES)
     report = json.loads((out / "snake_report.json").read_text())
     assert results["total_bytes"] == report["total_bytes"] > 0
     assert json.loads((out / "results.json").read_text())["plan"] == results["plan"]
+    assert "## Snake Learning" in (out / "README.md").read_text()
 
 
-def test_classification_recipe_reports_accuracy_before_and_after(tmp_path):
-    config = str(CONFIGS / "tiny_sequence_classification.yaml")
-    results = _recipe("sequence_classification").main([config, "--output_dir", str(tmp_path)])
+def test_classification_recipe_reports_accuracy_before_and_after(tiny_run):
+    results, _ = tiny_run("sequence_classification")
     for key in ("eval_accuracy", "eval_f1", "eval_loss"):
         assert key in results["before"] and key in results["after"]
     assert results["after"]["eval_accuracy"] > results["before"]["eval_accuracy"]
 
 
-def test_causal_lm_recipe_reports_perplexity_as_exp_eval_loss(tmp_path):
-    results = _recipe("causal_lm").main([str(CONFIGS / "tiny_causal_lm.yaml"), "--output_dir", str(tmp_path)])
+def test_causal_lm_recipe_reports_perplexity_as_exp_eval_loss(tiny_run):
+    results, _ = tiny_run("causal_lm")
     for metrics in (results["before"], results["after"]):
         assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
 
 
 def test_recipe_flags_override_the_yaml(tmp_path):
     config = str(CONFIGS / "tiny_causal_lm.yaml")
-    argv = [
-        config,
-        "--output_dir",
-        str(tmp_path),
-        "--num_nodes",
-        "3",
-        "--num_passes",
-        "1",
-        "--tiny_model_type",
-        "llama",
-    ]
-    results = _recipe("causal_lm").main(argv)
+    overrides = ["--num_nodes", "3", "--num_passes", "1", "--tiny_model_type", "llama"]
+    results = _recipe("causal_lm").main([config, "--output_dir", str(tmp_path), *overrides])
     assert results["num_stages"] == 3 * 2  # 3 nodes x 2 groups x 1 pass
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] in (
         ["q_proj", "v_proj"],
