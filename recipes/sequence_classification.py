@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers import DataCollatorWithPadding, default_data_collator, set_seed
@@ -94,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
 
     results.update(model=model_args.model_name_or_path, dataset=script_args.dataset_name, output_dir=args.output_dir)
-    card = {"tasks": "text-classification", "dataset": script_args.dataset_name}
+    dataset = Path(script_args.dataset_name).stem  # a file's name, or the data set's
+    card = {"tasks": "text-classification", "dataset": dataset, "dataset_tags": dataset}
     if model_args.tiny_model_type is None and model_args.from_config_json is None:
         card["finetuned_from"] = base_model_name(model_args.model_name_or_path)
     save_run_outputs(trainer, results, card)
