@@ -124,4 +124,4 @@ def test_a_refused_setup_leaves_the_users_model_untouched(tmp_path):
     with pytest.raises(ValueError, match="num_block_groups"):
         trainer(tmp_path, model=model, num_block_groups=9)
     assert not any("lora_" in n for n, _ in model.named_modules()), "no adapters were injected"
-    assert {n: p for n, p in model.named_parameters()}.keys() == before.keys()
+    assert dict(model.named_parameters()).keys() == before.keys()
