@@ -71,3 +71,8 @@ def advance_scheduler(scheduler, steps: int) -> None:
         warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
         for _ in range(steps):
             scheduler.step()
+
+
+def push_checkpoint(trainer: Trainer, folder: str) -> None:
+    """`Trainer._push_from_checkpoint`: uploads a checkpoint according to `hub_strategy`."""
+    trainer._push_from_checkpoint(folder)

@@ -31,6 +31,7 @@ from .blocks import (
     part_name,
     part_nbytes,
     set_trainable,
+    unwrap_model,
 )
 from .capacity import check_plan_memory, explain
 from .config import SnakeConfig
@@ -141,6 +142,7 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             )
         self.plan = self._build_plan(args)
         model = wrap_for_mode(model, args, peft_config)
+        _tag_model(model)
         self.part_map = PartMap.build(model, self.groups, args.train_mode, args.always_trainable_modules or ())
         # Fingerprint the base as loaded, before training changes anything.
         adapter_config = model.peft_config[model.active_adapter].to_dict() if isinstance(model, PeftModel) else None
@@ -457,8 +459,20 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         if not self.is_world_process_zero():
             return
         card = Path(self.args.output_dir) / "README.md"
-        metrics = {k: v for h in self.state.log_history for k, v in h.items() if k.startswith("eval_")}
+        metrics = {
+            k: v
+            for h in self.state.log_history
+            for k, v in h.items()
+            if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second", "_preparation_time"))
+        }
         self.snake_report.metrics = metrics
         summary = self.shard_summary.to_markdown() if self.shard_summary is not None else ""
         section = self.snake_report.model_card_section(plan=format_plan(self.plan), shards=summary)
-        card.write_text(card.read_text() + "\n" + section + "\n")
+        card.write_text(card.read_text().rstrip("\n") + "\n\n" + section + "\n")
+
+
+def _tag_model(model: nn.Module) -> None:
+    """Tags the model `snake-learning`: PEFT's model card takes its tags from the base model's `model_tags`."""
+    base = unwrap_model(model)
+    if hasattr(base, "add_model_tags"):
+        base.add_model_tags(["snake-learning"])

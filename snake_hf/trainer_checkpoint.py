@@ -60,6 +60,8 @@ class StageCheckpointing:
 
         path = write_atomically(self.args.output_dir, self.state.global_step, write)
         rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        if self.args.push_to_hub:  # hub_strategy every_save / checkpoint / all_checkpoints, as Trainer does
+            _compat.push_checkpoint(self, str(path))
         logger.info(f"Saved stage checkpoint {path} (next stage {stage.index + 1}).")
         return path
 

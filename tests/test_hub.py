@@ -208,12 +208,6 @@ def test_model_card_states_plan_shards_bytes_memory_and_metrics(tmp_path, snake_
     assert metadata.library_name == "peft"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="PEFT's create_or_update_model_card replaces the card's tags with the base model's `model_tags`, dropping "
-    "the `snake-learning` tag SnakeTrainer.create_model_card passes to Trainer; fix in snake_hf/trainer.py.",
-)
 def test_model_card_carries_snake_learning_tag(tmp_path, snake_args, fake_hub):
     trainer = _trained_trainer(tmp_path, snake_args)
     trainer.push_to_hub()
@@ -262,13 +256,6 @@ def test_classification_recipe_push_to_hub_flag_uploads_its_outputs(tmp_path, fa
     assert "text-classification" in files["README.md"].decode()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="SnakeTrainer writes its own stage checkpoints (trainer_checkpoint._save_stage_checkpoint) and never calls "
-    "Trainer._push_from_checkpoint, so hub_strategy 'every_save'/'checkpoint'/'all_checkpoints' push nothing during "
-    "training; fix in snake_hf/trainer_checkpoint.py.",
-)
 def test_hub_strategy_checkpoint_pushes_the_last_checkpoint_during_training(tmp_path, snake_args, fake_hub):
     trainer = _trained_trainer(tmp_path, snake_args, hub_strategy="checkpoint", save_strategy="steps", save_steps=2)
     trainer.push_to_hub()  # waits for the checkpoint pushes still in flight, then pushes the end of training
