@@ -38,6 +38,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from baselines import weighted_average  # benchmarks/baselines.py (this folder is on sys.path as a script)
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
@@ -179,15 +180,6 @@ def _local_training(model: VGG11, batches: Iterator, s: Settings, first_step: in
         optimizer.zero_grad(set_to_none=True)
 
 
-def _weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Averages parameters and buffers (batch-norm statistics too); integer buffers are rounded."""
-    average = {}
-    for name, first in states[0].items():
-        total = sum(w * state[name].double() for w, state in zip(weights, states))
-        average[name] = (total.round() if not first.is_floating_point() else total).to(first.dtype)
-    return average
-
-
 def run_fedavg(s: Settings, shards: list[datasets.Dataset], test: datasets.Dataset, device: torch.device) -> dict:
     global_model = build_model(s).to(device)
     local = copy.deepcopy(global_model)
@@ -206,7 +198,7 @@ def run_fedavg(s: Settings, shards: list[datasets.Dataset], test: datasets.Datas
             _local_training(local, stream, s, round_index * s.stage_steps, rounds * s.stage_steps)
             states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
             peaks[node] = max(peaks[node], meter.read() or 0)
-        global_model.load_state_dict(_weighted_average(states, weights))
+        global_model.load_state_dict(weighted_average(states, weights))  # batch-norm buffers too
         steps = (round_index + 1) * len(shards) * s.stage_steps
         curve.append((steps, classification_accuracy(global_model, test, s.eval_batch_size)))
     model_bytes = _nbytes(global_model.state_dict().values())
