@@ -12,6 +12,7 @@ import inspect
 import math
 import os
 import pathlib
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +57,7 @@ def _label_groups(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     return unique, np.split(order, np.cumsum(counts)[:-1])
 
 
-class Partitioner:
+class Partitioner(ABC):
     """Base class: splits a `datasets.Dataset` into `num_nodes` disjoint shards, deterministically for a `seed`.
 
     Subclasses implement `_assign(dataset) -> list[np.ndarray]` (one index array per node) and may extend
@@ -108,8 +109,9 @@ class Partitioner:
                 "use fewer nodes or a larger dataset."
             )
 
+    @abstractmethod
     def _assign(self, dataset: datasets.Dataset) -> list[np.ndarray]:
-        raise NotImplementedError
+        """One array of dataset indices per node."""
 
 
 class IidPartitioner(Partitioner):
