@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from transformers import DataCollatorWithPadding, default_data_collator, set_seed
@@ -28,12 +27,10 @@ from snake_hf.metrics import classification_compute_metrics
 from snake_hf.recipes import (
     DataArguments,
     ModelArguments,
-    base_model_name,
     build_lora_config,
     classification_splits,
-    compare_metrics,
     load_model_and_tokenizer,
-    save_run_outputs,
+    report_and_save,
     train_and_evaluate,
 )
 
@@ -86,22 +83,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"\nNode shards:\n{trainer.shard_summary.to_markdown()}")
 
     results = train_and_evaluate(trainer)
-    print(f"\nStages:\n{trainer.snake_report.to_markdown()}")
-    print(f"\nHeld-out split ({len(splits['eval'])} examples):")
-    print(compare_metrics(results["before"], results["after"], ["eval_accuracy", "eval_f1", "eval_loss"]))
-    print(
-        f"\nTrained {results['total_steps']} steps in {results['train_seconds']:.1f} s; "
-        f"moved {results['total_bytes']:,} bytes in {results['num_hops']} hops."
+    return report_and_save(
+        trainer,
+        results,
+        model_args,
+        script_args.dataset_name,
+        "text-classification",
+        ["eval_accuracy", "eval_f1", "eval_loss"],
+        f"split ({len(splits['eval'])} examples)",
     )
-
-    results.update(model=model_args.model_name_or_path, dataset=script_args.dataset_name, output_dir=args.output_dir)
-    dataset = Path(script_args.dataset_name).stem  # a file's name, or the data set's
-    card = {"tasks": "text-classification", "dataset": dataset, "dataset_tags": dataset}
-    if model_args.tiny_model_type is None and model_args.from_config_json is None:
-        card["finetuned_from"] = base_model_name(model_args.model_name_or_path)
-    save_run_outputs(trainer, results, card)
-    print(f"Wrote the adapter, report, plots and model card to {args.output_dir}")
-    return results
 
 
 if __name__ == "__main__":
