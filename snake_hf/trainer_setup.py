@@ -61,15 +61,19 @@ def default_num_groups(model: nn.Module, args: SnakeConfig) -> int | None:
     return min(args.num_nodes, num_blocks) if args.schedule != "designated" else args.num_nodes
 
 
+def class_label_column(dataset, preferred: str) -> str | None:
+    """The column holding one class id per example: `preferred`, else `label`, else `labels` (None if none)."""
+    features = getattr(dataset, "features", None) or {}
+    scalar = {c for c, f in features.items() if isinstance(f, (datasets.ClassLabel, datasets.Value))}
+    return next((c for c in (preferred, "label", "labels") if c in scalar), None)
+
+
 def summarise_shards(node_data: NodeData, label_column: str):
     """The shard summary table, when the data is a `datasets.Dataset` (label counts where a label column exists)."""
     dataset = node_data.dataset
     if not isinstance(dataset, datasets.Dataset):
         return None
-    columns = dataset.column_names
-    label = next((c for c in (label_column, "label", "labels") if c in columns), None)
-    if label is not None and not isinstance(dataset.features[label], (datasets.ClassLabel, datasets.Value)):
-        label = None  # token-level labels (causal LM): sizes only
+    label = class_label_column(dataset, label_column)  # None for token-level labels (causal LM): sizes only
     return shard_summary([node_data.shard(n) for n in range(len(node_data.sizes))], label)
 
 
@@ -80,14 +84,11 @@ def needs_priors(args: SnakeConfig) -> bool:
 def node_priors(node_data: NodeData, args: SnakeConfig, model: nn.Module) -> torch.Tensor:
     """Each node's label frequencies (known to that node alone), for the label-skew-aware loss."""
     dataset = node_data.dataset
-    columns = getattr(dataset, "column_names", [])
-    features = getattr(dataset, "features", {})
-    scalar = [c for c in columns if isinstance(features.get(c), (datasets.ClassLabel, datasets.Value))]
-    label = next((c for c in (args.partition_label_column, "label", "labels") if c in scalar), None)
+    label = class_label_column(dataset, args.partition_label_column)
     if label is None:
         raise ValueError(
             f"`logit_adjustment`/`restrict_to_node_classes` need a label column (one class id per example), but the "
-            f"training data has {columns}; set `partition_label_column` to the label column, or turn these options off."
+            f"training data has {getattr(dataset, 'column_names', [])}; set `partition_label_column` to the label column, or turn these options off."
         )
     labels = dataset[label]
     base = unwrap_model(model)
