@@ -218,7 +218,14 @@ def _parse_options(text: str) -> dict:
     options = {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=")
-        options[key.strip()] = json.loads(value.lower()) if value.lower() in ("true", "false") else float(value)
+        value = value.strip()
+        if value.lower() in ("true", "false"):
+            options[key.strip()] = json.loads(value.lower())
+        else:
+            try:
+                options[key.strip()] = float(value)
+            except ValueError:  # a word, e.g. scale_steps_by=data
+                options[key.strip()] = value
     return options
 
 
@@ -247,7 +254,8 @@ def run_snake(s: Settings, task: Task, budget, measure, peaks, output_dir: str, 
     )
     trainer = SnakeTrainer(task.model, args, train_dataset=task.shards, data_collator=task.collator)
     trainer.remove_callback(PrinterCallback)
-    if task.train_mode == "lora" and trainer.total_steps != s.total_steps:
+    # Steps scaled by shard size round per node, so the total may differ from the budget by a few steps.
+    if task.train_mode == "lora" and trainer.total_steps != s.total_steps and "scale_steps_by" not in options:
         raise RuntimeError(f"Snake plans {trainer.total_steps} steps, the budget is {s.total_steps}.")
     curve = Curve(measure)
     if measure is not None:
