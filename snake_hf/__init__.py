@@ -4,12 +4,20 @@ Train a transformer's block groups one at a time, one node at a time, in a serpe
 their data private, handing only adapter tensors from node to node.
 """
 
-from .blocks import BlockGroups, PartMap, find_block_list, group_boundaries
+from .blocks import BlockGroups, PartMap, find_block_list, group_boundaries, set_recompute
 from .capacity import Designation, NodeProfile, designate, explain, load_profiles, scale_steps
 from .checkpoint import CheckpointError
 from .config import SnakeConfig
 from .distributed import DistributedTransport, LaunchInfo, hide_launch_env, launch_info
-from .payload import Payload, PayloadError, PayloadSpec, VersionLedger, decode_payload, encode_payload
+from .payload import (
+    Payload,
+    PayloadError,
+    PayloadSpec,
+    VersionLedger,
+    decode_payload,
+    encode_payload,
+    wire_dtype,
+)
 from .plan import Stage, designated_plan, format_plan, load_plan, save_plan, serpentine_plan, validate_plan
 from .report import HopRecord, SnakeReport, StageRecord
 from .shards import (
@@ -75,6 +83,8 @@ __all__ = [
     "plot_shards",
     "save_plan",
     "serpentine_plan",
+    "set_recompute",
     "shard_summary",
     "validate_plan",
+    "wire_dtype",
 ]

@@ -7,11 +7,13 @@ always-trainable modules outside the blocks (e.g. a newly initialised classifier
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.utils import logging
 
 
@@ -26,6 +28,7 @@ __all__ = [
     "group_boundaries",
     "part_name",
     "part_nbytes",
+    "set_recompute",
     "set_trainable",
     "unwrap_model",
 ]
@@ -295,6 +298,50 @@ def frozen_batchnorms(model: nn.Module, groups: BlockGroups, active_group: int) 
         for b in groups.blocks_of(g):
             result.extend(m for m in blocks[b].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
     return result
+
+
+def set_recompute(model: nn.Module, groups: BlockGroups, active_group: int | None) -> int:
+    """Wraps every block above `active_group` in non-reentrant activation checkpointing; unwraps all others.
+
+    A wrapped block keeps only its inputs during the forward and recomputes its activations in the backward, so the
+    stored activations of the blocks above the group shrink to one hidden state per block. Values, gradients and the
+    RNG stream are those of the plain forward (checkpoint replays the RNG state). Blocks below the group need nothing:
+    they are frozen and build no graph. `active_group=None` unwraps every block. Without grad (evaluation) a wrapped
+    block runs its plain forward. Trainer's `gradient_checkpointing` is a different thing and must stay off: it makes
+    the embedding outputs require grad, so backward would reach the bottom (PITFALLS).
+
+    Args:
+        model (`nn.Module`): the model (possibly PEFT-wrapped).
+        groups (`BlockGroups`): the cut.
+        active_group (`int`, *optional*): the group that trains; `None` unwraps everything.
+
+    Returns:
+        `int`: how many blocks are wrapped now.
+
+    Example:
+        ```python
+        >>> set_recompute(model, groups, active_group=0)  # blocks of groups 1.. recompute in backward
+        >>> set_recompute(model, groups, None)  # back to plain blocks
+        ```
+    """
+    _, blocks = find_block_list(model, groups.path)
+    first = groups.boundaries[active_group + 1] if active_group is not None else len(blocks)
+    for index, block in enumerate(blocks):
+        wrapped = "_snake_plain_forward" in block.__dict__
+        if index >= first and not wrapped:
+            block._snake_plain_forward = block.forward
+            block.forward = types.MethodType(_recomputed_forward, block)  # a bound method: deepcopy rebinds it
+        elif index < first and wrapped:
+            block.forward = block.__dict__.pop("_snake_plain_forward")
+            if block.forward == types.MethodType(type(block).forward, block):
+                del block.forward  # it was the class's own forward: drop the instance attribute again
+    return max(len(blocks) - first, 0)
+
+
+def _recomputed_forward(self: nn.Module, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return self._snake_plain_forward(*args, **kwargs)
+    return checkpoint(self._snake_plain_forward, *args, use_reentrant=False, **kwargs)
 
 
 def part_nbytes(part_map: PartMap, model: nn.Module) -> dict[str, int]:

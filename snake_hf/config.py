@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from .capacity import as_profiles, profiles_to_dicts
 from .distributed import LaunchInfo, hide_launch_env, launch_info
+from .payload import PAYLOAD_DTYPES
 from .plan import Stage, load_plan
 
 
@@ -100,6 +101,16 @@ class SnakeConfig(TrainingArguments):
             `"data"`: a node with more examples takes more steps (data-rich nodes weigh more). Scaled around the mean.
         profile_seq_len (`int`, *optional*):
             Sequence length the memory estimate assumes (default: the longest `input_ids` in the training data).
+        payload_dtype (`str`, defaults to `"float32"`):
+            Widest floating-point dtype on the wire: `"float32"`, `"bfloat16"` or `"float16"`. Wider tensors are cast
+            on encode and cast back into the model's dtype on receipt (the model trains in its own dtype); the trained
+            parts are rounded to these values on the node that trained them too, so every node holds exactly what a
+            receiver would. `"bfloat16"` halves the bytes of a float32 model's payloads.
+        recompute_above_group (`bool`, defaults to `False`):
+            Wrap every block above the active group in non-reentrant `torch.utils.checkpoint` during its stage: their
+            activations are recomputed in backward instead of stored (only each block's input is kept). Losses and
+            gradients are unchanged; blocks below the group stay frozen without a graph. Not the same as
+            `gradient_checkpointing`, which must stay off.
     """
 
     num_nodes: int = field(default=1, metadata={"help": "Number of nodes, each with a private data shard."})
@@ -164,6 +175,12 @@ class SnakeConfig(TrainingArguments):
         default=None, metadata={"help": "Scale steps per node by 'speed' or by 'data' (shard size)."}
     )
     profile_seq_len: int | None = field(default=None, metadata={"help": "Sequence length of the memory estimate."})
+    payload_dtype: str = field(
+        default="float32", metadata={"help": "Widest float dtype on the wire: float32, bfloat16 or float16."}
+    )
+    recompute_above_group: bool = field(
+        default=False, metadata={"help": "Recompute (checkpoint) the blocks above the active group in backward."}
+    )
 
     def __post_init__(self):
         self._detect_launch()  # before TrainingArguments sets up devices: its world must stay one process
@@ -239,6 +256,8 @@ class SnakeConfig(TrainingArguments):
                 )
         if self.scale_steps_by == "speed" and self.node_profiles is None:
             raise ValueError("`scale_steps_by` is 'speed' but no `node_profiles` give the speeds; set node_profiles.")
+        _require(self.payload_dtype in PAYLOAD_DTYPES, "payload_dtype", self.payload_dtype,
+                 f"use one of {list(PAYLOAD_DTYPES)}")  # fmt: skip
         if self.head_learning_rate is not None:
             _require(self.head_learning_rate > 0, "head_learning_rate", self.head_learning_rate, "use a rate > 0")
         if self.max_steps is not None and self.max_steps > 0:

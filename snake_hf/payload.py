@@ -7,6 +7,11 @@ Wire format (no pickle anywhere): three flat tensors,
   version and checksum of every part, and for each carried tensor its part, name, dtype, shape and byte offset),
 * `data`: uint8, the carried tensors' raw bytes back to back.
 
+Floating-point tensors may travel in a narrower dtype than the model trains in (`payload_dtype`, e.g. bfloat16): the
+manifest then names the wire dtype of each tensor, the checksums cover the wire bytes, and the receiver casts back
+into its model's dtype. A part is rounded to the wire dtype in the sender's model too, when its stage closes
+([`round_to_wire`]), so every node holds exactly what a receiver of that part would hold.
+
 A receiver checks everything (sizes, checksums, fingerprint, adapter hash, part set, names, shapes, dtypes) before a
 single value is copied into its model, so a wrong payload is refused whole, never loaded half-way.
 """
@@ -34,6 +39,10 @@ __all__ = [
     "tensors_checksum",
     "model_fingerprint",
     "config_hash",
+    "PAYLOAD_DTYPES",
+    "wire_dtype",
+    "round_to_wire",
+    "part_wire_nbytes",
     "build_payload",
     "encode_payload",
     "decode_payload",
@@ -62,6 +71,9 @@ _DTYPES = {
 }
 
 
+PAYLOAD_DTYPES = ("float32", "bfloat16", "float16")
+
+
 class PayloadError(ValueError):
     """A payload (or payload file) is malformed or does not match the receiving node; nothing was loaded."""
 
@@ -73,6 +85,33 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as a flat uint8 CPU tensor (a view where possible)."""
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+
+
+def wire_dtype(dtype: torch.dtype, payload_dtype: str = "float32") -> torch.dtype:
+    """The dtype a tensor of `dtype` travels in: `payload_dtype` for wider floating-point tensors, else its own.
+
+    A tensor is never widened (a bfloat16 model's tensors stay bfloat16 under the float32 default), and integer or
+    boolean tensors (e.g. batch-norm step counters) always travel as they are.
+
+    Example:
+        ```python
+        >>> wire_dtype(torch.float32, "bfloat16"), wire_dtype(torch.int64, "bfloat16")
+        (torch.bfloat16, torch.int64)
+        ```
+    """
+    target = _DTYPES[payload_dtype]
+    if dtype.is_floating_point and torch.finfo(dtype).bits > torch.finfo(target).bits:
+        return target
+    return dtype
+
+
+def round_to_wire(tensors: Iterable[torch.Tensor], payload_dtype: str = "float32") -> None:
+    """Rounds `tensors` in place to the values they take after a trip in `payload_dtype` and back (cast and back)."""
+    with torch.no_grad():
+        for tensor in tensors:
+            target = wire_dtype(tensor.dtype, payload_dtype)
+            if target != tensor.dtype:
+                tensor.copy_(tensor.to(target))
 
 
 def tensors_checksum(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -112,21 +151,36 @@ class PayloadSpec:
     Args:
         fingerprint (`str`): base-model fingerprint ([`model_fingerprint`] at set-up).
         adapter_hash (`str`): [`config_hash`] of the adapter config and layout.
-        layout (`dict[str, dict[str, tuple[str, tuple[int, ...]]]]`): part -> tensor name -> (dtype, shape).
+        layout (`dict[str, dict[str, tuple[str, tuple[int, ...]]]]`): part -> tensor name -> (dtype, shape), with
+            the dtype of the model.
+        payload_dtype (`str`, defaults to `"float32"`): the widest floating-point dtype on the wire ([`wire_dtype`]).
     """
 
     fingerprint: str
     adapter_hash: str
     layout: dict[str, dict[str, tuple[str, tuple[int, ...]]]]
+    payload_dtype: str = "float32"
 
     @classmethod
-    def from_model(cls, model: nn.Module, part_map: PartMap, fingerprint: str, adapter_config: Mapping | None):
+    def from_model(
+        cls,
+        model: nn.Module,
+        part_map: PartMap,
+        fingerprint: str,
+        adapter_config: Mapping | None,
+        payload_dtype: str = "float32",
+    ):
         state = _named_tensors(model)
         layout = {
             part: {n: (_dtype_name(state[n].dtype), tuple(state[n].shape)) for n in part_map.tensor_names(part)}
             for part in part_map.parts
         }
-        return cls(fingerprint=fingerprint, adapter_hash=config_hash(adapter_config, layout), layout=layout)
+        adapter_hash = config_hash(adapter_config, layout)
+        return cls(fingerprint=fingerprint, adapter_hash=adapter_hash, layout=layout, payload_dtype=payload_dtype)
+
+    def wire_name(self, dtype_name: str) -> str:
+        """The wire dtype (as a name) of a tensor whose model dtype is `dtype_name`."""
+        return _dtype_name(wire_dtype(_DTYPES[dtype_name], self.payload_dtype))
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -155,7 +209,8 @@ class Payload:
         return {part: (int(v), str(c)) for part, (v, c) in self.manifest["state"].items()}
 
     def load_into(self, model: nn.Module) -> None:
-        """Copies the carried tensors into `model` (call only on a payload returned by [`decode_payload`])."""
+        """Copies the carried tensors into `model`, cast back to its dtypes (call only on a payload returned by
+        [`decode_payload`])."""
         targets = _named_tensors(model)
         with torch.no_grad():
             for name, tensor in self.tensors.items():
@@ -223,7 +278,7 @@ def build_payload(
     receiver: int,
     stage: int,
 ) -> Payload:
-    """Collects the tensors of `parts` from `model` with a manifest.
+    """Collects the tensors of `parts` from `model`, cast to their wire dtype (`spec.payload_dtype`), with a manifest.
 
     Args:
         model (`nn.Module`): the sender's model.
@@ -237,7 +292,8 @@ def build_payload(
     tensors = {}
     for part in sorted(parts):
         for name in part_map.tensor_names(part):
-            tensors[name] = named[name].detach()
+            tensor = named[name].detach()
+            tensors[name] = tensor.to(wire_dtype(tensor.dtype, spec.payload_dtype))
     manifest = {
         "sender": sender,
         "receiver": receiver,
@@ -342,10 +398,12 @@ def _decode(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable
         expected = spec.layout.get(part, {}).get(name)
         if expected is None or part not in seen:
             raise PayloadError(f"The {where} carries tensor {name!r} which is not in part {part!r} here.")
+        expected = (spec.wire_name(expected[0]), expected[1])
         if (dtype, tuple(shape)) != expected:
             raise PayloadError(
                 f"The {where} has tensor {name!r} as {dtype}{list(shape)}; this node expects "
-                f"{expected[0]}{list(expected[1])}."
+                f"{expected[0]}{list(expected[1])} on the wire (payload_dtype {spec.payload_dtype!r}); every node "
+                "needs the same model dtype and payload_dtype."
             )
         torch_dtype = _DTYPES[dtype]
         numel = 1
@@ -368,6 +426,13 @@ def _decode(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable
     if set(manifest["state"]) != set(spec.layout):
         raise PayloadError(f"The {where} describes parts {sorted(manifest['state'])}; expected {sorted(spec.layout)}.")
     return Payload(manifest=manifest, tensors=tensors)
+
+
+def part_wire_nbytes(part_map: PartMap, model: nn.Module, payload_dtype: str = "float32") -> dict[str, int]:
+    """Bytes of each part's tensors on the wire (what a payload of that part carries, manifest excluded)."""
+    state = _named_tensors(model)
+    nbytes = {name: t.numel() * wire_dtype(t.dtype, payload_dtype).itemsize for name, t in state.items()}
+    return {part: sum(nbytes[n] for n in part_map.tensor_names(part)) for part in part_map.parts}
 
 
 class VersionLedger:

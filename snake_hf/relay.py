@@ -22,6 +22,7 @@ from .payload import (
     build_payload,
     decode_payload,
     encode_payload,
+    round_to_wire,
     tensors_checksum,
 )
 from .plan import Stage
@@ -144,6 +145,11 @@ class Relay:
         """Records that `stage` trained: its node holds new versions of the group and the shared part."""
         if self._active_rng == stage.node:
             self.rng[stage.node] = torch.get_rng_state()
+        # The trained parts take their wire values (payload_dtype) here, on the node that trained them, so every node
+        # (this one's later stages too) holds exactly what a receiver holds: simulation = distributed by construction.
+        named = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        trained = [named[n] for part in self._trained_parts(stage) for n in self.part_map.tensor_names(part)]
+        round_to_wire(trained, self.spec.payload_dtype)
         self.ledger.record_training(stage.node, {part: self.checksum(part) for part in self._trained_parts(stage)})
         self.applied = 2 * stage.index + 1
 

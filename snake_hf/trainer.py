@@ -29,7 +29,7 @@ from .blocks import (
     find_block_list,
     frozen_batchnorms,
     part_name,
-    part_nbytes,
+    set_recompute,
     set_trainable,
     unwrap_model,
 )
@@ -38,7 +38,7 @@ from .config import SnakeConfig
 from .losses import StageObjective, TeacherForward
 from .memory import PeakMemory
 from .node_data import NodeData
-from .payload import PayloadSpec, model_fingerprint
+from .payload import PayloadSpec, model_fingerprint, part_wire_nbytes
 from .plan import PLAN_FILE, Stage, designated_plan, format_plan, save_plan, serpentine_plan, validate_plan
 from .relay import Relay
 from .report import HopRecord, SnakeReport, StageRecord
@@ -146,7 +146,9 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         self.part_map = PartMap.build(model, self.groups, args.train_mode, args.always_trainable_modules or ())
         # Fingerprint the base as loaded, before training changes anything.
         adapter_config = model.peft_config[model.active_adapter].to_dict() if isinstance(model, PeftModel) else None
-        self._spec = PayloadSpec.from_model(model, self.part_map, model_fingerprint(model), adapter_config)
+        self._spec = PayloadSpec.from_model(
+            model, self.part_map, model_fingerprint(model), adapter_config, args.payload_dtype
+        )
         super().__init__(
             model=model,
             args=args,
@@ -208,7 +210,7 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             train_mode=self.args.train_mode,
             engine="distributed" if self.launch is not None else "simulation",
             group_boundaries=list(self.groups.boundaries),
-            part_nbytes=part_nbytes(self.part_map, self.model),
+            part_nbytes=part_wire_nbytes(self.part_map, self.model, self.args.payload_dtype),
             shard_sizes=self.node_data.sizes,
             shard_summary=self.shard_summary.to_dict() if self.shard_summary is not None else None,
             memory_kind=PeakMemory(self.args.device).kind,
@@ -253,6 +255,8 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             checkpoint = str(checkpoint) if checkpoint is not None else None
             output = super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
             self._end_stage()
+            if self.args.recompute_above_group:
+                set_recompute(self.model, self.groups, None)
         self._relay.finish()
         self._merge_reports()
         logger.info(f"Snake run finished:\n{self.snake_report.to_markdown()}")
@@ -350,6 +354,8 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         bytes_in, wait = self._relay.enter(stage)
         self._stage_index = stage.index
         set_trainable(self.model, self.part_map.trainable_names(stage.group))
+        if self.args.recompute_above_group:
+            set_recompute(self.model, self.groups, stage.group)
         self._frozen_norms = (
             frozen_batchnorms(self.model, self.groups, stage.group) if self.args.train_mode == "full" else []
         )

@@ -18,6 +18,8 @@ from snake_hf.payload import (
     decode_payload,
     encode_payload,
     model_fingerprint,
+    round_to_wire,
+    wire_dtype,
 )
 
 
@@ -138,3 +140,66 @@ def test_version_ledger_tracks_what_each_node_lacks():
     assert ledger.lacking(2, 1) == ["g0", "g1"]
     assert ledger.state(1) == {"g0": (1, "a1"), "g1": (1, "b1")}
     assert ledger.mismatches(2, ledger.state(1)) == ["g0", "g1"]
+
+
+def _bf16_spec(spec):
+    return PayloadSpec(spec.fingerprint, spec.adapter_hash, spec.layout, payload_dtype="bfloat16")
+
+
+def test_bfloat16_payload_carries_two_bytes_per_value_and_loads_the_cast_values():
+    model, parts, spec, part_of = _setup(seed=0)
+    other, _, _, _ = _setup(seed=1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in parts.params["g1"]:
+                p.add_(torch.randn_like(p))  # LoRA B starts at zero: give it values bfloat16 must round
+    encoded = _encode(model, parts, _bf16_spec(spec), part_of, ("g1",))
+    named = dict(model.named_parameters())
+    assert encoded.data_nbytes == 2 * sum(named[n].numel() for n in parts.params["g1"])
+    decoded = decode_payload(EncodedPayload.from_bytes(encoded.to_bytes()), _bf16_spec(spec))
+    assert {t.dtype for t in decoded.tensors.values()} == {torch.bfloat16}
+    decoded.load_into(other)
+    received = dict(other.named_parameters())
+    for n in parts.params["g1"]:
+        assert received[n].dtype == torch.float32
+        assert torch.equal(received[n], named[n].to(torch.bfloat16).float())
+        assert not torch.equal(received[n], named[n]), "the wire really rounded"
+
+
+def test_float32_payload_dtype_leaves_the_bytes_unchanged():
+    model, parts, spec, part_of = _setup()
+    assert spec.payload_dtype == "float32"
+    explicit = PayloadSpec(spec.fingerprint, spec.adapter_hash, spec.layout, payload_dtype="float32")
+    assert _encode(model, parts, spec, part_of).to_bytes() == _encode(model, parts, explicit, part_of).to_bytes()
+
+
+def test_decode_refuses_a_payload_in_another_wire_dtype():
+    model, parts, spec, part_of = _setup()
+    with pytest.raises(PayloadError, match="payload_dtype 'float32'"):
+        decode_payload(_encode(model, parts, _bf16_spec(spec), part_of), spec)
+
+
+@pytest.mark.parametrize(
+    "dtype,payload_dtype,expected",
+    [
+        (torch.float32, "bfloat16", torch.bfloat16),
+        (torch.float32, "float16", torch.float16),
+        (torch.float32, "float32", torch.float32),
+        (torch.bfloat16, "float32", torch.bfloat16),
+        (torch.float16, "bfloat16", torch.float16),
+        (torch.int64, "bfloat16", torch.int64),
+    ],
+    ids=["narrow-bf16", "narrow-fp16", "same", "never-widen", "same-width-kept", "integers-kept"],
+)
+def test_wire_dtype_narrows_wider_floats_only(dtype, payload_dtype, expected):
+    assert wire_dtype(dtype, payload_dtype) == expected
+
+
+def test_round_to_wire_is_the_cast_and_back_and_idempotent():
+    values = torch.randn(64)
+    rounded = values.clone()
+    round_to_wire([rounded], "bfloat16")
+    assert torch.equal(rounded, values.to(torch.bfloat16).float())
+    again = rounded.clone()
+    round_to_wire([again], "bfloat16")
+    assert torch.equal(again, rounded)

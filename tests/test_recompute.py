@@ -1,0 +1,90 @@
+"""`recompute_above_group`: blocks above the active group recompute their activations in backward — same numbers,
+fewer stored tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, set_seed
+
+from conftest import lm_dataset, tiny_gpt2
+from snake_hf import SnakeTrainer
+from snake_hf.blocks import BlockGroups, PartMap, find_block_list, set_recompute, set_trainable
+from snake_hf.recipes import tiny_config
+
+
+def _saved_bytes_and_grads(model, groups, recompute: bool):
+    """One training forward and backward with group 0 trainable (dropout on, same seed): bytes autograd stored, grads."""
+    parts = PartMap.build(model, groups, "full")
+    set_trainable(model, parts.trainable_names(0))
+    set_recompute(model, groups, 0 if recompute else None)
+    model.zero_grad(set_to_none=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    set_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    set_recompute(model, groups, None)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return sum(saved), loss.detach(), grads, torch.get_rng_state()
+
+
+def test_recompute_stores_fewer_tensors_and_gives_identical_gradients():
+    model = tiny_gpt2(n_layer=4).train()  # dropout 0.1: checkpoint replays the RNG, so even this matches exactly
+    groups = BlockGroups.from_model(model, num_groups=4)
+    plain = _saved_bytes_and_grads(model, groups, recompute=False)
+    recomputed = _saved_bytes_and_grads(model, groups, recompute=True)
+    assert recomputed[0] < 0.6 * plain[0], "three of four blocks keep (almost) nothing for backward"
+    assert torch.equal(plain[1], recomputed[1])
+    assert plain[2].keys() == recomputed[2].keys() and all(
+        torch.equal(plain[2][n], recomputed[2][n]) for n in plain[2]
+    )
+    assert torch.equal(plain[3], recomputed[3]), "the RNG stream is the same afterwards"
+
+
+def test_set_recompute_wraps_exactly_the_blocks_above_and_unwraps_them():
+    model = tiny_gpt2(n_layer=4)
+    groups = BlockGroups.from_model(model, num_groups=2)
+    blocks = find_block_list(model)[1]
+    assert set_recompute(model, groups, 0) == 2
+    assert ["forward" in b.__dict__ for b in blocks] == [False, False, True, True]
+    assert set_recompute(model, groups, 1) == 0
+    assert not any("forward" in b.__dict__ or "_snake_plain_forward" in b.__dict__ for b in blocks)
+
+
+def _lora_run(snake_args, recompute: bool):
+    lora = LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM", lora_dropout=0.1)
+    args = snake_args(num_nodes=2, num_block_groups=2, stage_steps=3, recompute_above_group=recompute)
+    trainer = SnakeTrainer(tiny_gpt2(), args, train_dataset=lm_dataset(), peft_config=lora)
+    trainer.train()
+    return trainer
+
+
+def _full_run(snake_args, recompute: bool):
+    set_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", "causal_lm", vocab_size=64))
+    args = snake_args(
+        num_nodes=3, num_block_groups=3, stage_steps=2, train_mode="full", schedule="designated",
+        learning_rate=1e-3, recompute_above_group=recompute,
+    )  # fmt: skip
+    trainer = SnakeTrainer(model, args, train_dataset=lm_dataset())
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("run", [_lora_run, _full_run], ids=["lora-gpt2-dropout", "full-llama"])
+def test_recompute_above_group_trains_to_bit_identical_weights(snake_args, run):
+    plain, recomputed = run(snake_args, False), run(snake_args, True)
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (plain, recomputed)]
+    assert losses[0] == losses[1]
+    a, b = plain.model.state_dict(), recomputed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    blocks = find_block_list(recomputed.model)[1]
+    assert not any("forward" in block.__dict__ for block in blocks), "train() leaves plain blocks behind"
