@@ -111,6 +111,11 @@ class SnakeConfig(TrainingArguments):
             activations are recomputed in backward instead of stored (only each block's input is kept). Losses and
             gradients are unchanged; blocks below the group stay frozen without a graph. Not the same as
             `gradient_checkpointing`, which must stay off.
+        lm_loss_chunk_tokens (`int`, defaults to `0`):
+            Causal LM training: compute the next-token loss from the final hidden states in chunks of this many
+            tokens, recomputing each chunk's logits in backward, so the full batch x sequence x vocabulary logits are
+            never held (`snake_hf.lm_loss`). Same loss up to float rounding; 0 turns it off. Not with distillation,
+            logit adjustment, class restriction or label smoothing (they need the logits).
     """
 
     num_nodes: int = field(default=1, metadata={"help": "Number of nodes, each with a private data shard."})
@@ -180,6 +185,9 @@ class SnakeConfig(TrainingArguments):
     )
     recompute_above_group: bool = field(
         default=False, metadata={"help": "Recompute (checkpoint) the blocks above the active group in backward."}
+    )
+    lm_loss_chunk_tokens: int = field(
+        default=0, metadata={"help": "Causal LM: loss from hidden states in chunks of this many tokens (0 = off)."}
     )
 
     def __post_init__(self):
@@ -258,6 +266,17 @@ class SnakeConfig(TrainingArguments):
             raise ValueError("`scale_steps_by` is 'speed' but no `node_profiles` give the speeds; set node_profiles.")
         _require(self.payload_dtype in PAYLOAD_DTYPES, "payload_dtype", self.payload_dtype,
                  f"use one of {list(PAYLOAD_DTYPES)}")  # fmt: skip
+        _require(self.lm_loss_chunk_tokens >= 0, "lm_loss_chunk_tokens", self.lm_loss_chunk_tokens,
+                 "use 0 (off) or a number of tokens, e.g. 128")  # fmt: skip
+        if self.lm_loss_chunk_tokens and (
+            self.distill_alpha > 0 or self.logit_adjustment > 0 or self.restrict_to_node_classes
+            or self.label_smoothing_factor > 0
+        ):  # fmt: skip
+            raise ValueError(
+                f"`lm_loss_chunk_tokens` ({self.lm_loss_chunk_tokens}) never materialises the logits, which "
+                "distillation, logit adjustment, restrict_to_node_classes and label smoothing need; set it to 0 or "
+                "turn those off."
+            )
         if self.head_learning_rate is not None:
             _require(self.head_learning_rate > 0, "head_learning_rate", self.head_learning_rate, "use a rate > 0")
         if self.max_steps is not None and self.max_steps > 0:

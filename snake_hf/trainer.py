@@ -35,6 +35,7 @@ from .blocks import (
 )
 from .capacity import check_plan_memory, explain
 from .config import SnakeConfig
+from .lm_loss import check_chunkable, chunked_causal_lm_loss
 from .losses import StageObjective, TeacherForward
 from .memory import PeakMemory
 from .node_data import NodeData
@@ -142,6 +143,8 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             )
         self.plan = self._build_plan(args)
         model = wrap_for_mode(model, args, peft_config)
+        if args.lm_loss_chunk_tokens:
+            check_chunkable(model)
         _tag_model(model)
         self.part_map = PartMap.build(model, self.groups, args.train_mode, args.always_trainable_modules or ())
         # Fingerprint the base as loaded, before training changes anything.
@@ -331,6 +334,11 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         for module in getattr(self, "_frozen_norms", ()):
             module.eval()
         objective = getattr(self, "_objective", None)
+        if self.args.lm_loss_chunk_tokens and objective is None and model.training and "labels" in inputs:
+            # Mirrors Trainer.compute_loss: the model divides by num_items_in_batch when it accepts loss kwargs.
+            count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss = chunked_causal_lm_loss(model, inputs, self.args.lm_loss_chunk_tokens, count)
+            return (loss, None) if return_outputs else loss
         if objective is None or not model.training:  # evaluation reports the plain task loss
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         base = partial(super().compute_loss, model, inputs, True, num_items_in_batch)
