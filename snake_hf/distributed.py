@@ -411,6 +411,12 @@ class DistributedTransport(Transport):
         A peer that closed, never joined or stopped its heartbeat raises [`HopTimeoutError`] (or, with `drop_absent`,
         is logged and no longer waited for).
         """
+        try:
+            self._await_keys(keys, describe, drop_absent)
+        except RuntimeError as error:  # a store operation failed: its server (rank 0's process) is gone
+            raise HopTimeoutError(describe(f"the rendezvous store is unreachable ({error})")) from error
+
+    def _await_keys(self, keys: dict[int, str], describe: Callable[[str], str], drop_absent: bool) -> None:
         keys, start = dict(keys), time.monotonic()
         seen = {peer: (self._beats(peer), start) for peer in keys}  # last heartbeat count, and when it moved
         next_check, delay = start, 0.005

@@ -84,9 +84,7 @@ class Relay:
         self.applied = 0  # events applied: 2s = "stage s trained", 2s+1 = "the hop after stage s arrived"
         self._active_rng: int | None = None
         self.last_load_seconds = 0.0  # of the last receive: decode + verify + load, without the wait
-        self.transport.expect(
-            [(a.node, b.node, b.index) for a, b in zip(self.plan, self.plan[1:]) if a.node != b.node]
-        )
+        self.transport.expect(self._hops())
 
     def checksum(self, part: str) -> str:
         named = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
@@ -153,12 +151,16 @@ class Relay:
         self.ledger.record_training(stage.node, {part: self.checksum(part) for part in self._trained_parts(stage)})
         self.applied = 2 * stage.index + 1
 
-    def hand_on(self, stage: Stage) -> int:
-        """Sends the next stage's node the parts it lacks (nothing when it is the same node or there is none)."""
+    def hand_on(self, stage: Stage, deliver: bool = True) -> int:
+        """Sends the next stage's node the parts it lacks (nothing when it is the same node or there is none).
+
+        With `deliver=False` the payload is built and recorded but not sent: a resumed rank's hop that left before
+        the crash.
+        """
         following = self.plan[stage.index + 1] if stage.index + 1 < len(self.plan) else None
         if following is None or following.node == stage.node:
             return 0
-        return self._send(stage, following)
+        return self._send(stage, following, deliver)
 
     def finish(self) -> None:
         """After this process's last stage: forwards what is still due (cs), and hands every process the final state."""
@@ -186,6 +188,14 @@ class Relay:
         self.rng = dict(rng)
         self.applied = 2 * (next_stage - 1) + 1
 
+    def resume_at(self, stage: int) -> None:
+        """A resumed distributed run goes on at `stage`: the hops into earlier stages are done (a cs coordinator
+        forwards only the later ones)."""
+        self.transport.expect([hop for hop in self._hops() if hop[2] >= stage])
+
+    def _hops(self) -> list[tuple[int, int, int]]:
+        return [(a.node, b.node, b.index) for a, b in zip(self.plan, self.plan[1:]) if a.node != b.node]
+
     def _apply_until(self, event: int) -> None:
         """Applies, as metadata, the events of other processes' stages up to (not including) `event`."""
         while self.applied < event:
@@ -199,7 +209,7 @@ class Relay:
                 self.ledger.record_receipt(receiver, self.ledger.state(stage.node), lacking)
             self.applied += 1
 
-    def _send(self, stage: Stage, following: Stage) -> int:
+    def _send(self, stage: Stage, following: Stage, deliver: bool = True) -> int:
         start = time.perf_counter()
         lacking = self.ledger.lacking(following.node, stage.node)
         payload = build_payload(
@@ -213,7 +223,8 @@ class Relay:
             stage=following.index,
         )
         encoded = encode_payload(payload, self.part_of)
-        self.transport.send(stage.node, following.node, encoded, following.index)
+        if deliver:
+            self.transport.send(stage.node, following.node, encoded, following.index)
         self.report.hops.append(
             HopRecord(
                 from_stage=stage.index,

@@ -44,7 +44,7 @@ from .plan import PLAN_FILE, Stage, designated_plan, format_plan, save_plan, ser
 from .relay import Relay
 from .report import HopRecord, SnakeReport, StageRecord
 from .sampler import PlanBatchSampler, default_stage_steps
-from .trainer_checkpoint import StageCheckpointing
+from .trainer_checkpoint import SkipBatches, StageCheckpointing
 from .trainer_setup import (
     check_mode,
     default_num_groups,
@@ -246,16 +246,18 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         self._own_stages = [stage for stage in self.plan if stage.node in self.local_nodes]
         if self.shard_summary is not None:
             logger.info(f"Node shards:\n{self.shard_summary.to_markdown()}")
-        checkpoint = self._resume_point(resume_from_checkpoint)
-        next_stage = self._restore(checkpoint) if checkpoint is not None else 0
+        self._skip_own_steps = 0
+        checkpoint, next_stage = self._resume(resume_from_checkpoint)
         self._relay.start(self.plan[0], resumed=checkpoint is not None)
-        if checkpoint is not None:  # the checkpoint was taken before the stage's payload left
-            self.snake_report.stages[-1].bytes_sent = self._relay.hand_on(self.plan[next_stage - 1])
+        if checkpoint is not None:  # taken before the stage's payload left: hand it on (again, or as a record only
+            record = self.snake_report.stages[-1]  # when the crashed run went on past it, so it had left)
+            record.bytes_sent = self._relay.hand_on(self.plan[record.stage], deliver=record.stage + 1 == next_stage)
         output = TrainOutput(self.state.global_step, 0.0, {})
         remaining = [stage for stage in self._own_stages if stage.index >= next_stage]
         if remaining:
             self._begin_stage(remaining[0], first=True)
-            checkpoint = str(checkpoint) if checkpoint is not None else None
+            # Distributed: no Trainer resume (each stage seeks its plan step; the sampler skips the trained batches).
+            checkpoint = str(checkpoint) if checkpoint is not None and self.launch is None else None
             output = super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
             self._end_stage()
             if self.args.recompute_above_group:
@@ -284,7 +286,7 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         # The plan fixes the length: one "epoch" holds every stage; num_train_epochs and max_steps are not used.
         # In distributed mode this process's epoch holds only its own stages; max_steps (the schedule) spans them all.
         values = list(super().set_initial_training_values(args, dataloader))
-        own_steps = sum(stage.steps for stage in self._own_stages)
+        own_steps = sum(stage.steps for stage in self._own_stages) - self._skip_own_steps
         values[0] = 1
         values[1] = own_steps
         values[3] = own_steps * values[4]
@@ -308,6 +310,9 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             self.args.dataloader_drop_last,
         )
+        skip = getattr(self, "_skip_own_steps", 0)  # a resumed distributed rank: its stages before the resume point
+        if skip:
+            sampler = SkipBatches(sampler, skip * self.args.gradient_accumulation_steps)
         return DataLoader(
             dataset,
             batch_sampler=sampler,

@@ -1,0 +1,103 @@
+"""Faults in distributed runs, with real processes over real sockets: a rank SIGKILLed mid-run.
+
+p2p: the other ranks stop with the named `HopTimeoutError`; relaunching all ranks with `resume_from_checkpoint=True`
+finishes the run with adapters bit-identical to an uninterrupted one.
+
+Each rank is its own process joined through the rendezvous store (not torchrun: its agent stops every worker when one
+dies). Every run is bounded in time and every process is killed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _snake_run import run
+from safetensors.torch import load_file
+
+
+HERE = Path(__file__).parent
+WORLD = 3
+HOP_TIMEOUT = "6"  # seconds without a heartbeat before a rank counts as dead
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(out: Path, topology: str, *args: str, timeout: float = 150, **env_extra: str) -> dict[int, tuple]:
+    """Starts one `_dist_fault_run.py` process per rank; returns {rank: (returncode, output)}."""
+    port, procs = _free_port(), {}
+    for rank in range(WORLD):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", SNAKE_TEST_HOP_TIMEOUT=HOP_TIMEOUT, **env_extra)  # fmt: skip
+        command = [sys.executable, str(HERE / "_dist_fault_run.py"), str(out), topology, *args]
+        procs[rank] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = {}
+    try:
+        for rank, proc in procs.items():
+            output = proc.communicate(timeout=timeout)[0]
+            results[rank] = (proc.returncode, output)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    return results
+
+
+def _adapters(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The same run as a simulation (bit-identical to the distributed engine, tests/test_distributed.py)."""
+    out = tmp_path_factory.mktemp("sim")
+    threads = torch.get_num_threads()
+    try:
+        trainer = run(str(out), "p2p", WORLD, engine="simulation")
+    finally:
+        torch.set_num_threads(threads)
+    return _adapters(out / "adapters-0.safetensors"), trainer.snake_report
+
+
+@pytest.mark.slow
+def test_p2p_rank_killed_mid_stage_stops_with_hop_timeout_then_resume_is_bit_identical(tmp_path, uninterrupted):
+    # Plan: stages 0..11 on nodes 0 1 2 2 1 0 | 0 1 2 2 1 0, two steps each. Rank 1 dies after step 9 (in stage 4).
+    crashed = _launch(tmp_path, "p2p", "run", "1", "9")
+    assert crashed[1][0] == -signal.SIGKILL
+    for rank in (0, 2):
+        code, output = crashed[rank]
+        assert code != 0, f"rank {rank} should have stopped:\n{output[-2000:]}"
+        error = (tmp_path / f"error-{rank}.txt").read_text()
+        assert error.startswith("HopTimeoutError: stage "), error
+        assert "(topology p2p)" in error
+    assert "rank 1" in (tmp_path / "error-2.txt").read_text()  # rank 2 waited for the payload of stage 4 -> 5
+    # every rank checkpointed after each of its own stages; the run goes on at stage 4 (rank 2's checkpoint-8)
+    latest = {r: sorted(p.name for p in (tmp_path / f"node-{r}").glob("checkpoint-*")) for r in range(WORLD)}
+    assert latest == {0: ["checkpoint-2"], 1: ["checkpoint-4"], 2: ["checkpoint-6", "checkpoint-8"]}
+
+    resumed = _launch(tmp_path, "p2p", "resume")
+    for rank, (code, output) in resumed.items():
+        assert code == 0, f"rank {rank} failed on resume:\n{output[-3000:]}"
+    expected, sim_report = uninterrupted
+    for rank in range(WORLD):
+        assert _equal(_adapters(tmp_path / f"adapters-{rank}.safetensors"), expected), f"rank {rank} differs"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == list(range(12))
+    assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in sim_report.stages]
+    assert report["link_bytes"] == sim_report.link_bytes()
