@@ -23,7 +23,9 @@ Usage (results in benchmarks/results/compare_<task>[_<partition>]_<size>.{json,m
     python benchmarks/compare.py --task minilm_rt --partition dirichlet --alpha 0.1 --quick   # ~7 min, 2 CPU cores
     python benchmarks/compare.py --task minilm_rt --partition iid                             # ~1 h
     python benchmarks/compare.py --task smollm2_lm                                            # ~1 h
-    python benchmarks/compare.py --task memory_full --quick
+    python benchmarks/compare.py --task memory_full --quick --recompute true    # Snake: recompute_above_group
+    python benchmarks/compare.py --task memory_full --quick --recompute true --lm_loss_chunk 128  # + chunked LM loss
+    python benchmarks/compare.py --task minilm_rt --partition iid --quick --payload_dtype bfloat16  # *_bfloat16.*
     python benchmarks/compare.py --task minilm_rt --tiny --output_dir /tmp/bench              # seconds (tests)
 """
 
@@ -78,6 +80,9 @@ class Settings:
     methods: str = ""  # comma-separated subset; empty: every method of the task
     seed: int = 42
     threads: int = 2
+    payload_dtype: str = "float32"  # Snake's wire dtype (SnakeConfig.payload_dtype); the baselines count float32
+    recompute: bool = False  # Snake: SnakeConfig.recompute_above_group
+    lm_loss_chunk: int = 0  # causal LM, Snake and full fine-tuning alike: loss in chunks of this many tokens (0: off)
 
     @property
     def total_steps(self) -> int:
@@ -234,6 +239,7 @@ def run_snake(s: Settings, task: Task, budget, measure, peaks, output_dir: str, 
     from transformers import PrinterCallback
 
     from snake_hf import SnakeConfig, SnakeTrainer
+    from snake_hf.blocks import part_nbytes
     from snake_hf.vision import stage_end_steps
 
     # Designated: one group per node, and groups x passes passes so that the step budget matches; in full mode
@@ -249,6 +255,9 @@ def run_snake(s: Settings, task: Task, budget, measure, peaks, output_dir: str, 
         train_mode=task.train_mode,
         warmup_steps=budget.warmup(s.total_steps),
         engine="simulation",
+        payload_dtype=s.payload_dtype,
+        recompute_above_group=s.recompute,
+        lm_loss_chunk_tokens=s.lm_loss_chunk,
         **options,
         **_trainer_args(s, output_dir),
     )
@@ -267,11 +276,12 @@ def run_snake(s: Settings, task: Task, budget, measure, peaks, output_dir: str, 
     report = trainer.snake_report
     for node, peak in report.peak_memory_per_node().items():
         peaks.record(node, peak)
+    model_nbytes = part_nbytes(trainer.part_map, trainer.model)  # in the model's dtype (the report's are wire bytes)
     return method_result(
         curve, report.total_bytes, trainer.total_steps, budget, seconds, peaks,
         messages=len(report.hops), tensor_bytes=sum(h.tensor_nbytes for h in report.hops),
-        adapter_bytes=sum(report.part_nbytes.values()), train_loss=output.training_loss,
-        trainable_state_bytes=3 * max(report.part_nbytes.values()),  # gradients + AdamW moments of the largest part
+        adapter_bytes=sum(model_nbytes.values()), train_loss=output.training_loss,
+        trainable_state_bytes=3 * max(model_nbytes.values()),  # gradients + AdamW moments of the largest part
         options=options, snake_report=report.to_dict(),
     )  # fmt: skip
 
@@ -284,7 +294,8 @@ def run_full_finetune(s: Settings, task: Task, budget, peaks, output_dir: str) -
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     args = TrainingArguments(max_steps=s.stage_steps, **_trainer_args(s, output_dir))
-    trainer = Trainer(task.model, args, train_dataset=concatenate_datasets(task.shards), data_collator=task.collator)
+    kind = _chunked_loss_trainer(s.lm_loss_chunk) if s.lm_loss_chunk else Trainer
+    trainer = kind(task.model, args, train_dataset=concatenate_datasets(task.shards), data_collator=task.collator)
     trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     with peaks.track(0):
@@ -293,6 +304,24 @@ def run_full_finetune(s: Settings, task: Task, budget, peaks, output_dir: str) -
         Curve(None), 0, s.stage_steps, budget, time.perf_counter() - start, peaks, train_loss=output.training_loss,
         trainable_state_bytes=3 * baselines.nbytes(p for p in task.model.parameters() if p.requires_grad),
     )  # fmt: skip
+
+
+def _chunked_loss_trainer(chunk_tokens: int):
+    """`Trainer` whose training loss is Snake's chunked causal-LM loss, so both sides of the memory comparison compute
+    the loss the same way."""
+    from transformers import Trainer
+
+    from snake_hf.lm_loss import chunked_causal_lm_loss
+
+    class ChunkedLossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            count = num_items_in_batch if self.model_accepts_loss_kwargs else None  # as SnakeTrainer.compute_loss
+            loss = chunked_causal_lm_loss(model, inputs, chunk_tokens, count)
+            return (loss, None) if return_outputs else loss
+
+    return ChunkedLossTrainer
 
 
 @torch.no_grad()
@@ -439,6 +468,19 @@ def _mib(value) -> str:
     return "-" if value is None else f"{value / 2**20:,.2f}"
 
 
+def _snake_options(s: dict) -> str:
+    """The Snake library options of the run, when not the defaults (older result files have neither field)."""
+    options = []
+    if s.get("payload_dtype", "float32") != "float32":
+        options.append(f"payloads in {s['payload_dtype']} (the baselines count float32 tensors)")
+    if s.get("recompute"):
+        options.append("blocks above the active group recomputed in backward (`recompute_above_group`)")
+    if s.get("lm_loss_chunk"):
+        options.append(f"causal-LM loss in chunks of {s['lm_loss_chunk']} tokens (`lm_loss_chunk_tokens`; full "
+                       "fine-tuning too)")  # fmt: skip
+    return f" Snake: {'; '.join(options)}." if options else ""
+
+
 def to_markdown(results: dict) -> str:
     s, summary = results["settings"], results["summary"]
     steps = "/".join(f"{r['steps']}" for r in results["methods"].values())
@@ -449,7 +491,7 @@ def to_markdown(results: dict) -> str:
         + f", {steps} optimizer steps per method, batch {s['batch_size']} x {s['max_length']} tokens, lr "
         f"{s['learning_rate']}, "
         f"seed {s['seed']}, {results['device']} ({s['threads']} torch threads); peak memory is per node above the "
-        "loaded model (CPU: resident-set high-water mark)."
+        "loaded model (CPU: resident-set high-water mark)." + _snake_options(s)
     )
     if results["task"] == "memory_full":
         rows = [
@@ -545,7 +587,8 @@ def parse_settings(argv: list[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument("--out", help=argparse.SUPPRESS)
     for field in dataclasses.fields(Settings):
         if field.name != "size":
-            parser.add_argument(f"--{field.name}", type=type(field.default), default=None)
+            kind = _flag if isinstance(field.default, bool) else type(field.default)  # bool("false") is True
+            parser.add_argument(f"--{field.name}", type=kind, default=None)
     options = vars(parser.parse_args(argv))
     if options["worker"]:
         return Settings(**json.loads(Path(options["settings"]).read_text())), argparse.Namespace(**options)
@@ -560,6 +603,12 @@ def parse_settings(argv: list[str] | None = None) -> tuple[Settings, argparse.Na
     )
 
 
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; use true or false")
+    return text.lower() in ("true", "1")
+
+
 def main(argv: list[str] | None = None) -> dict:
     s, options = parse_settings(argv)
     if options.worker:
@@ -570,7 +619,8 @@ def main(argv: list[str] | None = None) -> dict:
     folder = Path(options.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     split = f"_{s.partition}" + (f"{s.alpha:g}" if s.partition == "dirichlet" else "") if s.kind == "accuracy" else ""
-    stem = f"compare_{s.task}{split}_{s.size}"  # not Path.with_suffix: "dirichlet0.1" has a dot
+    wire = f"_{s.payload_dtype}" if s.payload_dtype != "float32" else ""  # never overwrite the float32 results
+    stem = f"compare_{s.task}{split}_{s.size}{wire}"  # not Path.with_suffix: "dirichlet0.1" has a dot
     (folder / f"{stem}.json").write_text(json.dumps(results, indent=2))
     table = to_markdown(results)
     (folder / f"{stem}.md").write_text(f"# Snake vs the baselines: {s.task} ({s.size})\n\n{table}\n")

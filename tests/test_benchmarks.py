@@ -154,3 +154,20 @@ def test_subprocess_runs_isolate_methods_and_memory_full_reports_the_ratio(tmp_p
     assert len(snake["peak_memory_per_node"]) == results["settings"]["num_nodes"]
     assert results["summary"]["memory_ratio"] == pytest.approx(snake["peak_memory_max"] / full["peak_memory_max"])
     assert math.isfinite(results["summary"]["memory_ratio"])
+
+
+def test_snake_library_options_are_flags_with_the_old_defaults(compare):
+    default, _ = compare.parse_settings(["--task", "memory_full", "--tiny"])
+    assert (default.payload_dtype, default.recompute, default.lm_loss_chunk) == ("float32", False, 0)
+    argv = ["--task", "memory_full", "--tiny", "--recompute", "false", "--payload_dtype", "bfloat16"]
+    assert compare.parse_settings(argv)[0].recompute is False  # not bool("false")
+    assert compare.parse_settings([*argv[:3], "--recompute", "true", "--lm_loss_chunk", "64"])[0].lm_loss_chunk == 64
+
+
+def test_memory_options_leave_the_tiny_memory_run_training_the_same(compare, tmp_path):
+    losses = []
+    for extra in ([], ["--recompute", "true", "--lm_loss_chunk", "8"]):
+        argv = ["--task", "memory_full", "--tiny", "--in_process", "--output_dir", str(tmp_path), *extra]
+        losses.append({name: r["train_loss"] for name, r in compare.main(argv)["methods"].items()})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert "recompute_above_group" in (tmp_path / "compare_memory_full_tiny.md").read_text()

@@ -1,0 +1,56 @@
+"""bfloat16 payloads and recomputation above the group, distributed over real sockets: bit-identical to the
+simulation (every node rounds what it trained to the wire values, so no node holds more precision than a receiver)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _wire_run import run
+from safetensors.torch import load_file
+
+
+HERE = Path(__file__).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_bfloat16_payloads_give_the_same_adapters_distributed_and_simulated(tmp_path):
+    num_nodes, port = 3, _free_port()
+    threads = torch.get_num_threads()
+    try:
+        trainer = run(str(tmp_path / "sim"), "p2p", num_nodes, engine="simulation")
+    finally:
+        torch.set_num_threads(threads)
+    expected = load_file(str(tmp_path / "sim" / "adapters-0.safetensors"))
+    procs = []
+    for rank in range(num_nodes):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(num_nodes), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+        command = [sys.executable, str(HERE / "_wire_run.py"), str(tmp_path), "p2p", str(num_nodes)]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [proc.communicate(timeout=240)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-3000:]}"
+        adapters = load_file(str(tmp_path / f"adapters-{rank}.safetensors"))
+        assert adapters.keys() == expected.keys()
+        assert all(torch.equal(adapters[k], expected[k]) for k in expected), f"rank {rank} differs"
+        assert all(torch.equal(v, v.to(torch.bfloat16).float()) for v in adapters.values()), "wire values only"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in trainer.snake_report.stages]
+    assert report["link_bytes"] == trainer.snake_report.link_bytes()
