@@ -116,6 +116,13 @@ class SnakeConfig(TrainingArguments):
             tokens, recomputing each chunk's logits in backward, so the full batch x sequence x vocabulary logits are
             never held (`snake_hf.lm_loss`). Same loss up to float rounding; 0 turns it off. Not with distillation,
             logit adjustment, class restriction or label smoothing (they need the logits).
+        on_node_failure (`str`, defaults to `"replan"`):
+            Distributed cs topology: what the coordinator does with the remaining stages of a node that stops
+            answering within `hop_timeout`. `"replan"`: each goes to the node of the nearest earlier stage on a live
+            node (it already holds the newest state; same group and steps, on its own shard); `"drop"`: they are
+            skipped. Either way the run finishes on the live nodes and `snake_report.json` lists the failure (see
+            `snake_hf.failover`). A dead coordinator (rank 0) is not survivable; p2p runs stop with
+            `HopTimeoutError` and resume from their stage checkpoints.
     """
 
     num_nodes: int = field(default=1, metadata={"help": "Number of nodes, each with a private data shard."})
@@ -188,6 +195,9 @@ class SnakeConfig(TrainingArguments):
     )
     lm_loss_chunk_tokens: int = field(
         default=0, metadata={"help": "Causal LM: loss from hidden states in chunks of this many tokens (0 = off)."}
+    )
+    on_node_failure: str = field(
+        default="replan", metadata={"help": "cs topology, a node stops answering: 'replan' its stages or 'drop' them."}
     )
 
     def __post_init__(self):
@@ -268,6 +278,8 @@ class SnakeConfig(TrainingArguments):
                  f"use one of {list(PAYLOAD_DTYPES)}")  # fmt: skip
         _require(self.lm_loss_chunk_tokens >= 0, "lm_loss_chunk_tokens", self.lm_loss_chunk_tokens,
                  "use 0 (off) or a number of tokens, e.g. 128")  # fmt: skip
+        _require(self.on_node_failure in ("replan", "drop"), "on_node_failure", self.on_node_failure,
+                 "use 'replan' (move a dead node's stages to a live node) or 'drop' (skip them)")  # fmt: skip
         if self.lm_loss_chunk_tokens and (
             self.distill_alpha > 0 or self.logit_adjustment > 0 or self.restrict_to_node_classes
             or self.label_smoothing_factor > 0

@@ -279,6 +279,19 @@ class DistributedTransport(Transport):
         """On the cs coordinator: forwards every hop still pending."""
         self.before_stage(1 << 62)
 
+    def send_to(self, peer: int, encoded: EncodedPayload, hop: int | str, src: int, dst: int) -> None:
+        """Sends `encoded` straight to `peer` as hop `hop` (a stage index or a name): a failover coordinator's routing."""
+        self._wire_send(peer, encoded, hop, f"stage {hop}" if isinstance(hop, int) else hop, src, dst)
+
+    def recv_from(self, peer: int, hop: int | str, src: int, dst: int) -> EncodedPayload:
+        """Receives hop `hop` straight from `peer` (the other end of [`send_to`])."""
+        return self._wire_recv(peer, hop, f"stage {hop}" if isinstance(hop, int) else hop, src, dst)
+
+    def wait_for(self, keys: dict[int, str], describe: Callable[[str], str], drop_absent: bool = False) -> None:
+        """Waits until the store holds every key of `keys` (peer -> key) while those peers live (else
+        [`HopTimeoutError`], or with `drop_absent` a warning)."""
+        self._await(keys, describe, drop_absent)
+
     def exchange_text(self, name: str, text: str) -> list[str]:
         """Every rank's `text`, in rank order, on every rank (through the store; e.g. local shard sizes)."""
         self.store.set(f"snake/exchange/{name}/{self.rank}", text)

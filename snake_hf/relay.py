@@ -224,7 +224,7 @@ class Relay:
         )
         encoded = encode_payload(payload, self.part_of)
         if deliver:
-            self.transport.send(stage.node, following.node, encoded, following.index)
+            self._deliver(stage, following, encoded)
         self.report.hops.append(
             HopRecord(
                 from_stage=stage.index,
@@ -238,6 +238,13 @@ class Relay:
             )
         )
         return encoded.nbytes
+
+    def _deliver(self, stage: Stage, following: Stage, encoded) -> None:
+        self.transport.send(stage.node, following.node, encoded, following.index)
+
+    def gather_text(self, name: str, text: str) -> list[str] | None:
+        """Every process's `text` on the first one (None elsewhere); see `Transport.gather_text`."""
+        return self.transport.gather_text(name, text)
 
     def _receive(self, previous: Stage, stage: Stage) -> tuple[int, float]:
         start = time.perf_counter()

@@ -35,6 +35,7 @@ from .blocks import (
 )
 from .capacity import check_plan_memory, explain
 from .config import SnakeConfig
+from .failover import FailoverRelay, StageBoundaryCallback
 from .lm_loss import check_chunkable, chunked_causal_lm_loss
 from .losses import StageObjective, TeacherForward
 from .memory import PeakMemory
@@ -160,6 +161,9 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             compute_metrics=compute_metrics,
             **kwargs,
         )
+        self._failover = self.launch is not None and args.topology == "cs"
+        if self._failover:  # the coordinator decides each rank's next stage when the last one ends
+            self.add_callback(StageBoundaryCallback(self))
         self.shard_summary = summarise_shards(self.node_data, args.partition_label_column)
         self._node_priors = node_priors(self.node_data, args, model) if needs_priors(args) else None
         self.snake_report = self._new_report()
@@ -231,7 +235,10 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         afterwards every process holds the final trainable state.
         """
         self.snake_report = self._new_report()
-        self._relay = Relay(
+        relay, extra = (
+            (FailoverRelay, {"on_node_failure": self.args.on_node_failure}) if self._failover else (Relay, {})
+        )
+        self._relay = relay(
             self.model,
             self.part_map,
             self._spec,
@@ -241,6 +248,7 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             self.transport,
             self.snake_report,
             self.local_nodes,
+            **extra,
         )
         self._meter = PeakMemory(self.args.device)
         self._own_stages = [stage for stage in self.plan if stage.node in self.local_nodes]
@@ -253,13 +261,17 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             record = self.snake_report.stages[-1]  # when the crashed run went on past it, so it had left)
             record.bytes_sent = self._relay.hand_on(self.plan[record.stage], deliver=record.stage + 1 == next_stage)
         output = TrainOutput(self.state.global_step, 0.0, {})
-        remaining = [stage for stage in self._own_stages if stage.index >= next_stage]
+        if self._failover:  # cs: the coordinator says which stage this rank trains next (see snake_hf.failover)
+            remaining = [stage] if (stage := self._relay.next_stage()) is not None else []
+        else:
+            remaining = [stage for stage in self._own_stages if stage.index >= next_stage]
         if remaining:
             self._begin_stage(remaining[0], first=True)
             # Distributed: no Trainer resume (each stage seeks its plan step; the sampler skips the trained batches).
             checkpoint = str(checkpoint) if checkpoint is not None and self.launch is None else None
             output = super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
-            self._end_stage()
+            if not self._stage_closed:  # cs: the stage-boundary callback closed it already
+                self._end_stage()
             if self.args.recompute_above_group:
                 set_recompute(self.model, self.groups, None)
         self._relay.finish()
@@ -271,7 +283,7 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         """Distributed: the first process collects every process's stage and hop records (plain JSON via the store)."""
         if self.launch is None:
             return
-        texts = self.transport.gather_text("report", json.dumps(self.snake_report.to_dict(), default=str))
+        texts = self._relay.gather_text("report", json.dumps(self.snake_report.to_dict(), default=str))
         if texts is None:
             return
         reports = [json.loads(text) for text in texts]
@@ -286,7 +298,10 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         # The plan fixes the length: one "epoch" holds every stage; num_train_epochs and max_steps are not used.
         # In distributed mode this process's epoch holds only its own stages; max_steps (the schedule) spans them all.
         values = list(super().set_initial_training_values(args, dataloader))
-        own_steps = sum(stage.steps for stage in self._own_stages) - self._skip_own_steps
+        # cs: this rank may be given a failed node's stages, so its loop may run up to the whole plan (it is stopped
+        # when the coordinator says the run is done).
+        own_steps = self.total_steps if self._failover else sum(stage.steps for stage in self._own_stages)
+        own_steps -= self._skip_own_steps
         values[0] = 1
         values[1] = own_steps
         values[3] = own_steps * values[4]
@@ -302,9 +317,12 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             dataset = _compat.remove_unused_columns(self, dataset)
         else:
             collator = _compat.collator_with_removed_columns(self)
+        stages = self._own_stages
+        if self._failover:  # this node's batches as one stream: whichever stages it trains take the next ones
+            stages = [Stage(index=0, pass_index=0, node=self.launch.rank, group=0, steps=self.total_steps)]
         sampler = PlanBatchSampler(
             self.node_data.node_indices,
-            self._own_stages,
+            stages,
             self.args.per_device_train_batch_size,
             self.args.gradient_accumulation_steps,
             self.args.data_seed if self.args.data_seed is not None else self.args.seed,
@@ -365,7 +383,7 @@ class SnakeTrainer(StageCheckpointing, Trainer):
 
     def _begin_stage(self, stage: Stage, first: bool = False) -> None:
         bytes_in, wait = self._relay.enter(stage)
-        self._stage_index = stage.index
+        self._stage, self._stage_index, self._stage_closed = stage, stage.index, False
         set_trainable(self.model, self.part_map.trainable_names(stage.group))
         if self.args.recompute_above_group:
             set_recompute(self.model, self.groups, stage.group)
@@ -375,7 +393,8 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         if not first:
             self._fresh_optimizer()
         self._objective = self._stage_objective(stage)
-        self._own_position = self._own_stages.index(stage)
+        if stage in self._own_stages:  # cs failover may give this node another node's stage
+            self._own_position = self._own_stages.index(stage)
         self._stage_start = sum(s.steps for s in self.plan[: stage.index])
         self._stage_end = self._stage_start + stage.steps
         self._stage_running = False
@@ -398,7 +417,7 @@ class SnakeTrainer(StageCheckpointing, Trainer):
 
     def _start_stage_clock(self) -> None:
         """On the stage's first micro-batch: its node's RNG stream, its place in the schedule, timers, progress."""
-        stage = self.plan[self._stage_index]
+        stage = self._stage
         self._relay.activate(stage.node)
         _compat.seek_plan_step(self, self._stage_start)  # distributed: skip the steps other nodes trained
         self._stage_running = True
@@ -416,13 +435,26 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         record.train_loss = self._stage_loss.item() / max(done, 1)
         if self._objective is not None and self._objective.distill_share is not None:
             record.extra["distill_share"] = self._objective.distill_share
-        stage = self.plan[record.stage]
+        stage = self._stage
+        self._stage_closed = True
         self._relay.close_stage(stage)
         self.snake_report.stages.append(record)
         if self._checkpoint_due(stage):
             self._save_stage_checkpoint(stage)
         record.bytes_sent = self._relay.hand_on(stage)
         self.log({"stage_loss": record.train_loss, "stage": record.stage, "node": record.node, "group": record.group})
+
+    def _failover_boundary(self, control) -> None:
+        """cs (StageBoundaryCallback, at each step's end): closes a finished stage and enters this node's next one,
+        waiting for the coordinator's turn; stops the loop when the coordinator says the run is done."""
+        if self._stage_closed or self.state.global_step < self._stage_end:
+            return
+        self._end_stage()
+        following = self._relay.next_stage()
+        if following is None:
+            control.should_training_stop = True
+        else:
+            self._begin_stage(following)
 
     def _stage_objective(self, stage: Stage) -> StageObjective | None:
         args = self.args

@@ -9,6 +9,7 @@ rendezvous store; not torchrun, whose agent stops every worker when one dies):
 Same tiny GPT-2 run as `_snake_run.py` (3 nodes, 2 groups, 2 passes, 2 steps per stage). Each surviving rank writes
 OUT_DIR/adapters-<rank>.safetensors, or OUT_DIR/error-<rank>.txt with the error it stopped on; the first rank saves
 the model to OUT_DIR/final and the report to OUT_DIR/report.json. SNAKE_TEST_ON_NODE_FAILURE sets on_node_failure.
+`make_trainer(..., engine="simulation", schedule=plan)` builds the same run as a simulation (e.g. of a re-planned plan).
 """
 
 from __future__ import annotations
@@ -39,28 +40,34 @@ class KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a real crash
 
 
-def main(out_dir: str, topology: str, mode: str, kill_rank: int | None = None, kill_step: int | None = None) -> None:
+def make_trainer(out_dir: str, topology: str, engine: str = "auto", schedule=None, callbacks=()) -> SnakeTrainer:
     torch.set_num_threads(1)  # bit-identical CPU results need the same thread count in every process
-    rank = int(os.environ["RANK"])
-    extra = {}
+    extra = {"schedule": schedule} if schedule is not None else {}
     if "SNAKE_TEST_ON_NODE_FAILURE" in os.environ:
         extra["on_node_failure"] = os.environ["SNAKE_TEST_ON_NODE_FAILURE"]
     args = SnakeConfig(
         output_dir=out_dir, num_nodes=3, num_block_groups=2, stage_steps=2, num_passes=2,
-        per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=1, topology=topology,
+        per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=1, topology=topology, engine=engine,
         hop_timeout=float(os.environ.get("SNAKE_TEST_HOP_TIMEOUT", "60")), save_strategy="steps",
         report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0, **extra,
     )  # fmt: skip
     lora = LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM", lora_dropout=0.1)
-    callbacks = [KillAt(kill_step)] if kill_rank == rank else []
-    trainer = SnakeTrainer(tiny_gpt2(), args, train_dataset=lm_dataset(n=36), peft_config=lora, callbacks=callbacks)
+    return SnakeTrainer(tiny_gpt2(), args, train_dataset=lm_dataset(n=36), peft_config=lora, callbacks=list(callbacks))
+
+
+def adapters(trainer: SnakeTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in get_peft_model_state_dict(trainer.model).items()}
+
+
+def main(out_dir: str, topology: str, mode: str, kill_rank: int | None = None, kill_step: int | None = None) -> None:
+    rank = int(os.environ["RANK"])
+    trainer = make_trainer(out_dir, topology, callbacks=[KillAt(kill_step)] if kill_rank == rank else [])
     try:
         trainer.train(resume_from_checkpoint=True if mode == "resume" else None)
     except Exception as error:
         Path(out_dir, f"error-{rank}.txt").write_text(f"{type(error).__name__}: {error}")
         raise
-    state = {k: v.contiguous() for k, v in get_peft_model_state_dict(trainer.model).items()}
-    save_file(state, os.path.join(out_dir, f"adapters-{rank}.safetensors"))
+    save_file(adapters(trainer), os.path.join(out_dir, f"adapters-{rank}.safetensors"))
     trainer.save_model(os.path.join(out_dir, "final"))
     if rank == 0:
         Path(out_dir, "report.json").write_text(json.dumps(trainer.snake_report.to_dict(), default=str))

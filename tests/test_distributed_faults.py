@@ -39,7 +39,8 @@ def _launch(out: Path, topology: str, *args: str, timeout: float = 150, **env_ex
     port, procs = _free_port(), {}
     for rank in range(WORLD):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", SNAKE_TEST_HOP_TIMEOUT=HOP_TIMEOUT, **env_extra)  # fmt: skip
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", SNAKE_TEST_HOP_TIMEOUT=HOP_TIMEOUT)  # fmt: skip
+        env.update(env_extra)
         command = [sys.executable, str(HERE / "_dist_fault_run.py"), str(out), topology, *args]
         procs[rank] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = {}
@@ -101,3 +102,45 @@ def test_p2p_rank_killed_mid_stage_stops_with_hop_timeout_then_resume_is_bit_ide
     assert [s["stage"] for s in report["stages"]] == list(range(12))
     assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in sim_report.stages]
     assert report["link_bytes"] == sim_report.link_bytes()
+
+
+@pytest.mark.slow
+def test_cs_rank_killed_mid_stage_run_finishes_on_the_others_as_the_replanned_plan(tmp_path):
+    from _dist_fault_run import adapters, make_trainer
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from conftest import tiny_gpt2
+    from snake_hf import Stage
+
+    # Stages 0..11 on nodes 0 1 2 2 1 0 | 0 1 2 2 1 0. Rank 1 dies after step 9, in stage 4, before its payload left.
+    results = _launch(tmp_path, "cs", "run", "1", "9", SNAKE_TEST_HOP_TIMEOUT="10")
+    assert results[1][0] == -signal.SIGKILL
+    for rank in (0, 2):
+        assert results[rank][0] == 0, f"rank {rank} did not finish:\n{results[rank][1][-3000:]}"
+    assert "Node 1 failed at stage 4" in results[0][1]  # the coordinator's warning
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    [failure] = report["failures"]
+    assert failure["rank"] == 1 and failure["stage"] == 4 and failure["action"] == "replan"
+    # each of node 1's remaining stages goes to the node of the nearest earlier stage (it holds the newest state)
+    assert failure["replanned"] == [{"stage": 4, "from": 1, "to": 2}, {"stage": 7, "from": 1, "to": 0},
+                                    {"stage": 10, "from": 1, "to": 2}]  # fmt: skip
+    effective = [Stage.from_dict(s) for s in failure["effective_plan"]]
+    assert [s.node for s in effective] == [0, 1, 2, 2, 2, 0, 0, 0, 2, 2, 2, 0]
+    assert [(s["stage"], s["node"]) for s in report["stages"]] == [(s.index, s.node) for s in effective]
+
+    final = _adapters(tmp_path / "adapters-0.safetensors")
+    assert _equal(_adapters(tmp_path / "adapters-2.safetensors"), final)
+    loaded = PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "final"))  # plain PEFT loads the saved adapter
+    state = get_peft_model_state_dict(loaded)
+    assert state.keys() == final.keys() and all(torch.equal(state[k], final[k]) for k in final)
+
+    # The result is exactly what the simulation of the effective (re-planned) plan gives.
+    threads = torch.get_num_threads()
+    try:
+        simulated = make_trainer(str(tmp_path / "sim"), "cs", engine="simulation", schedule=effective)
+        simulated.train()
+    finally:
+        torch.set_num_threads(threads)
+    assert _equal(adapters(simulated), final)
+    assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in simulated.snake_report.stages]
