@@ -9,7 +9,9 @@ with `train(resume_from_checkpoint=True)`: the ranks tell each other (through th
 latest checkpoint resumes at; the largest, `R`, is where the run goes on. The rank that trained stage `R - 1` holds
 the latest state of every part (a stage's node always does: every hop carries what the receiver lacks) and hands it
 on again; every other rank restores its own latest checkpoint and replays the version bookkeeping of the stages in
-between, so that the run continues exactly as the uninterrupted one would (bit-identical adapters on CPU).
+between, so that the run continues exactly as the uninterrupted one would (bit-identical adapters on CPU). This holds
+in p2p and in cs topology (the coordinator hands out turns from `R` on); a cs run that a node failure re-planned
+(`snake_hf.failover`) is refused, since its checkpoints follow another plan than the relaunched ranks'.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class StageCheckpointing:
             "checksums": ledger.checksums,
             "report": self.snake_report.to_dict(),
             "rank": None if self.launch is None else self.launch.rank,
+            "failures": getattr(self._relay, "failures", []),  # cs: node failures that re-planned the run
         }
         names = [name for part in self.part_map.parts for name in self.part_map.tensor_names(part)]
         checkpoint = StageCheckpoint(state, {n: named[n] for n in names}, dict(self._relay.rng))
@@ -164,6 +167,11 @@ class StageCheckpointing:
             raise CheckpointError(
                 f"Checkpoint {path} was written by rank {state.get('rank')}, not by this process (rank {rank}); "
                 "resume each rank from its own node-<rank> folder."
+            )
+        if state.get("failures"):
+            raise CheckpointError(
+                f"Checkpoint {path} was written after node failures re-planned the run ({state['failures'][0]['rank']} "
+                "failed first); resuming a re-planned cs run is not supported: start it again."
             )
         expected = {name: meta for layout in self._spec.layout.values() for name, meta in layout.items()}
         if set(checkpoint.parts) != set(expected) or any(

@@ -76,6 +76,43 @@ def uninterrupted(tmp_path_factory):
     return _adapters(out / "adapters-0.safetensors"), trainer.snake_report
 
 
+# fmt: off
+REPLANS = [  # (plan nodes, failure position, failed nodes, mode) -> (new nodes, moved as (stage, to), dropped)
+    ([0, 1, 2, 2, 1, 0], 1, {1}, "replan", [0, 0, 2, 2, 2, 0], [(1, 0), (4, 2)], []),
+    ([0, 1, 2, 2, 1, 0], 4, {1}, "replan", [0, 1, 2, 2, 2, 0], [(4, 2)], []),
+    ([0, 1, 2, 2, 1, 0], 0, {0}, "replan", [1, 1, 2, 2, 1, 1], [(0, 1), (5, 1)], []),  # first stage: next live node
+    ([0, 1, 2, 2, 1, 0], 2, {1, 2}, "replan", [0, 1, 0, 0, 0, 0], [(2, 0), (3, 0), (4, 0)], []),  # skips dead ones
+    ([0, 1, 2, 2, 1, 0], 1, {1}, "drop", [0, 2, 2, 0], [], [1, 4]),
+    ([1, 1, 1], 0, {1}, "replan", [0, 0, 0], [(0, 0), (1, 0), (2, 0)], []),  # no live node in the plan: fallback
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("nodes", "position", "failed", "mode", "new", "moved", "dropped"), REPLANS,
+                         ids=["mid-pass", "late", "first-stage", "two-dead", "drop", "fallback"])  # fmt: skip
+def test_replan_moves_a_failed_nodes_stages_to_the_nearest_earlier_live_node(
+    nodes, position, failed, mode, new, moved, dropped
+):
+    from snake_hf import Stage
+    from snake_hf.failover import replan_after_failure
+
+    plan = [Stage(index=i, pass_index=0, node=n, group=i % 2, steps=i + 1) for i, n in enumerate(nodes)]
+    effective, got_moved, got_dropped = replan_after_failure(plan, position, failed, mode, fallback=0)
+    assert [s.node for s in effective] == new
+    assert [(m["stage"], m["to"]) for m in got_moved] == moved and got_dropped == dropped
+    kept = {s.index: s for s in plan}
+    assert all((s.group, s.steps, s.pass_index) == (kept[s.index].group, kept[s.index].steps, kept[s.index].pass_index)
+               for s in effective)  # fmt: skip
+    assert effective[:position] == plan[:position]  # what already ran is never rewritten
+
+
+def test_on_node_failure_is_validated_naming_field_value_and_fix(tmp_path):
+    from snake_hf import SnakeConfig
+
+    with pytest.raises(ValueError, match=r"`on_node_failure` \('skip'\) is not valid; use 'replan' .* or 'drop'"):
+        SnakeConfig(output_dir=str(tmp_path), on_node_failure="skip", use_cpu=True, report_to="none")
+
+
 @pytest.mark.slow
 def test_p2p_rank_killed_mid_stage_stops_with_hop_timeout_then_resume_is_bit_identical(tmp_path, uninterrupted):
     # Plan: stages 0..11 on nodes 0 1 2 2 1 0 | 0 1 2 2 1 0, two steps each. Rank 1 dies after step 9 (in stage 4).
@@ -144,3 +181,25 @@ def test_cs_rank_killed_mid_stage_run_finishes_on_the_others_as_the_replanned_pl
         torch.set_num_threads(threads)
     assert _equal(adapters(simulated), final)
     assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in simulated.snake_report.stages]
+
+
+@pytest.mark.slow
+def test_cs_drop_mode_skips_the_dead_nodes_stages_and_finishes(tmp_path):
+    from peft import PeftModel
+
+    from conftest import tiny_gpt2
+
+    results = _launch(tmp_path, "cs", "run", "1", "9", SNAKE_TEST_HOP_TIMEOUT="10", SNAKE_TEST_ON_NODE_FAILURE="drop")
+    assert results[1][0] == -signal.SIGKILL
+    for rank in (0, 2):
+        assert results[rank][0] == 0, f"rank {rank} did not finish:\n{results[rank][1][-3000:]}"
+    report = json.loads((tmp_path / "report.json").read_text())
+    [failure] = report["failures"]
+    assert (failure["rank"], failure["stage"], failure["action"]) == (1, 4, "drop")
+    assert failure["dropped"] == [4, 7, 10] and failure["replanned"] == []
+    ran = [(s["stage"], s["node"], s["group"]) for s in report["stages"]]
+    assert ran == [(0, 0, 0), (1, 1, 0), (2, 2, 0), (3, 2, 1), (5, 0, 1), (6, 0, 0), (8, 2, 0), (9, 2, 1), (11, 0, 1)]
+    assert {group for _, _, group in ran[4:]} == {0, 1}  # both groups still train after the failure
+    final = _adapters(tmp_path / "adapters-0.safetensors")
+    assert _equal(_adapters(tmp_path / "adapters-2.safetensors"), final)
+    PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "final"))
