@@ -20,6 +20,9 @@ Every failure is raised as [`HopTimeoutError`] naming the stage, both ranks and 
 reused (its gloo pairs are closed). The store lives in rank 0 (unless launched under `torchrun`), so rank 0's
 `close()` waits until every other rank has closed or died.
 
+In cs topology the coordinator also decides who trains next and survives a dead node (`snake_hf.failover`). The
+launcher helpers (`launch_info`, `hide_launch_env`) live in `snake_hf.launch` and are re-exported here.
+
 Wire protocol per payload: the int64 header, then the uint8 manifest, then the uint8 data (skipped when empty); the
 receiver reads the header to allocate the other two. Nothing is pickled.
 """
@@ -31,13 +34,13 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from transformers.utils import logging
 
+from .launch import HiddenLaunchEnv, LaunchInfo, hide_launch_env, launch_info
 from .payload import FORMAT_VERSION, HEADER_NUMEL, MAGIC, MAX_MANIFEST_NBYTES, EncodedPayload, PayloadError
 from .plan import Stage
 from .transport import HopTimeoutError, Transport
@@ -48,103 +51,9 @@ logger = logging.get_logger(__name__)
 __all__ = ["DistributedTransport", "LaunchInfo", "launch_info", "hide_launch_env", "HiddenLaunchEnv", "plan_hops"]
 
 TOPOLOGIES = ("p2p", "cs")
-# Variables by which torchrun, `accelerate launch --multi_gpu` or MPI tell Trainer/Accelerate "you are one of N". They
-# are hidden so that each rank's Trainer runs single-process (no DDP wrap, no sharded dataloader, no all-gathers).
-# fmt: off
-LAUNCH_ENV_VARS = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",  # torchrun, accelerate launch --multi_gpu
-    "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME",
-    "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS", "MPI_LOCALRANKID",  # Intel MPI (accelerate's multi-CPU mpirun)
-    "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
-    "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK",
-)
-# fmt: on
 _STAGE_TAGS = 1 << 28  # gloo tags are int32: 3 tags per stage, then a block for the final broadcast
 _FINAL_TAG = 3 * _STAGE_TAGS
 _ALIVE, _CLOSED = "snake/alive/{}", "snake/closed/{}"  # heartbeat counter, and "closed its transport", per rank
-
-
-@dataclass(frozen=True)
-class LaunchInfo:
-    """What a launcher (`torchrun`, `accelerate launch --multi_gpu`) told this process.
-
-    Args:
-        rank (`int`), world_size (`int`), local_rank (`int`): `RANK`, `WORLD_SIZE`, `LOCAL_RANK`.
-        master_addr (`str`), master_port (`int`): the rendezvous store's address.
-        use_agent_store (`bool`): the launcher's agent already serves the store (`TORCHELASTIC_USE_AGENT_STORE`).
-        restart_count (`int`): `TORCHELASTIC_RESTART_COUNT`, so that a restarted attempt does not read stale keys.
-    """
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    use_agent_store: bool = False
-    restart_count: int = 0
-
-
-def launch_info() -> LaunchInfo | None:
-    """Reads the launcher's environment; `None` when this process is not one of several (no or unit `WORLD_SIZE`).
-
-    Launchers that start N ranks on one CPU-only host (checked with torch 2.13, accelerate 1.15):
-    `torchrun --nproc_per_node N script.py`, and `accelerate launch --multi_gpu --num_processes N --num_machines 1
-    script.py` (it runs torchrun; `--cpu` cannot be combined with `--multi_gpu`, and without `--multi_gpu` one process
-    starts). Both kill every rank when one dies; to survive a dead rank (cs topology) start each rank as its own process
-    with `RANK`, `WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT` set (rank 0 then serves the store).
-
-    Example:
-        ```python
-        >>> info = launch_info()  # under `torchrun --nproc_per_node 2 train.py`
-        >>> info.rank, info.world_size
-        (0, 2)
-        ```
-    """
-    env = os.environ
-    if int(env.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    return LaunchInfo(
-        rank=int(env["RANK"]),
-        world_size=int(env["WORLD_SIZE"]),
-        local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
-        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=int(env.get("MASTER_PORT", "29500")),
-        use_agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
-        restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
-    )
-
-
-class HiddenLaunchEnv(dict[str, str]):
-    """The launch variables [`hide_launch_env`] removed; `restore()` (or leaving the `with` block) puts them back."""
-
-    def restore(self) -> None:
-        os.environ.update(self)
-
-    def __enter__(self) -> HiddenLaunchEnv:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.restore()
-
-
-def hide_launch_env() -> HiddenLaunchEnv:
-    """Removes the launcher's rank and world-size variables from `os.environ` and returns them.
-
-    Under `torchrun` (even with `use_cpu=True`) `TrainingArguments` sees a distributed world: `Trainer` wraps the
-    model in DDP, shards the dataloader and all-gathers every step, which hangs a Snake run where one rank trains at a
-    time. Call [`launch_info`] first, then this, before building `TrainingArguments` or any Accelerate object (its
-    `PartialState` is a singleton that keeps what it saw first). `MASTER_ADDR`, `MASTER_PORT` and `TORCHELASTIC_*`
-    stay: they do not make Trainer distributed.
-
-    Example:
-        ```python
-        >>> info = launch_info()
-        >>> removed = hide_launch_env()  # or: with hide_launch_env() as removed: ...
-        >>> TrainingArguments(output_dir="out", use_cpu=True).world_size
-        1
-        ```
-    """
-    return HiddenLaunchEnv({name: os.environ.pop(name) for name in LAUNCH_ENV_VARS if name in os.environ})
 
 
 def plan_hops(plan: Sequence[Stage]) -> list[tuple[int, int, int]]:

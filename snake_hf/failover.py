@@ -364,6 +364,10 @@ class FailoverRelay(Relay):
                     break
         return texts
 
+    def restore(self, versions, checksums, rng: dict, next_stage: int) -> None:
+        super().restore(versions, checksums, rng, next_stage)
+        self._held = self.ledger.state(self.rank)  # a checkpoint is taken right after this rank's own stage
+
     def resume_at(self, stage: int) -> None:
         self._frontier = stage
         holder = self.effective[stage - 1]

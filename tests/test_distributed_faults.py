@@ -2,6 +2,8 @@
 
 p2p: the other ranks stop with the named `HopTimeoutError`; relaunching all ranks with `resume_from_checkpoint=True`
 finishes the run with adapters bit-identical to an uninterrupted one.
+cs: a dead node is re-planned around (or its stages dropped) and the run finishes on the others, bit-identical to the
+simulation of the re-planned plan; a dead coordinator stops the run, and resuming finishes it bit-identically.
 
 Each rank is its own process joined through the rendezvous store (not torchrun: its agent stops every worker when one
 dies). Every run is bounded in time and every process is killed at the end.
@@ -203,3 +205,23 @@ def test_cs_drop_mode_skips_the_dead_nodes_stages_and_finishes(tmp_path):
     final = _adapters(tmp_path / "adapters-0.safetensors")
     assert _equal(_adapters(tmp_path / "adapters-2.safetensors"), final)
     PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "final"))
+
+
+@pytest.mark.slow
+def test_cs_dead_coordinator_stops_the_run_then_resume_is_bit_identical(tmp_path, uninterrupted):
+    # A dead coordinator is not survivable: rank 0 dies after step 11 (in its stage 5); the others stop naming it.
+    crashed = _launch(tmp_path, "cs", "run", "0", "11")
+    assert crashed[0][0] == -signal.SIGKILL
+    for rank in (1, 2):
+        assert crashed[rank][0] != 0, f"rank {rank} should have stopped:\n{crashed[rank][1][-2000:]}"
+        error = (tmp_path / f"error-{rank}.txt").read_text()
+        assert error.startswith("HopTimeoutError: "), error
+        assert "coordinator 0" in error or "rendezvous store is unreachable" in error, error
+    resumed = _launch(tmp_path, "cs", "resume")
+    for rank, (code, output) in resumed.items():
+        assert code == 0, f"rank {rank} failed on resume:\n{output[-3000:]}"
+    expected, sim_report = uninterrupted
+    for rank in range(WORLD):
+        assert _equal(_adapters(tmp_path / f"adapters-{rank}.safetensors"), expected), f"rank {rank} differs"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in sim_report.stages]
