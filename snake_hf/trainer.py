@@ -4,11 +4,13 @@ The whole plan runs inside a single `Trainer.train()` (DESIGN §4): one `Trainer
 one log history. The training dataloader yields the plan's batches stage after stage, each from its node's shard;
 at every stage boundary (an optimizer-step boundary) the trainer closes the stage, lets the relay hand the
 trainable state to the next node, makes exactly the next group trainable and builds a fresh optimizer for it.
+
+Set-up helpers live in `trainer_setup.py`; stage checkpoints and resume in `trainer_checkpoint.py`; what changes when
+each process runs one node (shard sizes, the relay per topology, cs turns, merged reports) in `trainer_distributed.py`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -33,28 +35,25 @@ from .blocks import (
     set_trainable,
     unwrap_model,
 )
-from .capacity import check_plan_memory, explain
 from .config import SnakeConfig
-from .failover import FailoverRelay, StageBoundaryCallback
+from .failover import StageBoundaryCallback
 from .lm_loss import check_chunkable, chunked_causal_lm_loss
 from .losses import StageObjective, TeacherForward
 from .memory import PeakMemory
-from .node_data import NodeData
 from .payload import PayloadSpec, model_fingerprint, part_wire_nbytes
-from .plan import PLAN_FILE, Stage, designated_plan, format_plan, save_plan, serpentine_plan, validate_plan
-from .relay import Relay
-from .report import HopRecord, SnakeReport, StageRecord
-from .sampler import PlanBatchSampler, default_stage_steps
+from .plan import PLAN_FILE, Stage, format_plan, save_plan
+from .report import SnakeReport, StageRecord
+from .sampler import PlanBatchSampler
 from .trainer_checkpoint import SkipBatches, StageCheckpointing
+from .trainer_distributed import DistributedRun
 from .trainer_setup import (
+    build_plan,
     check_mode,
     default_num_groups,
     make_transport,
     measure_capacity,
     needs_priors,
     node_priors,
-    partitioner_for,
-    scaled_steps,
     split_head_groups,
     summarise_shards,
     wrap_for_mode,
@@ -66,7 +65,7 @@ logger = logging.get_logger(__name__)
 __all__ = ["SnakeTrainer"]
 
 
-class SnakeTrainer(StageCheckpointing, Trainer):
+class SnakeTrainer(StageCheckpointing, DistributedRun, Trainer):
     """Snake Learning on the Hugging Face `Trainer`.
 
     Cuts the model's blocks into groups and trains them one group and one node at a time along a plan, handing only
@@ -129,11 +128,7 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         self.launch = args.launch
         self.transport = make_transport(args)
         self.local_nodes = {self.launch.rank} if self.launch is not None else set(range(args.num_nodes))
-        if args.local_shard and self.launch is not None:
-            sizes = [int(t) for t in self.transport.exchange_text("shard_sizes", str(len(train_dataset)))]
-            self.node_data = NodeData.local(train_dataset, self.launch.rank, sizes)
-        else:
-            self.node_data = NodeData.build(train_dataset, args.num_nodes, partitioner or partitioner_for(args))
+        self.node_data = self._split_data(train_dataset, args, partitioner)
         self.capacity = None
         if args.node_profiles is not None:  # the estimate measures the model that trains
             model = wrap_for_mode(model, args, peft_config)
@@ -142,7 +137,7 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             self.groups = BlockGroups.from_model(
                 model, None, self.capacity.designation.boundaries, args.block_list_path
             )
-        self.plan = self._build_plan(args)
+        self.plan = build_plan(args, self.node_data.sizes, self.groups, self.capacity)
         model = wrap_for_mode(model, args, peft_config)
         if args.lm_loss_chunk_tokens:
             check_chunkable(model)
@@ -175,41 +170,6 @@ class SnakeTrainer(StageCheckpointing, Trainer):
     def total_steps(self) -> int:
         return sum(stage.steps for stage in self.plan)
 
-    def _build_plan(self, args: SnakeConfig) -> list[Stage]:
-        if args.stage_steps is not None:
-            steps = [args.stage_steps] * args.num_nodes
-        else:
-            steps = [
-                default_stage_steps(
-                    size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.dataloader_drop_last
-                )
-                for size in self.node_data.sizes
-            ]
-        steps = scaled_steps(steps, args, self.capacity, self.node_data.sizes)
-        num_groups = self.groups.num_groups
-        if isinstance(args.schedule, list):
-            plan = validate_plan(args.schedule, args.num_nodes, num_groups)
-        elif args.schedule == "designated":
-            if num_groups != args.num_nodes:
-                raise ValueError(
-                    f"The designated schedule needs one group per node, but the model is cut into {num_groups} groups "
-                    f"for {args.num_nodes} nodes; set num_block_groups={args.num_nodes} or use 'serpentine'."
-                )
-            designation = self.capacity.designation if self.capacity is not None else None
-            owners = designation.owners if designation is not None else None
-            plan = designated_plan(args.num_nodes, args.num_passes, steps, owners)
-        else:
-            plan = serpentine_plan(args.num_nodes, num_groups, args.num_passes, steps, args.group_order)
-        if self.capacity is not None:
-            capacity = self.capacity
-            if capacity.costs is not None:  # refuse a plan that does not fit a node, before any training
-                check_plan_memory(
-                    plan, capacity.profiles, capacity.costs, self.groups.boundaries,
-                    args.per_device_train_batch_size, capacity.seq_len,
-                )  # fmt: skip
-            logger.info(explain(plan, capacity.profiles, capacity.designation, args.scale_steps_by))
-        return plan
-
     def _new_report(self) -> SnakeReport:
         return SnakeReport(
             num_nodes=self.args.num_nodes,
@@ -235,21 +195,7 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         afterwards every process holds the final trainable state.
         """
         self.snake_report = self._new_report()
-        relay, extra = (
-            (FailoverRelay, {"on_node_failure": self.args.on_node_failure}) if self._failover else (Relay, {})
-        )
-        self._relay = relay(
-            self.model,
-            self.part_map,
-            self._spec,
-            self.plan,
-            self.args.num_nodes,
-            self.args.seed,
-            self.transport,
-            self.snake_report,
-            self.local_nodes,
-            **extra,
-        )
+        self._relay = self._make_relay()
         self._meter = PeakMemory(self.args.device)
         self._own_stages = [stage for stage in self.plan if stage.node in self.local_nodes]
         if self.shard_summary is not None:
@@ -261,12 +207,9 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             record = self.snake_report.stages[-1]  # when the crashed run went on past it, so it had left)
             record.bytes_sent = self._relay.hand_on(self.plan[record.stage], deliver=record.stage + 1 == next_stage)
         output = TrainOutput(self.state.global_step, 0.0, {})
-        if self._failover:  # cs: the coordinator says which stage this rank trains next (see snake_hf.failover)
-            remaining = [stage] if (stage := self._relay.next_stage()) is not None else []
-        else:
-            remaining = [stage for stage in self._own_stages if stage.index >= next_stage]
-        if remaining:
-            self._begin_stage(remaining[0], first=True)
+        stage = self._first_stage(next_stage)
+        if stage is not None:
+            self._begin_stage(stage, first=True)
             # Distributed: no Trainer resume (each stage seeks its plan step; the sampler skips the trained batches).
             checkpoint = str(checkpoint) if checkpoint is not None and self.launch is None else None
             output = super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
@@ -278,21 +221,6 @@ class SnakeTrainer(StageCheckpointing, Trainer):
         self._merge_reports()
         logger.info(f"Snake run finished:\n{self.snake_report.to_markdown()}")
         return output
-
-    def _merge_reports(self) -> None:
-        """Distributed: the first process collects every process's stage and hop records (plain JSON via the store)."""
-        if self.launch is None:
-            return
-        texts = self._relay.gather_text("report", json.dumps(self.snake_report.to_dict(), default=str))
-        if texts is None:
-            return
-        reports = [json.loads(text) for text in texts]
-        self.snake_report.stages = sorted(
-            (StageRecord(**record) for report in reports for record in report["stages"]), key=lambda r: r.stage
-        )
-        self.snake_report.hops = sorted(
-            (HopRecord(**hop) for report in reports for hop in report["hops"]), key=lambda h: h.to_stage
-        )
 
     def set_initial_training_values(self, args, dataloader):
         # The plan fixes the length: one "epoch" holds every stage; num_train_epochs and max_steps are not used.
@@ -443,18 +371,6 @@ class SnakeTrainer(StageCheckpointing, Trainer):
             self._save_stage_checkpoint(stage)
         record.bytes_sent = self._relay.hand_on(stage)
         self.log({"stage_loss": record.train_loss, "stage": record.stage, "node": record.node, "group": record.group})
-
-    def _failover_boundary(self, control) -> None:
-        """cs (StageBoundaryCallback, at each step's end): closes a finished stage and enters this node's next one,
-        waiting for the coordinator's turn; stops the loop when the coordinator says the run is done."""
-        if self._stage_closed or self.state.global_step < self._stage_end:
-            return
-        self._end_stage()
-        following = self._relay.next_stage()
-        if following is None:
-            control.should_training_stop = True
-        else:
-            self._begin_stage(following)
 
     def _stage_objective(self, stage: Stage) -> StageObjective | None:
         args = self.args

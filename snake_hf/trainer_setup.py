@@ -1,4 +1,4 @@
-"""Setting up a Snake run before `Trainer` sees it: the model for the mode, groups, shards, priors, transport."""
+"""Setting up a Snake run before `Trainer` sees it: the model for the mode, groups, shards, plan, priors, transport."""
 
 from __future__ import annotations
 
@@ -9,16 +9,22 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import default_data_collator
+from transformers.utils import logging
 
 from .blocks import BlockGroups, PartMap, find_block_list, unwrap_model
-from .capacity import Designation, NodeProfile, as_profiles, designate, scale_steps
+from .capacity import Designation, NodeProfile, as_profiles, check_plan_memory, designate, explain, scale_steps
 from .config import SnakeConfig
 from .distributed import DistributedTransport
 from .losses import node_label_priors
 from .memory_estimate import BlockCosts, measure_block_costs
 from .node_data import NodeData
+from .plan import Stage, designated_plan, serpentine_plan, validate_plan
+from .sampler import default_stage_steps
 from .shards import make_partitioner, shard_summary
 from .transport import InMemoryTransport
+
+
+logger = logging.get_logger(__name__)
 
 
 def make_transport(args: SnakeConfig):
@@ -170,6 +176,42 @@ def scaled_steps(steps: list[int], args: SnakeConfig, capacity: Capacity | None,
     if args.scale_steps_by == "data":
         profiles = [replace(p, num_examples=p.num_examples or size) for p, size in zip(profiles, sizes)]
     return scale_steps(steps, profiles, by=args.scale_steps_by)
+
+
+def build_plan(args: SnakeConfig, sizes: list[int], groups: BlockGroups, capacity: Capacity | None) -> list[Stage]:
+    """The plan `args` asks for over shards of `sizes` and the model's `groups`; refuses one a node cannot fit."""
+    if args.stage_steps is not None:
+        steps = [args.stage_steps] * args.num_nodes
+    else:
+        steps = [
+            default_stage_steps(
+                size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.dataloader_drop_last
+            )
+            for size in sizes
+        ]
+    steps = scaled_steps(steps, args, capacity, sizes)
+    num_groups = groups.num_groups
+    if isinstance(args.schedule, list):
+        plan = validate_plan(args.schedule, args.num_nodes, num_groups)
+    elif args.schedule == "designated":
+        if num_groups != args.num_nodes:
+            raise ValueError(
+                f"The designated schedule needs one group per node, but the model is cut into {num_groups} groups "
+                f"for {args.num_nodes} nodes; set num_block_groups={args.num_nodes} or use 'serpentine'."
+            )
+        designation = capacity.designation if capacity is not None else None
+        owners = designation.owners if designation is not None else None
+        plan = designated_plan(args.num_nodes, args.num_passes, steps, owners)
+    else:
+        plan = serpentine_plan(args.num_nodes, num_groups, args.num_passes, steps, args.group_order)
+    if capacity is not None:
+        if capacity.costs is not None:  # refuse a plan that does not fit a node, before any training
+            check_plan_memory(
+                plan, capacity.profiles, capacity.costs, groups.boundaries,
+                args.per_device_train_batch_size, capacity.seq_len,
+            )  # fmt: skip
+        logger.info(explain(plan, capacity.profiles, capacity.designation, args.scale_steps_by))
+    return plan
 
 
 def partitioner_for(args: SnakeConfig):
