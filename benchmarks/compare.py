@@ -83,6 +83,7 @@ class Settings:
     payload_dtype: str = "float32"  # Snake's wire dtype (SnakeConfig.payload_dtype); the baselines count float32
     recompute: bool = False  # Snake: SnakeConfig.recompute_above_group
     lm_loss_chunk: int = 0  # causal LM, Snake and full fine-tuning alike: loss in chunks of this many tokens (0: off)
+    curve: bool = True  # Snake: measure after every stage (False: only after the last one, to save evaluation time)
 
     @property
     def total_steps(self) -> int:
@@ -268,7 +269,7 @@ def run_snake(s: Settings, task: Task, budget, measure, peaks, output_dir: str, 
         raise RuntimeError(f"Snake plans {trainer.total_steps} steps, the budget is {s.total_steps}.")
     curve = Curve(measure)
     if measure is not None:
-        ends = stage_end_steps(trainer.plan)
+        ends = stage_end_steps(trainer.plan) if s.curve else stage_end_steps(trainer.plan)[-1:]
         trainer.add_callback(CurveCallback(curve, ends, lambda: trainer.snake_report.total_bytes))
     start = time.perf_counter()
     output = trainer.train()

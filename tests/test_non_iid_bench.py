@@ -83,3 +83,17 @@ def test_cached_runs_are_reused(tiny, non_iid, monkeypatch):
         ["--tiny", "--in_process", "--alphas", "0.1", "--variants", "naive", "--output_dir", str(folder)]
     )
     assert list(again["results"]["0.1"]) == ["fedavg_lora", "naive"]
+
+
+@pytest.mark.parametrize(
+    "counts, expected",
+    [
+        ([{"0": 3, "1": 5}, {"0": 1, "1": 9}], True),
+        ([{"0": 3, "1": 0}, {"0": 1, "1": 9}], False),
+        ([{"0": 3}, {"1": 9}], False),
+    ],
+    ids=["both-everywhere", "zero-count", "missing-key"],
+)
+def test_restrict_is_skipped_only_when_every_node_holds_every_class(non_iid, counts, expected):
+    summary = {"shards": {"rows": [{"node": n, "label_counts": c} for n, c in enumerate(counts)]}}
+    assert non_iid._every_node_holds_every_class(summary) is expected
