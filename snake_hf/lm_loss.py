@@ -59,6 +59,8 @@ def chunked_causal_lm_loss(
         chunk_tokens (`int`): tokens per chunk of logits.
         num_items_in_batch (`torch.Tensor` or `int`, *optional*): divide the summed loss by this (Trainer's count of
             predicted tokens across gradient accumulation); without it, the mean over this batch's predicted tokens.
+            A batch with no predicted token gives what the model's own loss gives: NaN without `num_items_in_batch`
+            (a mean over nothing), `0 / num_items_in_batch` with it; either way with zero gradients.
 
     Returns:
         `torch.Tensor`: the scalar loss.
@@ -78,13 +80,19 @@ def chunked_causal_lm_loss(
     targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(hidden.device)
     keep = targets.reshape(-1) != IGNORE_INDEX
     rows, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets.reshape(-1)[keep]
+    count = keep.sum() if num_items_in_batch is None else num_items_in_batch
+    count = count.to(hidden.device) if torch.is_tensor(count) else count
+    if not rows.shape[0]:
+        # Nothing to predict (every label -100). The model's own loss is then 0 / count with zero gradients: NaN
+        # for the mean over no tokens, 0 with Trainer's num_items_in_batch (which covers the other micro-batches of
+        # the step). The head on the empty selection keeps the loss in the graph, so backward runs and every
+        # parameter the model's own loss reaches gets its zero gradient (AdamW still steps on a zero gradient).
+        return head(rows).float().sum() + hidden.new_zeros((), dtype=torch.float32) / count
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_tokens):
         chunk = slice(start, start + chunk_tokens)
         total = total + checkpoint(_summed_cross_entropy, head, rows[chunk], targets[chunk], use_reentrant=False)
-    if num_items_in_batch is None:
-        return total / keep.sum().clamp(min=1)
-    return total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    return total / count
 
 
 def _summed_cross_entropy(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,41 @@ def test_chunked_loss_equals_the_models_own_loss_and_gradients(make, num_items):
         torch.testing.assert_close(chunked[1][name], own[1][name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("make", [_llama, lambda: tiny_gpt2()], ids=["llama", "gpt2-tied-head"])
+@pytest.mark.parametrize(
+    "num_items", [None, torch.tensor(40), torch.tensor(0)], ids=["mean-nan", "num-items-zero-loss", "no-items-nan"]
+)
+def test_chunked_loss_on_an_all_masked_batch_is_the_models_own_with_zero_gradients(make, num_items):
+    model, batch = make().eval(), _batch()
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    own = _loss_and_grads(model, lambda: model(**batch, num_items_in_batch=num_items).loss)
+    chunked = _loss_and_grads(model, lambda: chunked_causal_lm_loss(model, batch, 5, num_items))
+    torch.testing.assert_close(chunked[0], own[0], equal_nan=True)
+    assert chunked[1].keys() == own[1].keys()
+    assert all(not grad.any() for grad in chunked[1].values())
+
+
+def test_snake_run_with_chunked_loss_matches_the_plain_loss_with_all_masked_rows(snake_args):
+    dataset = lm_dataset(n=16)
+    labels = torch.tensor(dataset["labels"])
+    labels[:2] = -100  # micro-batches with nothing to predict
+    dataset = dataset.remove_columns("labels").add_column("labels", labels.tolist())
+
+    def run(chunk):
+        args = snake_args(num_nodes=1, num_block_groups=2, stage_steps=4, train_mode="full", learning_rate=1e-3,
+                          per_device_train_batch_size=1, gradient_accumulation_steps=2, lm_loss_chunk_tokens=chunk)  # fmt: skip
+        trainer = SnakeTrainer(_llama(), args, train_dataset=dataset)
+        trainer.train()
+        return trainer
+
+    plain, chunked = run(0), run(4)
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (plain, chunked)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, nan_ok=True)
+    a, b = plain.model.state_dict(), chunked.model.state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+
+
 def test_chunked_loss_stores_no_full_logits():
     vocab = 2048  # logits dominate, as with SmolLM2's 49k vocabulary
     model, batch = _llama(vocab).eval(), _batch(vocab)
