@@ -9,6 +9,7 @@ from .capacity import Designation, NodeProfile, designate, explain, load_profile
 from .checkpoint import CheckpointError
 from .config import SnakeConfig
 from .distributed import DistributedTransport, LaunchInfo, hide_launch_env, launch_info
+from .failover import replan_after_failure
 from .payload import (
     Payload,
     PayloadError,
@@ -81,6 +82,7 @@ __all__ = [
     "load_plan",
     "make_partitioner",
     "plot_shards",
+    "replan_after_failure",
     "save_plan",
     "serpentine_plan",
     "set_recompute",
