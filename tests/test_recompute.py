@@ -3,6 +3,7 @@ fewer stored tensors."""
 
 from __future__ import annotations
 
+import datasets
 import pytest
 import torch
 from peft import LoraConfig
@@ -88,3 +89,34 @@ def test_recompute_above_group_trains_to_bit_identical_weights(snake_args, run):
     assert all(torch.equal(a[k], b[k]) for k in a)
     blocks = find_block_list(recomputed.model)[1]
     assert not any("forward" in block.__dict__ for block in blocks), "train() leaves plain blocks behind"
+
+
+def _padded_lm_dataset() -> datasets.Dataset:
+    ids = torch.randint(1, 64, (16, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[::2, 6:] = 0  # right padding: the attention mask is an explicit tensor, not just "causal"
+    labels = ids.masked_fill(mask == 0, -100)
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
+    )
+
+
+def _llama():
+    set_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config("llama", "causal_lm", vocab_size=64))
+
+
+@pytest.mark.parametrize("make", [_llama, tiny_gpt2], ids=["llama-cache-kwarg", "gpt2-positional-cache"])
+def test_recompute_above_group_with_use_cache_on_a_padded_batch_trains_like_the_plain_blocks(snake_args, make):
+    def run(recompute):
+        args = snake_args(num_nodes=2, num_block_groups=2, stage_steps=1, train_mode="full", learning_rate=1e-3,
+                          use_cache=True, recompute_above_group=recompute)  # fmt: skip
+        trainer = SnakeTrainer(make(), args, train_dataset=_padded_lm_dataset())
+        trainer.train()
+        return trainer
+
+    plain, recomputed = run(False), run(True)
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (plain, recomputed)]
+    assert losses[0] == losses[1]
+    a, b = plain.model.state_dict(), recomputed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
