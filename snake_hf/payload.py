@@ -10,7 +10,8 @@ Wire format (no pickle anywhere): three flat tensors,
 Floating-point tensors may travel in a narrower dtype than the model trains in (`payload_dtype`, e.g. bfloat16): the
 manifest then names the wire dtype of each tensor, the checksums cover the wire bytes, and the receiver casts back
 into its model's dtype. A part is rounded to the wire dtype in the sender's model too, when its stage closes
-([`round_to_wire`]), so every node holds exactly what a receiver of that part would hold.
+([`round_to_wire`]), and every part once when the relay starts, so every node holds exactly what a receiver of that
+part would hold.
 
 A receiver checks everything (sizes, checksums, fingerprint, adapter hash, part set, names, shapes, dtypes) before a
 single value is copied into its model, so a wrong payload is refused whole, never loaded half-way.

@@ -79,6 +79,10 @@ class Relay:
         self.report = report
         self.local_nodes = set(range(num_nodes)) if local_nodes is None else set(local_nodes)
         self.part_of = {name: part for part in part_map.parts for name in part_map.tensor_names(part)}
+        # Every part starts at its wire values (a no-op for float32 payloads), on every process alike: the final
+        # hand-over carries parts no stage trained too, and its receivers must end up holding what the sender holds.
+        named = dict(model.named_parameters()) | dict(model.named_buffers())
+        round_to_wire((named[name] for name in self.part_of), spec.payload_dtype)
         self.ledger = VersionLedger(num_nodes, {part: self.checksum(part) for part in part_map.parts})
         self.rng = {node: node_rng_state(seed, node) for node in range(num_nodes)}
         self.applied = 0  # events applied: 2s = "stage s trained", 2s+1 = "the hop after stage s arrived"
