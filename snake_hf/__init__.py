@@ -10,13 +10,17 @@ from .checkpoint import CheckpointError
 from .config import SnakeConfig
 from .distributed import DistributedTransport, LaunchInfo, hide_launch_env, launch_info
 from .failover import replan_after_failure
+from .lm_loss import check_chunkable, chunked_causal_lm_loss
 from .payload import (
+    PAYLOAD_DTYPES,
     Payload,
     PayloadError,
     PayloadSpec,
     VersionLedger,
     decode_payload,
     encode_payload,
+    part_wire_nbytes,
+    round_to_wire,
     wire_dtype,
 )
 from .plan import Stage, designated_plan, format_plan, load_plan, save_plan, serpentine_plan, validate_plan
@@ -39,6 +43,7 @@ from .vision import VGG11, load_image_folder, synthetic_image_dataset
 __version__ = "0.1.0"
 
 __all__ = [
+    "PAYLOAD_DTYPES",
     "VGG11",
     "Designation",
     "NodeProfile",
@@ -73,6 +78,8 @@ __all__ = [
     "Stage",
     "StageRecord",
     "VersionLedger",
+    "check_chunkable",
+    "chunked_causal_lm_loss",
     "decode_payload",
     "designated_plan",
     "encode_payload",
@@ -81,8 +88,10 @@ __all__ = [
     "group_boundaries",
     "load_plan",
     "make_partitioner",
+    "part_wire_nbytes",
     "plot_shards",
     "replan_after_failure",
+    "round_to_wire",
     "save_plan",
     "serpentine_plan",
     "set_recompute",

@@ -72,6 +72,7 @@ _DTYPES = {
 }
 
 
+# The values `SnakeConfig.payload_dtype` accepts: the widest floating-point dtype a payload carries.
 PAYLOAD_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -107,7 +108,21 @@ def wire_dtype(dtype: torch.dtype, payload_dtype: str = "float32") -> torch.dtyp
 
 
 def round_to_wire(tensors: Iterable[torch.Tensor], payload_dtype: str = "float32") -> None:
-    """Rounds `tensors` in place to the values they take after a trip in `payload_dtype` and back (cast and back)."""
+    """Rounds `tensors` in place to the values they take after a trip in `payload_dtype` and back (cast and back).
+
+    Idempotent, and a no-op for the float32 default on a float32 (or narrower) model.
+
+    Args:
+        tensors (`Iterable[torch.Tensor]`): tensors to round in place (e.g. a part's parameters).
+        payload_dtype (`str`, defaults to `"float32"`): one of [`PAYLOAD_DTYPES`].
+
+    Example:
+        ```python
+        >>> weight = torch.tensor([1.0 + 2**-10])
+        >>> round_to_wire([weight], "bfloat16"); weight
+        tensor([1.])
+        ```
+    """
     with torch.no_grad():
         for tensor in tensors:
             target = wire_dtype(tensor.dtype, payload_dtype)
@@ -351,6 +366,17 @@ def decode_payload(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: I
 
 
 def _decode(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable[str] | None) -> Payload:
+    manifest = _verified_manifest(encoded)
+    where = f"payload from node {manifest['sender']} to node {manifest['receiver']} (stage {manifest['stage']})"
+    _check_identity(manifest, spec, expected_parts, where)
+    tensors = _checked_tensors(manifest, encoded.data, spec, where)
+    if set(manifest["state"]) != set(spec.layout):
+        raise PayloadError(f"The {where} describes parts {sorted(manifest['state'])}; expected {sorted(spec.layout)}.")
+    return Payload(manifest=manifest, tensors=tensors)
+
+
+def _verified_manifest(encoded: EncodedPayload) -> dict:
+    """The manifest, once the sizes, the JSON, its required keys and both digests (manifest, data) check out."""
     header = [int(v) for v in encoded.header.tolist()]
     _check_header(header)
     if header[2] != encoded.manifest.numel() or header[3] != encoded.data.numel():
@@ -367,13 +393,16 @@ def _decode(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable
         raise PayloadError(f"Payload manifest lacks {sorted(required - set(manifest or {}))}.")
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
         raise PayloadError("Payload manifest fails its checksum: it was corrupted or tampered with in transit.")
-    data_bytes = encoded.data.numpy().tobytes()
-    if hashlib.sha256(data_bytes).hexdigest() != manifest.get("data_sha256"):
+    if hashlib.sha256(encoded.data.numpy().tobytes()).hexdigest() != manifest.get("data_sha256"):
         raise PayloadError(
             f"Payload from node {manifest['sender']} (stage {manifest['stage']}) fails its checksum: the data was "
             "corrupted or tampered with in transit."
         )
-    where = f"payload from node {manifest['sender']} to node {manifest['receiver']} (stage {manifest['stage']})"
+    return manifest
+
+
+def _check_identity(manifest: dict, spec: PayloadSpec, expected_parts: Iterable[str] | None, where: str) -> None:
+    """Same base model, same adapter configuration and layout, and exactly the parts the receiver lacks."""
     if manifest["fingerprint"] != spec.fingerprint:
         raise PayloadError(
             f"The {where} was made from a different base model (fingerprint {manifest['fingerprint']}, this node "
@@ -394,6 +423,12 @@ def _decode(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable
         raise PayloadError(
             f"The {where} carries parts {sorted(parts)} but this node lacks exactly {sorted(expected_parts)}."
         )
+
+
+def _checked_tensors(manifest: dict, data: torch.Tensor, spec: PayloadSpec, where: str) -> dict[str, torch.Tensor]:
+    """The carried tensors (copies of their bytes), once every name, wire dtype, shape, byte range and part checksum
+    matches what this node expects; every part complete."""
+    parts = manifest["parts"]
     tensors, seen = {}, {part: set() for part in parts}
     for part, name, dtype, shape, offset, nbytes in manifest["tensors"]:
         expected = spec.layout.get(part, {}).get(name)
@@ -410,12 +445,11 @@ def _decode(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable
         numel = 1
         for dim in shape:
             numel *= int(dim)
-        if nbytes != numel * torch.empty(0, dtype=torch_dtype).element_size() or not 0 <= offset <= len(data_bytes):
+        if nbytes != numel * torch.empty(0, dtype=torch_dtype).element_size() or not 0 <= offset <= data.numel():
             raise PayloadError(f"The {where} has inconsistent byte ranges for {name!r}.")
-        if offset + nbytes > len(data_bytes):
+        if offset + nbytes > data.numel():
             raise PayloadError(f"The {where} is truncated inside tensor {name!r}.")
-        raw = encoded.data[offset : offset + nbytes].clone()
-        tensors[name] = raw.view(torch_dtype).reshape(tuple(shape))
+        tensors[name] = data[offset : offset + nbytes].clone().view(torch_dtype).reshape(tuple(shape))
         seen[part].add(name)
     for part in parts:
         missing = set(spec.layout[part]) - seen[part]
@@ -424,13 +458,26 @@ def _decode(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable
         checksum = tensors_checksum((n, tensors[n]) for n in seen[part])
         if checksum != manifest.get("part_checksums", {}).get(part):
             raise PayloadError(f"The {where} fails the checksum of part {part!r}.")
-    if set(manifest["state"]) != set(spec.layout):
-        raise PayloadError(f"The {where} describes parts {sorted(manifest['state'])}; expected {sorted(spec.layout)}.")
-    return Payload(manifest=manifest, tensors=tensors)
+    return tensors
 
 
 def part_wire_nbytes(part_map: PartMap, model: nn.Module, payload_dtype: str = "float32") -> dict[str, int]:
-    """Bytes of each part's tensors on the wire (what a payload of that part carries, manifest excluded)."""
+    """Bytes of each part's tensors on the wire (what a payload of that part carries, manifest excluded).
+
+    Args:
+        part_map (`PartMap`): tensor names per part.
+        model (`nn.Module`): the model the parts belong to (its dtypes decide the wire dtypes).
+        payload_dtype (`str`, defaults to `"float32"`): one of [`PAYLOAD_DTYPES`].
+
+    Returns:
+        `dict[str, int]`: part -> bytes.
+
+    Example:
+        ```python
+        >>> sizes = part_wire_nbytes(part_map, model, "bfloat16")  # half the float32 figures for a float32 model
+        >>> sum(sizes.values())  # tensor bytes of a hop that carries every part
+        ```
+    """
     state = _named_tensors(model)
     nbytes = {name: t.numel() * wire_dtype(t.dtype, payload_dtype).itemsize for name, t in state.items()}
     return {part: sum(nbytes[n] for n in part_map.tensor_names(part)) for part in part_map.parts}
