@@ -28,11 +28,27 @@ IGNORE_INDEX = -100
 _POST_PROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
-def check_chunkable(model: nn.Module) -> nn.Module:
+def check_chunkable(model: nn.Module, chunk_tokens: int) -> nn.Module:
     """Returns the output head of `model`; raises when its logits are not the head applied to the hidden states.
 
+    `SnakeTrainer` calls it before it touches the model when `lm_loss_chunk_tokens` is set.
+
+    Args:
+        model (`nn.Module`): the model (possibly PEFT-wrapped).
+        chunk_tokens (`int`): the `lm_loss_chunk_tokens` value, for the message.
+
+    Returns:
+        `nn.Module`: the output head (`get_output_embeddings()`).
+
     Raises:
-        `ValueError`: naming `lm_loss_chunk_tokens`, the model and the fix.
+        `ValueError`: naming `lm_loss_chunk_tokens` and its value, the model, why, and the fix.
+
+    Example:
+        ```python
+        >>> head = check_chunkable(AutoModelForCausalLM.from_config(LlamaConfig(...)), 128)  # lm_head
+        >>> check_chunkable(BertForSequenceClassification(BertConfig(...)), 128)
+        ValueError: `lm_loss_chunk_tokens` (128) is set, but BertForSequenceClassification has no output embeddings...
+        ```
     """
     base = unwrap_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -41,8 +57,8 @@ def check_chunkable(model: nn.Module) -> nn.Module:
     if head is None or post:
         reason = f"post-processes its logits ({', '.join(post)})" if post else "has no output embeddings"
         raise ValueError(
-            f"`lm_loss_chunk_tokens` is set, but {type(base).__name__} {reason}: the chunked loss needs logits = "
-            "lm_head(hidden states). Set lm_loss_chunk_tokens=0 for this model."
+            f"`lm_loss_chunk_tokens` ({chunk_tokens}) is set, but {type(base).__name__} {reason}: the chunked loss "
+            "needs logits = lm_head(hidden states). Set lm_loss_chunk_tokens=0 for this model."
         )
     return head
 
@@ -71,7 +87,7 @@ def chunked_causal_lm_loss(
         >>> loss.backward()  # no more than 128 x vocab logits at a time
         ```
     """
-    head = check_chunkable(model)
+    head = check_chunkable(model, chunk_tokens)
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     with _capture_head_input(head) as captured:

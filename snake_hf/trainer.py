@@ -120,6 +120,8 @@ class SnakeTrainer(StageCheckpointing, DistributedRun, Trainer):
             raise ValueError("`model_init` is not supported by SnakeTrainer; pass the model itself.")
         # Everything that can refuse the input runs before the model is touched (get_peft_model edits it in place).
         check_mode(model, args, peft_config)
+        if args.lm_loss_chunk_tokens:
+            check_chunkable(model, args.lm_loss_chunk_tokens)
         designated_by_profiles = args.node_profiles is not None and args.schedule == "designated"
         if not designated_by_profiles:
             self.groups = BlockGroups.from_model(
@@ -139,8 +141,6 @@ class SnakeTrainer(StageCheckpointing, DistributedRun, Trainer):
             )
         self.plan = build_plan(args, self.node_data.sizes, self.groups, self.capacity)
         model = wrap_for_mode(model, args, peft_config)
-        if args.lm_loss_chunk_tokens:
-            check_chunkable(model)
         _tag_model(model)
         self.part_map = PartMap.build(model, self.groups, args.train_mode, args.always_trainable_modules or ())
         # Fingerprint the base as loaded, before training changes anything.

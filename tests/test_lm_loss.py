@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM, set_seed
 
-from conftest import lm_dataset, tiny_gpt2
+from conftest import cls_dataset, lm_dataset, tiny_bert, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
 from snake_hf.lm_loss import chunked_causal_lm_loss
 from snake_hf.recipes import tiny_config
@@ -116,3 +117,12 @@ def test_snake_run_with_chunked_loss_matches_the_plain_loss(snake_args):
 def test_chunked_loss_is_refused_with_options_that_need_logits(tmp_path):
     with pytest.raises(ValueError, match="lm_loss_chunk_tokens.*distillation"):
         SnakeConfig(output_dir=str(tmp_path), lm_loss_chunk_tokens=64, distill_alpha=0.5, use_cpu=True)
+
+
+def test_chunked_loss_is_refused_for_a_model_without_an_output_head_before_the_model_is_touched(snake_args):
+    model = tiny_bert()
+    args = snake_args(num_nodes=2, num_block_groups=2, stage_steps=1, lm_loss_chunk_tokens=64)
+    lora = LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS")
+    with pytest.raises(ValueError, match=r"`lm_loss_chunk_tokens` \(64\).*BertForSequenceClassification.*=0"):
+        SnakeTrainer(model, args, train_dataset=cls_dataset(), peft_config=lora)
+    assert not any("lora_" in name for name, _ in model.named_parameters()), "no LoRA layers were added"
