@@ -27,7 +27,7 @@ __all__ = ["CheckpointError", "StageCheckpoint", "latest_checkpoint", "rotate_ch
 STATE_FILE = "snake_state.json"
 PARTS_FILE = "snake_parts.safetensors"
 RNG_FILE = "snake_rng.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2: the run's signature and id (a checkpoint resumes only the run that wrote it)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -41,7 +41,7 @@ class StageCheckpoint:
 
     Args:
         state (`dict`): JSON-able: `next_stage`, `global_step`, `plan`, `fingerprint`, `versions`, `checksums`,
-            `report`.
+            `report`, `rank`, `failures`, `run_id` and `signature` (see `snake_hf.trainer_checkpoint`).
         parts (`dict[str, torch.Tensor]`): every part's tensors, by the trained model's tensor names.
         rng (`dict[int, torch.Tensor]`): each node's CPU RNG state.
     """
@@ -77,7 +77,8 @@ class StageCheckpoint:
             ) from error
         if state.get("format") != FORMAT:
             raise CheckpointError(
-                f"Checkpoint {folder} has format {state.get('format')}; this snake_hf reads {FORMAT}."
+                f"Checkpoint {folder} has format {state.get('format')}; this snake_hf reads {FORMAT}. Resume it with "
+                "the snake_hf version that wrote it, or start again."
             )
         return cls(state=state, parts=parts, rng=rng)
 

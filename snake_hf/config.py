@@ -21,6 +21,7 @@ TRAIN_MODES = ("lora", "full")
 TOPOLOGIES = ("p2p", "cs")
 ENGINES = ("auto", "simulation", "distributed")
 PARTITIONS = ("iid", "dirichlet", "shard", "pathological", "length")
+ON_NODE_FAILURE = ("replan", "drop")  # cs topology: what happens to a dead node's stages (snake_hf.failover)
 
 
 @dataclass
@@ -278,7 +279,7 @@ class SnakeConfig(TrainingArguments):
                  f"use one of {list(PAYLOAD_DTYPES)}")  # fmt: skip
         _require(self.lm_loss_chunk_tokens >= 0, "lm_loss_chunk_tokens", self.lm_loss_chunk_tokens,
                  "use 0 (off) or a number of tokens, e.g. 128")  # fmt: skip
-        _require(self.on_node_failure in ("replan", "drop"), "on_node_failure", self.on_node_failure,
+        _require(self.on_node_failure in ON_NODE_FAILURE, "on_node_failure", self.on_node_failure,
                  "use 'replan' (move a dead node's stages to a live node) or 'drop' (skip them)")  # fmt: skip
         if self.lm_loss_chunk_tokens and (
             self.distill_alpha > 0 or self.logit_adjustment > 0 or self.restrict_to_node_classes

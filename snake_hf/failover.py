@@ -6,28 +6,38 @@ so explicitly, and that is what lets the run go on when a node dies:
 * **Turns.** A node trains only when the coordinator publishes its turn in the rendezvous store
   (`snake/cs/turn/<rank>/<n>`: the stage to train, or "done"); a node's consecutive stages need no new turn. The
   coordinator walks the effective plan: it publishes the turn, delivers the payload into the node's run, and waits for
-  the payload out of it. Every rank keeps waiting inside its `Trainer` loop until it is told it is done, so a stage can
-  still be given to it late.
-* **Authoritative state.** The coordinator loads every payload it passes on into its own model and keeps the version
-  and checksum of each part it holds: at any moment it holds the newest version of every part (a stage's node holds
-  the newest state, and everything that node learned came to it through the coordinator). Between its own stages
-  this is ahead of its own node's version vector, which only ever costs it a receipt of the same tensors.
+  a payload after every stage of the run. Every rank keeps waiting inside its `Trainer` loop until it is told it is
+  done, so a stage can still be given to it late.
+* **Every stage reaches the coordinator.** After each stage that its node follows with another of its own, the node
+  uploads the parts that stage trained to the coordinator (hop `<next stage>`, node -> coordinator) before it goes on;
+  after the last stage of its run it sends the payload for the next node as usual (the coordinator passes it on).
+  So a completed stage's work is never lost with its node (DESIGN §8). The uploads are cs wire traffic, like the
+  forwarding through the coordinator: they count in the transport's `link_bytes`, not as Snake hops in the report
+  (whose hops stay those of the plan, as in the simulation).
+* **Authoritative state.** The coordinator loads every payload it receives into its own model and keeps the version
+  and checksum of each part it holds: at any moment it holds the newest version of every part as of the last
+  completed stage. Between its own stages this is ahead of its own node's version vector, which only ever costs it a
+  receipt of the same tensors.
 * **Failure.** When a node does not answer (no heartbeat for `hop_timeout` seconds, or its link breaks) while the
   coordinator delivers to it or waits for its payload, the coordinator marks it failed, logs a warning and rewrites
-  the *effective plan* from the first stage of the failed node's unfinished run. The new plan and the failure list
+  the *effective plan* from the first stage whose payload did not reach it. The new plan and the failure list
   are published in the store (`snake/cs/plan/<generation>`); every rank replays its version bookkeeping over the
   effective plan, and the payload into the rewritten stage is rebuilt by the coordinator from its authoritative state,
   against the new receiver's version vector.
 * **Re-plan rule** (`on_node_failure="replan"`, the default): every remaining stage of a failed node (from the first
-  stage of its unfinished run on) goes to the node of the nearest earlier stage of the effective plan that runs on a
-  live node (for the plan's first stage, the nearest later one; else the coordinator), with the same group, steps
-  and global-step position, trained on that node's own shard. That node already holds the newest state, so the
-  re-planned stage needs no hop, and a serpentine plan keeps its shape: the dead node's neighbours become neighbours.
+  one whose payload did not reach the coordinator) goes to the node of the nearest earlier stage of the effective
+  plan that runs on a live node (for the plan's first stage, the nearest later one; else the coordinator), with the
+  same group, steps and global-step position, trained on that node's own shard. When the failed node finished no
+  stage of its run, that node already holds the newest state and the re-planned stage needs no hop; else the
+  coordinator sends it what it lacks. A serpentine plan keeps its shape: the dead node's neighbours become neighbours.
   The re-planned run is what the simulation gives for the same effective plan (`SnakeReport.failures` lists it).
   `on_node_failure="drop"` removes those stages instead: the learning-rate schedule jumps over their steps.
-* A stage counts as done once its payload reached the coordinator: a node that dies after training but before its
-  payload left loses that run, which is then re-planned. **A dead coordinator is not survivable**: every other rank
-  raises [`HopTimeoutError`] naming it.
+* A stage counts as done once its payload reached the coordinator: a node that dies while training loses only that
+  stage. **A dead coordinator is not survivable**: every other rank raises [`HopTimeoutError`] naming it; relaunching
+  every rank with `resume_from_checkpoint=True` goes on from the stage checkpoints (`snake_hf.trainer_checkpoint`).
+  A run that a failure re-planned cannot be resumed that way (its checkpoints are refused, since they follow another
+  plan than the relaunched ranks'). After a resume, the coordinator holds the newest state only of the parts that
+  reached it since; a node failure that needs older parts from it stops the run with an error instead of re-planning.
 """
 
 from __future__ import annotations
@@ -36,21 +46,23 @@ import json
 from collections.abc import Sequence
 from dataclasses import replace
 
+from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .payload import EncodedPayload, build_payload, decode_payload, encode_payload
+from .blocks import PartMap
+from .config import ON_NODE_FAILURE
+from .payload import EncodedPayload, PayloadSpec, build_payload, decode_payload, encode_payload
 from .plan import Stage
 from .relay import Relay
-from .report import HopRecord
-from .transport import HopTimeoutError
+from .report import HopRecord, SnakeReport
+from .transport import HopTimeoutError, Transport
 
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["ON_NODE_FAILURE", "FailoverRelay", "StageBoundaryCallback", "replan_after_failure"]
 
-ON_NODE_FAILURE = ("replan", "drop")
 _FINAL = "final/cs"
 _TURN, _PLAN, _REPORT = "snake/cs/turn/{}/{}", "snake/cs/plan/{}", "snake/cs/report/{}"
 
@@ -111,12 +123,35 @@ class StageBoundaryCallback(TrainerCallback):
 class FailoverRelay(Relay):
     """The [`Relay`] of the cs topology in distributed mode: turns from the coordinator, and failover.
 
-    Same arguments as [`Relay`], plus `on_node_failure` (`str`, defaults to `"replan"`). The transport must be a
-    [`DistributedTransport`] in cs topology; this process runs one node (its rank).
+    Args:
+        model (`nn.Module`), part_map (`PartMap`), spec (`PayloadSpec`), plan (`Sequence[Stage]`), num_nodes (`int`),
+            seed (`int`), report (`SnakeReport`): as for [`Relay`].
+        transport (`Transport`): a [`DistributedTransport`] in cs topology (its `coordinator` drives the plan).
+        local_nodes (`set[int]`): this process's one node (its rank).
+        on_node_failure (`str`, defaults to `"replan"`): `"replan"` a dead node's stages or `"drop"` them (see the
+            module docstring).
+
+    Example:
+        ```python
+        >>> relay = FailoverRelay(model, part_map, spec, plan, 3, 0, transport, report, {rank})  # rank = node
+        >>> stage = relay.next_stage()  # blocks until the coordinator gives this rank a turn (None: done)
+        ```
     """
 
-    def __init__(self, *args, on_node_failure: str = "replan", **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        model: nn.Module,
+        part_map: PartMap,
+        spec: PayloadSpec,
+        plan: Sequence[Stage],
+        num_nodes: int,
+        seed: int,
+        transport: Transport,
+        report: SnakeReport,
+        local_nodes: set[int],
+        on_node_failure: str = "replan",
+    ):
+        super().__init__(model, part_map, spec, plan, num_nodes, seed, transport, report, local_nodes)
         self.mode = on_node_failure
         self.rank = next(iter(self.local_nodes))
         self.coordinator = self.transport.coordinator
@@ -129,7 +164,7 @@ class FailoverRelay(Relay):
         self._turns: dict[int, int] = {}  # turns published per rank (coordinator) / received (a node: its own)
         # coordinator only
         self._frontier = 0  # position of the next stage to hand out
-        self._awaiting: tuple[int, int] | None = None  # a node's run (first, last position) whose payload is due
+        self._awaiting: int | None = None  # position of the stage on another node whose payload is due
         self._carry: tuple[EncodedPayload, object] | None = None  # the payload into the next run, decoded too
         self._held = self.ledger.state(self.rank)  # (version, checksum) of every part in the coordinator's model
 
@@ -144,6 +179,8 @@ class FailoverRelay(Relay):
 
     def next_stage(self) -> Stage | None:
         """The next stage this rank trains (None: the run is done). Blocks until the coordinator says which."""
+        if not self._is_coordinator:  # the stages it trained so far, for the final report should it die
+            self.transport.store.set(_REPORT.format(self.rank), json.dumps(self.report.to_dict(), default=str))
         if self._current is not None:
             position = self._position(self._current) + 1
             if position < len(self.effective) and self.effective[position].node == self.rank:
@@ -153,7 +190,6 @@ class FailoverRelay(Relay):
         if self._is_coordinator:
             self._current = self._drive()
             return self._current
-        self.transport.store.set(_REPORT.format(self.rank), json.dumps(self.report.to_dict(), default=str))
         count = self._turns.get(self.rank, 0)
         self._turns[self.rank] = count + 1
         key = _TURN.format(self.rank, count)
@@ -173,18 +209,22 @@ class FailoverRelay(Relay):
         """Coordinator: hands out turns and payloads along the effective plan until its own next stage (or the end)."""
         while True:
             if self._awaiting is not None:
-                first, last = self._awaiting
-                node = self.effective[first].node
-                hop = self.effective[last + 1].index if last + 1 < len(self.effective) else _FINAL
+                position = self._awaiting
+                node = self.effective[position].node
+                following = self.effective[position + 1] if position + 1 < len(self.effective) else None
+                hop = following.index if following is not None else _FINAL
                 try:
                     encoded = self.transport.recv_from(node, hop, src=node, dst=self.rank)
                 except HopTimeoutError as error:
-                    self._fail(node, first, error)
+                    self._fail(node, position, error)
                     continue
                 payload = decode_payload(encoded, self.spec)  # a refused payload is an error, not a dead node
                 self._absorb(payload)
-                self._carry = (encoded, payload) if hop != _FINAL else None
-                self._awaiting, self._frontier = None, last + 1
+                if following is not None and following.node == node:  # an upload: the node goes on with its run
+                    self._awaiting = position + 1
+                    continue
+                self._carry = (encoded, payload) if following is not None else None
+                self._awaiting, self._frontier = None, position + 1
             if self._frontier >= len(self.effective):
                 return None
             stage = self.effective[self._frontier]
@@ -201,10 +241,7 @@ class FailoverRelay(Relay):
                     self._fail(stage.node, self._frontier, error)
                     continue
             self._carry = None
-            last = self._frontier
-            while last + 1 < len(self.effective) and self.effective[last + 1].node == stage.node:
-                last += 1
-            self._awaiting = (self._frontier, last)
+            self._awaiting = self._frontier
 
     def _publish_turn(self, node: int, stage: int | None) -> None:
         count = self._turns.get(node, 0)
@@ -308,6 +345,8 @@ class FailoverRelay(Relay):
         position = self._position(stage)
         following = self.effective[position + 1] if position + 1 < len(self.effective) else None
         if following is not None and following.node == stage.node:
+            if deliver and not self._is_coordinator:
+                self._upload(stage, following)
             return 0
         if following is None:
             if deliver and not self._is_coordinator:  # the last stage: the whole state goes to the coordinator
@@ -319,6 +358,16 @@ class FailoverRelay(Relay):
                 self.transport.send_to(self.coordinator, encoded, _FINAL, src=self.rank, dst=self.coordinator)
             return 0
         return self._send(stage, following, deliver)
+
+    def _upload(self, stage: Stage, following: Stage) -> None:
+        """A node going on with its own next stage: the parts `stage` trained go to the coordinator first, so that the
+        stage's work survives this node (not a Snake hop: nobody else lacks them yet, and the report does not list it)."""
+        payload = build_payload(
+            self.model, self.part_map, self._trained_parts(stage), self.ledger.state(self.rank), self.spec,
+            self.rank, self.coordinator, following.index,
+        )  # fmt: skip
+        encoded = encode_payload(payload, self.part_of)
+        self.transport.send_to(self.coordinator, encoded, following.index, src=self.rank, dst=self.coordinator)
 
     def _deliver(self, stage: Stage, following: Stage, encoded: EncodedPayload) -> None:
         if self._is_coordinator:
@@ -369,13 +418,14 @@ class FailoverRelay(Relay):
         self._held = self.ledger.state(self.rank)  # a checkpoint is taken right after this rank's own stage
 
     def resume_at(self, stage: int) -> None:
+        """A resumed run goes on at `stage`. The rank that trained `stage - 1` hands its payload on again (to the
+        coordinator: the hop into `stage`, or an upload when `stage` is its own too); the coordinator waits for it."""
         self._frontier = stage
         holder = self.effective[stage - 1]
-        if self._is_coordinator and holder.node != self.rank:
-            first = stage - 1
-            while first > 0 and self.effective[first - 1].node == holder.node:
-                first -= 1
-            self._awaiting = (first, stage - 1)
+        if holder.node == self.rank:
+            self._current = holder  # as in an unbroken run: its own next stage needs no turn
+        elif self._is_coordinator:
+            self._awaiting = stage - 1
 
     def _apply_until(self, event: int) -> None:
         """Applies, as metadata, the events of other ranks' stages over the effective plan (positions, not indices)."""

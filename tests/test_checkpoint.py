@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import lm_dataset, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
 from snake_hf.checkpoint import PARTS_FILE, STATE_FILE, CheckpointError, latest_checkpoint, write_atomically
+from snake_hf.launch import LaunchInfo
 
 
 HERE = Path(__file__).parent
@@ -52,11 +54,12 @@ def _trained_with_checkpoints(tmp_path) -> SnakeTrainer:
     return trainer
 
 
-def _fresh(tmp_path) -> SnakeTrainer:
-    args = SnakeConfig(
+def _fresh(tmp_path, **overrides) -> SnakeTrainer:
+    settings = dict(
         output_dir=str(tmp_path), num_nodes=2, num_block_groups=2, stage_steps=2, per_device_train_batch_size=4,
         save_strategy="steps", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
     )  # fmt: skip
+    args = SnakeConfig(**(settings | overrides))
     lora = LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM")
     return SnakeTrainer(tiny_gpt2(), args, train_dataset=lm_dataset(), peft_config=lora)
 
@@ -103,3 +106,101 @@ def test_a_folder_killed_mid_write_is_never_trusted(tmp_path):
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(CheckpointError, match="No complete stage checkpoint"):
         _fresh(tmp_path).train(resume_from_checkpoint=True)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory) -> Path:
+    """The output_dir of one finished run with stage checkpoints (copy it before changing anything)."""
+    out = tmp_path_factory.mktemp("checkpointed")
+    _trained_with_checkpoints(out)
+    return out
+
+
+def _copy(checkpointed: Path, tmp_path: Path) -> Path:
+    shutil.copytree(checkpointed, tmp_path / "out")
+    return tmp_path / "out"
+
+
+def _edit_state(checkpoint: Path, **changes) -> None:
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    for key, value in changes.items():
+        target, *path = key.split("__")
+        if path:
+            state[target][path[0]] = value
+        else:
+            state[target] = value
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize(("field", "value", "saved"), [("payload_dtype", "bfloat16", "'float32'"), ("seed", 1, "0")],
+                         ids=["payload_dtype", "seed"])  # fmt: skip
+def test_resume_with_another_run_setting_is_refused_naming_the_field(checkpointed, tmp_path, field, value, saved):
+    out = _copy(checkpointed, tmp_path)
+    expected = rf"`{field}` = {saved}; this run has {value!r}\. Resume with the same `{field}`, or start a new run"
+    with pytest.raises(CheckpointError, match=expected):
+        _fresh(out, **{field: value}).train(resume_from_checkpoint=True)
+
+
+def test_checkpoint_written_after_a_replan_is_refused_naming_the_failed_rank(checkpointed, tmp_path):
+    # A cs node failure re-plans the run (snake_hf.failover); its later checkpoints follow the effective plan, which a
+    # relaunch does not know: resuming them is refused.
+    out = _copy(checkpointed, tmp_path)
+    _edit_state(latest_checkpoint(out), failures=[{"rank": 1, "stage": 3, "action": "replan"}])
+    with pytest.raises(CheckpointError, match=r"re-planned the run \(rank 1 failed first\); resuming a re-planned"):
+        _fresh(out).train(resume_from_checkpoint=True)
+
+
+def _told(next_stage: int = 0, run_id: str | None = "run-a", error: str | None = None) -> dict:
+    if error is not None:
+        return {"error": error}
+    return {"next_stage": next_stage, "path": f"node/checkpoint-{next_stage}" if next_stage else "", "run_id": run_id}
+
+
+# fmt: off
+AGREEMENTS = [  # what ranks 0 and 1 told each other (plan nodes 0 1 1 0) -> the stage the run goes on at, or the error
+    ([_told(1), _told(3)], 3),
+    ([_told(1), _told(0, None)], 1),
+    ([_told(error="Checkpoint c was written by a run with `seed` = 0"), _told(3)],
+     r"Rank 0 cannot resume, so the run cannot: Checkpoint c was written by a run with `seed` = 0"),
+    ([_told(1, "run-a"), _told(3, "run-b")], r"different runs \(run id: ranks \{'run-a': \[0\], 'run-b': \[1\]\}\)"),
+    ([_told(0, None), _told(2)], r"Rank 0 resumes at stage 0 \(no checkpoint\), but the run goes on at stage 2 and "
+                                 r"rank 0 trained stage 0 before it"),
+    ([_told(0, None), _told(0, None)], "No rank has a complete stage checkpoint"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("told", "expected"), AGREEMENTS,
+                         ids=["latest", "one-rank-has-none", "error", "two-runs", "missing", "none"])  # fmt: skip
+def test_ranks_agree_on_the_resume_stage_or_all_raise_the_same_cause(tmp_path, told, expected):
+    trainer = _fresh(tmp_path)
+    if isinstance(expected, int):
+        assert trainer._agree_on_resume(told) == expected
+    else:
+        with pytest.raises(CheckpointError, match=expected):
+            trainer._agree_on_resume(told)
+
+
+class _Exchange:
+    """The store exchange of a distributed run, seen from one rank: the other ranks already told `others`."""
+
+    def __init__(self, rank: int, others: dict[int, dict]):
+        self.rank, self.others, self.told = rank, others, []
+
+    def exchange_text(self, name: str, text: str) -> list[str]:
+        self.told.append((name, text))
+        return [text if r == self.rank else json.dumps(self.others[r]) for r in range(len(self.others) + 1)]
+
+
+def test_a_rank_that_refuses_its_checkpoint_tells_the_others_why(checkpointed, tmp_path):
+    out = _copy(checkpointed, tmp_path)
+    (out / "node-1").mkdir()
+    shutil.copytree(latest_checkpoint(out), out / "node-1" / "checkpoint-6")
+    _edit_state(out / "node-1" / "checkpoint-6", rank=1, signature__seed=7)  # rank 1's checkpoint, of another run
+    trainer = _fresh(out)
+    trainer.launch = LaunchInfo(rank=1, world_size=2, local_rank=1, master_addr="127.0.0.1", master_port=0)
+    trainer.transport = _Exchange(1, {0: _told(1)})
+    with pytest.raises(CheckpointError, match=r"`seed` = 7; this run has 0"):
+        trainer._resume(True)
+    [(name, text)] = trainer.transport.told
+    assert name == "resume" and "`seed` = 7; this run has 0" in json.loads(text)["error"]  # the others raise it too

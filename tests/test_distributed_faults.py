@@ -3,7 +3,7 @@
 p2p: the other ranks stop with the named `HopTimeoutError`; relaunching all ranks with `resume_from_checkpoint=True`
 finishes the run with adapters bit-identical to an uninterrupted one.
 cs: a dead node is re-planned around (or its stages dropped) and the run finishes on the others, bit-identical to the
-simulation of the re-planned plan; a dead coordinator stops the run, and resuming finishes it bit-identically.
+simulation of the re-planned plan (also when it dies in the second stage of its run: the first one's work is kept); a dead coordinator stops the run, and resuming finishes it bit-identically.
 
 Each rank is its own process joined through the rendezvous store (not torchrun: its agent stops every worker when one
 dies). Every run is bounded in time and every process is killed at the end.
@@ -143,33 +143,46 @@ def test_p2p_rank_killed_mid_stage_stops_with_hop_timeout_then_resume_is_bit_ide
     assert report["link_bytes"] == sim_report.link_bytes()
 
 
+# fmt: off
+CS_KILLS = [  # (rank, after step) -> (failed stage, re-planned as (stage, to), effective plan's nodes)
+    # rank 1 dies in stage 4 (its own run of one stage), before its payload left
+    (1, 9, 4, [(4, 2), (7, 0), (10, 2)], [0, 1, 2, 2, 2, 0, 0, 0, 2, 2, 2, 0]),
+    # rank 2 dies in stage 3, the second stage of its run 2-3: stage 2's work reached the coordinator and is kept
+    (2, 7, 3, [(3, 1), (8, 1), (9, 1)], [0, 1, 2, 1, 1, 0, 0, 1, 1, 1, 1, 0]),
+]
+# fmt: on
+
+
 @pytest.mark.slow
-def test_cs_rank_killed_mid_stage_run_finishes_on_the_others_as_the_replanned_plan(tmp_path):
+@pytest.mark.parametrize(("killed", "step", "stage", "replanned", "nodes"), CS_KILLS, ids=["run-of-one", "mid-run"])
+def test_cs_rank_killed_mid_stage_run_finishes_on_the_others_as_the_replanned_plan(
+    tmp_path, killed, step, stage, replanned, nodes
+):
     from _dist_fault_run import adapters, make_trainer
     from peft import PeftModel, get_peft_model_state_dict
 
     from conftest import tiny_gpt2
     from snake_hf import Stage
 
-    # Stages 0..11 on nodes 0 1 2 2 1 0 | 0 1 2 2 1 0. Rank 1 dies after step 9, in stage 4, before its payload left.
-    results = _launch(tmp_path, "cs", "run", "1", "9", SNAKE_TEST_HOP_TIMEOUT="10")
-    assert results[1][0] == -signal.SIGKILL
-    for rank in (0, 2):
+    # Stages 0..11 on nodes 0 1 2 2 1 0 | 0 1 2 2 1 0, two steps each.
+    results = _launch(tmp_path, "cs", "run", str(killed), str(step), SNAKE_TEST_HOP_TIMEOUT="10")
+    assert results[killed][0] == -signal.SIGKILL
+    live = [rank for rank in range(WORLD) if rank != killed]
+    for rank in live:
         assert results[rank][0] == 0, f"rank {rank} did not finish:\n{results[rank][1][-3000:]}"
-    assert "Node 1 failed at stage 4" in results[0][1]  # the coordinator's warning
+    assert f"Node {killed} failed at stage {stage}" in results[0][1]  # the coordinator's warning
 
     report = json.loads((tmp_path / "report.json").read_text())
     [failure] = report["failures"]
-    assert failure["rank"] == 1 and failure["stage"] == 4 and failure["action"] == "replan"
-    # each of node 1's remaining stages goes to the node of the nearest earlier stage (it holds the newest state)
-    assert failure["replanned"] == [{"stage": 4, "from": 1, "to": 2}, {"stage": 7, "from": 1, "to": 0},
-                                    {"stage": 10, "from": 1, "to": 2}]  # fmt: skip
+    assert (failure["rank"], failure["stage"], failure["action"]) == (killed, stage, "replan")
+    # each of the dead node's remaining stages goes to the node of the nearest earlier stage on a live node
+    assert failure["replanned"] == [{"stage": s, "from": killed, "to": to} for s, to in replanned]
     effective = [Stage.from_dict(s) for s in failure["effective_plan"]]
-    assert [s.node for s in effective] == [0, 1, 2, 2, 2, 0, 0, 0, 2, 2, 2, 0]
+    assert [s.node for s in effective] == nodes
     assert [(s["stage"], s["node"]) for s in report["stages"]] == [(s.index, s.node) for s in effective]
 
-    final = _adapters(tmp_path / "adapters-0.safetensors")
-    assert _equal(_adapters(tmp_path / "adapters-2.safetensors"), final)
+    final = _adapters(tmp_path / f"adapters-{live[0]}.safetensors")
+    assert _equal(_adapters(tmp_path / f"adapters-{live[1]}.safetensors"), final)
     loaded = PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "final"))  # plain PEFT loads the saved adapter
     state = get_peft_model_state_dict(loaded)
     assert state.keys() == final.keys() and all(torch.equal(state[k], final[k]) for k in final)
