@@ -15,6 +15,7 @@ the held-out set.
 | `restrict` | `restrict_to_node_classes=True`: absent classes masked out of the node's softmax |
 | `head_lr` | `head_learning_rate=...` (2.5 x the base rate) for the always-trainable head |
 | `data_steps` | `scale_steps_by="data"`: steps per stage proportional to the node's shard size (total about the same) |
+| `logit_adj+min_share`, `restrict+min_share` | with `node_class_min_share=0.01`: a class under 1% of a node's labels counts as absent there |
 | `logit_adj+head_lr`, `logit_adj+distill`, `logit_adj+distill+head_lr` | the combinations |
 
 Usage (results in benchmarks/results/non_iid_<size>.{json,md,png}; per-run results are kept in --workdir, so an
@@ -47,9 +48,17 @@ VARIANTS = {
     "restrict": "restrict_to_node_classes=true",
     "head_lr": "head_learning_rate={head_lr}",
     "data_steps": "scale_steps_by=data",
+    "logit_adj+min_share": "logit_adjustment=1.0,node_class_min_share=0.01",
+    "restrict+min_share": "restrict_to_node_classes=true,node_class_min_share=0.01",
     "logit_adj+head_lr": "logit_adjustment=1.0,head_learning_rate={head_lr}",
     "logit_adj+distill": "logit_adjustment=1.0,distill_alpha=0.5",
     "logit_adj+distill+head_lr": "logit_adjustment=1.0,distill_alpha=0.5,head_learning_rate={head_lr}",
+}
+# A variant that equals another one, run for run, when every node holds every class above a share (nothing masked).
+EQUIVALENT = {
+    "restrict": ("naive", 0.0),
+    "logit_adj+min_share": ("logit_adj", 0.01),
+    "restrict+min_share": ("restrict", 0.01),
 }
 BASELINES = ("centralized", "fedavg_lora")
 PRESETS = {
@@ -113,9 +122,10 @@ def run(size: str, alphas: list[float], variants: list[str], workdir: Path, in_p
         for alpha in alphas:
             s = dataclasses.replace(base, alpha=alpha)
             runs = table.setdefault(f"{alpha:g}", {})
-            if name == "restrict" and "naive" in runs and _every_node_holds_every_class(runs["naive"]):
-                # Masking absent classes changes nothing when no class is absent: the run would equal naive's.
-                runs[name] = {**runs["naive"], "same_as": "naive"}
+            same, share = EQUIVALENT.get(name, (None, 0.0))
+            if same in runs and _every_node_holds_every_class(runs[same], share):
+                # Masking absent classes changes nothing when no class is absent: the run would equal `same`'s.
+                runs[name] = {**runs[same], "same_as": same}
                 continue
             runs[name] = _summary(run_one(name, s, workdir, in_process))
     return {
@@ -140,10 +150,15 @@ def _summary(result: dict) -> dict:
     return summary
 
 
-def _every_node_holds_every_class(summary: dict) -> bool:
+def _every_node_holds_every_class(summary: dict, min_share: float = 0.0) -> bool:
+    """Whether every node of `summary`'s shards holds every class, at `min_share` of its labels or more (the rule of
+    `snake_hf.losses.node_label_priors`)."""
     rows = summary["shards"]["rows"]
     classes = set().union(*(row["label_counts"] for row in rows))
-    return all(all(row["label_counts"].get(c, 0) > 0 for c in classes) for row in rows)
+    return all(
+        all(0 < row["label_counts"].get(c, 0) >= min_share * row["size"] for c in classes) and row["size"]
+        for row in rows
+    )
 
 
 def best_variant(results: dict, alpha: str) -> str:
@@ -177,7 +192,7 @@ def to_markdown(results: dict) -> str:
             )
         label = name if name in BASELINES else f"snake {name}"
         same = {results["results"][a].get(name, {}).get("same_as") for a in alphas} - {None}
-        label += f" (= {same.pop()} where every node holds every class)" if same else ""
+        label += f" (= {same.pop()} where no class is masked)" if same else ""
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     best = [f"alpha={a}: **{best_variant(results, a)}**" for a in alphas]
     options = "\n".join(f"- `{k}`: `{v or '(none)'}`" for k, v in results["variants"].items())

@@ -88,6 +88,10 @@ class SnakeConfig(TrainingArguments):
             Classification only: train on logits + τ·log(node label prior) (τ = this value); 0 turns it off.
         restrict_to_node_classes (`bool`, defaults to `False`):
             Classification only: mask the classes a node does not hold out of its softmax.
+        node_class_min_share (`float`, defaults to `0.0`):
+            With `logit_adjustment` or `restrict_to_node_classes`: a class below this share of a node's labels
+            counts as absent there (masked out of its softmax; its few examples left out of the loss). 0.01 turns a
+            shard of 2,638 negatives and 1 positive into a one-class shard, which then adds no gradient at all.
         head_learning_rate (`float`, *optional*):
             Learning rate of the always-trainable modules (e.g. a new head), scheduled like the others.
         node_profiles (`str` or `list[dict]`, *optional*):
@@ -177,6 +181,10 @@ class SnakeConfig(TrainingArguments):
     restrict_to_node_classes: bool = field(
         default=False, metadata={"help": "Classification: softmax only over the classes the node holds."}
     )
+    node_class_min_share: float = field(
+        default=0.0,
+        metadata={"help": "Classes below this share of a node's labels count as absent for the label-skew losses."},
+    )
     head_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the always-trainable modules (e.g. a new head)."}
     )
@@ -260,6 +268,8 @@ class SnakeConfig(TrainingArguments):
         _require(0.0 <= self.distill_alpha <= 1.0, "distill_alpha", self.distill_alpha, "use a weight in [0, 1]")
         _require(self.distill_temperature > 0, "distill_temperature", self.distill_temperature, "use T > 0")
         _require(self.logit_adjustment >= 0, "logit_adjustment", self.logit_adjustment, "use τ >= 0 (1.0 is usual)")
+        _require(0.0 <= self.node_class_min_share < 1.0, "node_class_min_share", self.node_class_min_share,
+                 "use a share in [0, 1), e.g. 0.01")  # fmt: skip
         _require(self.profile_size_by in ("memory", "speed", "equal"), "profile_size_by", self.profile_size_by,
                  "use 'memory', 'speed' or 'equal'")  # fmt: skip
         _require(self.scale_steps_by in (None, "speed", "data"), "scale_steps_by", self.scale_steps_by,

@@ -47,14 +47,25 @@ def label_skew_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, prior: torch.Tensor, adjustment: float = 0.0, restrict: bool = False
 ) -> torch.Tensor:
     """Cross-entropy with the node's label prior: logits shifted by `adjustment·log(prior)`, and/or absent classes
-    (prior 0) masked out of the softmax. Mean over the batch."""
+    (prior 0) masked out of the softmax. Mean over the batch.
+
+    An absent class is masked in both cases: `adjustment·log(0)` is -inf. (Shifting it by a large finite amount
+    instead leaves a tiny gradient that Adam, being invariant to the gradient's scale, turns into full-size steps
+    towards the node's own classes: a single-class node would still teach the head its class.) So a node whose
+    examples all belong to one present class contributes an exactly zero gradient. Examples whose own class is absent
+    from the prior (a class below `node_class_min_share`, see [`node_label_priors`]) are left out of the loss; they
+    still count in the batch size, so the mean keeps `Trainer`'s normalisation.
+    """
     logits = logits.float()
     prior = prior.to(logits.device, torch.float32)
+    absent = prior <= 0
     if adjustment:
-        logits = logits + adjustment * torch.log(prior.clamp_min(1e-12))
-    if restrict:
-        logits = logits.masked_fill(prior <= 0, torch.finfo(logits.dtype).min)
-    return F.cross_entropy(logits, labels)
+        logits = logits + adjustment * torch.log(prior.masked_fill(absent, 1.0))
+    if adjustment or restrict:
+        logits = logits.masked_fill(absent, torch.finfo(logits.dtype).min)
+    kept = ~absent[labels]
+    per_example = F.cross_entropy(logits, labels.masked_fill(~kept, 0), reduction="none")
+    return torch.where(kept, per_example, per_example.new_zeros(())).mean()
 
 
 class TeacherForward:
@@ -186,10 +197,28 @@ class StageObjective:
         return self.distill_total / self.loss_total
 
 
-def node_label_priors(label_ids: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
-    """Per-node label frequencies `[num_nodes, num_classes]` from each node's labels."""
+def node_label_priors(label_ids: Sequence[Sequence[int]], num_classes: int, min_share: float = 0.0) -> torch.Tensor:
+    """Per-node label frequencies `[num_nodes, num_classes]` from each node's labels.
+
+    Args:
+        label_ids (`Sequence[Sequence[int]]`): each node's class ids.
+        num_classes (`int`): number of classes.
+        min_share (`float`, defaults to `0.0`): a class below this share of a node's labels counts as absent there
+            (frequency 0, the others renormalised), so a stray example or two does not make a class "held".
+
+    Example:
+        ```python
+        >>> node_label_priors([[0, 0, 0, 1], [1, 1]], num_classes=2, min_share=0.3)
+        tensor([[1., 0.],
+                [0., 1.]])
+        ```
+    """
     priors = torch.zeros(len(label_ids), num_classes)
     for node, labels in enumerate(label_ids):
         counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes).float()
-        priors[node] = counts / counts.sum().clamp_min(1)
+        share = counts / counts.sum().clamp_min(1)
+        if min_share > 0 and bool((share >= min_share).any()):
+            share = share.masked_fill(share < min_share, 0.0)
+            share = share / share.sum()
+        priors[node] = share
     return priors

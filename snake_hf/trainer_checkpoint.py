@@ -60,7 +60,8 @@ _SIGNATURE_FIELDS = (
     "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "optim", "optim_args", "adam_beta1", "adam_beta2",
     "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps",
     "dataloader_drop_last", "bf16", "fp16", "label_smoothing_factor", "always_trainable_modules", "distill_alpha",
-    "distill_temperature", "logit_adjustment", "restrict_to_node_classes", "lm_loss_chunk_tokens",
+    "distill_temperature", "logit_adjustment", "restrict_to_node_classes", "node_class_min_share",
+    "lm_loss_chunk_tokens",
 )  # fmt: skip
 # What to keep the same for the signature entries that are not fields of their own.
 _SIGNATURE_FIXES = {

@@ -100,7 +100,8 @@ def node_priors(node_data: NodeData, args: SnakeConfig, model: nn.Module) -> tor
     base = unwrap_model(model)
     num_classes = getattr(getattr(base, "config", None), "num_labels", None) or getattr(base, "num_labels", None)
     num_classes = num_classes or (max(labels) + 1)
-    return node_label_priors([[labels[i] for i in idx] for idx in node_data.node_indices], num_classes)
+    node_labels = [[labels[i] for i in idx] for idx in node_data.node_indices]
+    return node_label_priors(node_labels, num_classes, min_share=args.node_class_min_share)
 
 
 def split_head_groups(optimizer, model: nn.Module, head_names: set[str], args: SnakeConfig) -> None:

@@ -28,6 +28,7 @@ BAD_FIELDS = [
     (dict(hop_timeout=0), "hop_timeout"),
     (dict(max_steps=10), "max_steps"),
     (dict(gradient_checkpointing=True), "activation_checkpointing"),
+    (dict(node_class_min_share=1.0), "node_class_min_share"),
 ]
 
 

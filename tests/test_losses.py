@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import datasets
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -11,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from conftest import cls_dataset, tiny_bert, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
 from snake_hf.blocks import find_block_list
-from snake_hf.losses import TeacherForward, distillation_kl, label_skew_cross_entropy
+from snake_hf.losses import TeacherForward, distillation_kl, label_skew_cross_entropy, node_label_priors
 
 
 def bert_lora():
@@ -118,3 +119,59 @@ def test_head_learning_rate_gives_the_head_its_own_scheduled_groups(tmp_path):
     is_head = [any(id(p) in head for p in g["params"]) for g in groups]
     assert any(is_head)
     assert all(g["initial_lr"] == (1e-2 if h else 1e-3) for g, h in zip(groups, is_head))
+
+
+@pytest.mark.parametrize(
+    "options", [dict(adjustment=1.0), dict(restrict=True), dict(adjustment=1.0, restrict=True)],
+    ids=["adjustment", "restrict", "both"],
+)  # fmt: skip
+def test_a_one_class_node_adds_exactly_no_gradient(options):
+    # Adam turns any gradient, however small, into a full-size step: a node that holds one class must add none, or
+    # it teaches the head its class (a log(1e-12) shift instead of a mask left ~1e-12 here, enough for Adam).
+    head = torch.nn.Linear(4, 2)
+    logits = head(torch.randn(6, 4))
+    loss = label_skew_cross_entropy(logits, torch.zeros(6, dtype=torch.long), torch.tensor([1.0, 0.0]), **options)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(head.weight.grad) == 0 and torch.count_nonzero(head.bias.grad) == 0
+
+
+def test_examples_of_a_class_below_the_share_are_left_out_but_still_count_in_the_mean():
+    logits, labels = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]]), torch.tensor([0, 1, 0])
+    # The node holds class 1 below the share: class 1 is masked and the class-1 example leaves the loss, but the
+    # mean still divides by all 3 examples (Trainer's normalisation). Kept rows then predict class 0 with certainty.
+    prior = node_label_priors([[0] * 9 + [1]], 2, min_share=0.2)[0]
+    assert prior.tolist() == [1.0, 0.0]
+    assert label_skew_cross_entropy(logits, labels, prior, restrict=True).item() == 0.0
+    # With a logit adjustment the kept rows still learn: the loss is their adjusted cross-entropy over 3.
+    adjusted = label_skew_cross_entropy(logits, labels, torch.tensor([0.75, 0.25]), adjustment=1.0)
+    shifted = logits + torch.log(torch.tensor([0.75, 0.25]))
+    assert adjusted.item() == pytest.approx(torch.nn.functional.cross_entropy(shifted, labels).item())
+
+
+@pytest.mark.parametrize(
+    "labels, min_share, expected",
+    [
+        ([[0, 0, 1]], 0.0, [[2 / 3, 1 / 3]]),
+        ([[0] * 99 + [1]], 0.01, [[0.99, 0.01]]),
+        ([[0] * 999 + [1]], 0.01, [[1.0, 0.0]]),
+        ([[0, 1]], 0.9, [[0.5, 0.5]]),  # no class reaches the share: the prior is left as it is
+        ([[]], 0.01, [[0.0, 0.0]]),
+    ],
+    ids=["off", "at-the-share", "below-the-share", "none-reaches-it", "empty"],
+)
+def test_node_label_priors_drop_classes_below_the_share(labels, min_share, expected):
+    torch.testing.assert_close(node_label_priors(labels, 2, min_share=min_share), torch.tensor(expected))
+
+
+def test_node_class_min_share_reaches_the_node_priors(tmp_path):
+    full = cls_dataset(n=40, num_labels=2, seed=1)
+    zeros, ones = full.filter(lambda r: r["label"] == 0), full.filter(lambda r: r["label"] == 1)
+    skewed = datasets.concatenate_datasets([zeros.select(range(9)), ones.select(range(1))])  # 90% / 10%
+    args = SnakeConfig(
+        output_dir=str(tmp_path), num_nodes=2, num_block_groups=1, stage_steps=1, report_to="none", use_cpu=True,
+        disable_tqdm=True, save_strategy="no", restrict_to_node_classes=True, node_class_min_share=0.2,
+    )  # fmt: skip
+    trainer = SnakeTrainer(tiny_bert(), args, train_dataset=[skewed, full], peft_config=bert_lora())
+    torch.testing.assert_close(trainer._node_priors[0], torch.tensor([1.0, 0.0]))
+    assert trainer._node_priors[1].min() > 0  # the other node holds both classes above the share

@@ -95,5 +95,17 @@ def test_cached_runs_are_reused(tiny, non_iid, monkeypatch):
     ids=["both-everywhere", "zero-count", "missing-key"],
 )
 def test_restrict_is_skipped_only_when_every_node_holds_every_class(non_iid, counts, expected):
-    summary = {"shards": {"rows": [{"node": n, "label_counts": c} for n, c in enumerate(counts)]}}
-    assert non_iid._every_node_holds_every_class(summary) is expected
+    rows = [{"node": n, "size": sum(c.values()), "label_counts": c} for n, c in enumerate(counts)]
+    assert non_iid._every_node_holds_every_class({"shards": {"rows": rows}}) is expected
+
+
+def test_min_share_variants_equal_their_base_only_when_no_class_is_under_the_share(non_iid):
+    rows = [
+        {"node": 0, "size": 200, "label_counts": {"0": 199, "1": 1}},
+        {"node": 1, "size": 10, "label_counts": {"0": 5, "1": 5}},
+    ]
+    summary = {"shards": {"rows": rows}}
+    assert non_iid._every_node_holds_every_class(summary, 0.0)
+    assert not non_iid._every_node_holds_every_class(summary, 0.01)  # 1 of 200 is under 1%
+    same, share = non_iid.EQUIVALENT["logit_adj+min_share"]
+    assert (same, share) == ("logit_adj", 0.01)
