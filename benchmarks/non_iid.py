@@ -16,7 +16,7 @@ the held-out set.
 | `head_lr` | `head_learning_rate=...` (2.5 x the base rate) for the always-trainable head |
 | `data_steps` | `scale_steps_by="data"`: steps per stage proportional to the node's shard size (total about the same) |
 | `logit_adj+min_share`, `restrict+min_share` | with `node_class_min_share=0.01`: a class under 1% of a node's labels counts as absent there |
-| `logit_adj+head_lr`, `logit_adj+distill`, `logit_adj+distill+head_lr` | the combinations |
+| `logit_adj+head_lr`, `logit_adj+distill`, `logit_adj+distill+head_lr`, `logit_adj+min_share+distill` | combinations |
 
 Usage (results in benchmarks/results/non_iid_<size>.{json,md,png}; per-run results are kept in --workdir, so an
 interrupted run picks up where it stopped):
@@ -53,9 +53,11 @@ VARIANTS = {
     "logit_adj+head_lr": "logit_adjustment=1.0,head_learning_rate={head_lr}",
     "logit_adj+distill": "logit_adjustment=1.0,distill_alpha=0.5",
     "logit_adj+distill+head_lr": "logit_adjustment=1.0,distill_alpha=0.5,head_learning_rate={head_lr}",
+    "logit_adj+min_share+distill": "logit_adjustment=1.0,node_class_min_share=0.01,distill_alpha=0.5",
 }
 # A variant that equals another one, run for run, when every node holds every class above a share (nothing masked).
 EQUIVALENT = {
+    "logit_adj+min_share+distill": ("logit_adj+distill", 0.01),
     "restrict": ("naive", 0.0),
     "logit_adj+min_share": ("logit_adj", 0.01),
     "restrict+min_share": ("restrict", 0.01),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,9 @@ from transformers import HfArgumentParser
 __all__ = ["parse_recipe_args"]
 
 
-def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+def parse_recipe_args(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, defaults: Mapping[str, Any] | None = None
+) -> tuple[Any, ...]:
     """Parses a recipe's command line into `dataclass_types` (e.g. script args, model args, `SnakeConfig`).
 
     The first argument may be a YAML file; flags after it override its values, so
@@ -23,6 +25,8 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | Non
     Args:
         dataclass_types (`Sequence[type]`): dataclasses for `HfArgumentParser`.
         argv (`Sequence[str]`, *optional*): defaults to `sys.argv[1:]`.
+        defaults (`Mapping[str, Any]`, *optional*): the recipe's own defaults for fields of `dataclass_types`
+            (e.g. the classification recipe's non-IID mitigations); the YAML file and the flags override them.
 
     Returns:
         `tuple`: one instance per dataclass type.
@@ -37,6 +41,7 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | Non
     if argv and argv[0].endswith((".yaml", ".yml")):
         config = yaml.safe_load(Path(argv[0]).read_text()) or {}
         argv = _flags_from_mapping(config) + argv[1:]
+    argv = _flags_from_mapping(defaults or {}) + argv  # argparse keeps the last value given: defaults come first
     return tuple(parser.parse_args_into_dataclasses(args=argv))
 
 
