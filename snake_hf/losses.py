@@ -49,12 +49,13 @@ def label_skew_cross_entropy(
     """Cross-entropy with the node's label prior: logits shifted by `adjustment·log(prior)`, and/or absent classes
     (prior 0) masked out of the softmax. Mean over the batch.
 
-    An absent class is masked in both cases: `adjustment·log(0)` is -inf. (Shifting it by a large finite amount
-    instead leaves a tiny gradient that Adam, being invariant to the gradient's scale, turns into full-size steps
-    towards the node's own classes: a single-class node would still teach the head its class.) So a node whose
-    examples all belong to one present class contributes an exactly zero gradient. Examples whose own class is absent
-    from the prior (a class below `node_class_min_share`, see [`node_label_priors`]) are left out of the loss; they
-    still count in the batch size, so the mean keeps `Trainer`'s normalisation.
+    An absent class is masked in both cases (`adjustment·log(0)` is -inf), so a node whose examples all belong to
+    one class contributes an exactly zero gradient. That matters because Adam normalises a gradient by its own
+    running scale: a small but systematic gradient (well above Adam's epsilon) moves the weights as far as a large
+    one. A class a node holds only through a stray example or two (a share of 4e-4 shifts its logit by -7.8) leaves
+    exactly such a gradient, pushing the head towards the node's majority class; `node_class_min_share` (see
+    [`node_label_priors`]) counts such classes as absent. Examples whose own class is absent from the prior are left
+    out of the loss; they still count in the batch size, so the mean keeps `Trainer`'s normalisation.
     """
     logits = logits.float()
     prior = prior.to(logits.device, torch.float32)

@@ -126,8 +126,8 @@ def test_head_learning_rate_gives_the_head_its_own_scheduled_groups(tmp_path):
     ids=["adjustment", "restrict", "both"],
 )  # fmt: skip
 def test_a_one_class_node_adds_exactly_no_gradient(options):
-    # Adam turns any gradient, however small, into a full-size step: a node that holds one class must add none, or
-    # it teaches the head its class (a log(1e-12) shift instead of a mask left ~1e-12 here, enough for Adam).
+    # Adam turns a small systematic gradient into a full-size step: a node that holds one class must add none, or it
+    # teaches the head its class.
     head = torch.nn.Linear(4, 2)
     logits = head(torch.randn(6, 4))
     loss = label_skew_cross_entropy(logits, torch.zeros(6, dtype=torch.long), torch.tensor([1.0, 0.0]), **options)
