@@ -427,15 +427,7 @@ class FailoverRelay(Relay):
         elif self._is_coordinator:
             self._awaiting = stage - 1
 
-    def _apply_until(self, event: int) -> None:
-        """Applies, as metadata, the events of other ranks' stages over the effective plan (positions, not indices)."""
-        while self.applied < event:
-            position, hop = divmod(self.applied, 2)
-            stage = self.effective[position]
-            if not hop:
-                self.ledger.record_training(stage.node, dict.fromkeys(self._trained_parts(stage), ""))
-            elif position + 1 < len(self.effective) and self.effective[position + 1].node != stage.node:
-                receiver = self.effective[position + 1].node
-                lacking = self.ledger.lacking(receiver, stage.node)
-                self.ledger.record_receipt(receiver, self.ledger.state(stage.node), lacking)
-            self.applied += 1
+    @property
+    def _timeline(self) -> list[Stage]:
+        """The ledger replays other ranks' events over the effective (re-planned) plan."""
+        return self.effective

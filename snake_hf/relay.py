@@ -200,15 +200,22 @@ class Relay:
     def _hops(self) -> list[tuple[int, int, int]]:
         return [(a.node, b.node, b.index) for a, b in zip(self.plan, self.plan[1:]) if a.node != b.node]
 
+    @property
+    def _timeline(self) -> list[Stage]:
+        """The stages whose events the ledger replays (the plan; failover replays its effective plan instead)."""
+        return self.plan
+
     def _apply_until(self, event: int) -> None:
-        """Applies, as metadata, the events of other processes' stages up to (not including) `event`."""
+        """Applies, as metadata, the events of other processes' stages up to (not including) `event`: two events per
+        stage of `_timeline` (its training, then its hop), counted by position."""
+        timeline = self._timeline
         while self.applied < event:
-            index, hop = divmod(self.applied, 2)
-            stage = self.plan[index]
+            position, hop = divmod(self.applied, 2)
+            stage = timeline[position]
             if not hop:
                 self.ledger.record_training(stage.node, dict.fromkeys(self._trained_parts(stage), ""))
-            elif index + 1 < len(self.plan) and self.plan[index + 1].node != stage.node:
-                receiver = self.plan[index + 1].node
+            elif position + 1 < len(timeline) and timeline[position + 1].node != stage.node:
+                receiver = timeline[position + 1].node
                 lacking = self.ledger.lacking(receiver, stage.node)
                 self.ledger.record_receipt(receiver, self.ledger.state(stage.node), lacking)
             self.applied += 1
