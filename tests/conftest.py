@@ -19,6 +19,29 @@ torch.set_num_threads(1)
 VOCAB = 64
 
 
+def load_script(path, name: str | None = None):
+    """Imports the script at `path` (a benchmark, recipe or example) as module `name` (default: its file stem), once.
+
+    Its folder goes on `sys.path` (benchmarks import their siblings), and the module is registered in `sys.modules`
+    before it runs (dataclasses look their module up while the class is built).
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(path)
+    name = name or path.stem
+    if name in sys.modules:
+        return sys.modules[name]
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_gpt2(seed: int = 0, n_layer: int = 4) -> GPT2LMHeadModel:
     set_seed(seed)
     return GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=32))

@@ -3,7 +3,6 @@ equal to what its payloads carried, and the baselines' byte formulas against the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import load_script
 
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -24,12 +25,7 @@ TINY_HIDDEN = 16  # snake_hf.recipes.TINY_CONFIGS["bert"]
 
 
 def _module(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH / f"{name}.py")
 
 
 @pytest.fixture(scope="module")

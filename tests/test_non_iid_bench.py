@@ -3,26 +3,19 @@ per-run cache an interrupted benchmark resumes from."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _module(name: str):
-    sys.path.insert(0, str(BENCH))
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH / f"{name}.py")
 
 
 @pytest.fixture(scope="module")
