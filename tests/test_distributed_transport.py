@@ -254,7 +254,8 @@ def test_sender_that_dies_raises_hop_timeout_promptly(tmp_path, when):
             return {"message": str(error), "seconds": time.monotonic() - start}
 
     # hop_timeout is long: the heartbeat (2 s) or the closed socket, not the hop timeout, must end the wait
-    results = _run({0: lambda t: None, 1: dies, 2: receiver}, 3, tmp_path, timeout=30, hop_timeout=20.0)
+    # timeout: rank 0 waits out the dead rank when it closes; 60 s leaves room on a loaded 2-core machine
+    results = _run({0: lambda t: None, 1: dies, 2: receiver}, 3, tmp_path, timeout=60, hop_timeout=20.0)
     assert results[1] is None
     assert "stage 4: no payload from rank 1 to rank 2" in results[2]["message"]
     assert results[2]["seconds"] < FAST["heartbeat_timeout"] + 3
