@@ -86,17 +86,30 @@ QUICK = dict(world_sizes=[3], n_layer=4, n_embd=64, n_head=2, vocab_size=256, se
 class _Timeline:
     """Wraps a transport's calls and stamps each with `time.time()` (one clock for every rank on this host)."""
 
+    # method -> (event kind, position of the stage among its positional arguments). The cs coordinator routes with
+    # send_to(peer, encoded, hop, ...) / recv_from(peer, hop, ...); p2p uses send/recv(src, dst, [encoded,] stage).
+    METHODS = {"send": ("send", -1), "recv": ("recv", -1), "send_to": ("send", 2), "recv_from": ("recv", 1),
+               "broadcast_final": ("broadcast_final", None)}  # fmt: skip
+
     def __init__(self, transport):
         self.events: list[dict] = []
-        for kind in ("send", "recv", "broadcast_final"):
-            setattr(transport, kind, self._timed(kind, getattr(transport, kind)))
+        for name, (kind, position) in self.METHODS.items():
+            if hasattr(transport, name):
+                setattr(transport, name, self._timed(kind, position, getattr(transport, name)))
 
-    def _timed(self, kind: str, method):
-        def timed(*args):
+    def _timed(self, kind: str, position: int | None, method):
+        def timed(*args, **kwargs):
             start = time.time()
-            result = method(*args)
-            stage = -1 if kind == "broadcast_final" else args[-1]  # send/recv(src, dst, [encoded,] stage)
-            self.events.append({"kind": kind, "stage": stage, "start": start, "end": time.time()})
+            result = method(*args, **kwargs)
+            stage = -1 if position is None else args[position]
+            if isinstance(stage, int):
+                self.events.append({"kind": kind, "stage": stage, "start": start, "end": time.time()})
+            else:  # a named hop: the cs coordinator's final hand-off, one span per rank from first call to last
+                final = next((ev for ev in self.events if ev["kind"] == "broadcast_final"), None)
+                if final is None:
+                    self.events.append({"kind": "broadcast_final", "stage": -1, "start": start, "end": time.time()})
+                else:
+                    final["end"] = time.time()
             return result
 
         return timed
@@ -248,7 +261,10 @@ def hop_costs(report: dict, records: list[dict], distributed: bool, topology: st
         # Distributed: from the later of "sender sends" and "receiver is ready" to the bytes being there. Simulation:
         # the in-memory send and recv (between them the trainer closes one stage and opens the next).
         wire = recv["end"] - max(send["start"], recv["start"]) if distributed else send_call + recv_call
-        encode, load = hop["seconds"] - send_call, wait - recv_call
+        # In cs the coordinator relays along its turns (failover.py): the sender's send_to and the receiver's
+        # recv_from overlap the report's hop and wait clocks differently than p2p's direct send/recv, so either
+        # difference can come out slightly negative; the wire time then holds all of it.
+        encode, load = max(0.0, hop["seconds"] - send_call), max(0.0, wait - recv_call)
         links = _links(hop["sender"], hop["receiver"], topology)
         hops.append(
             {

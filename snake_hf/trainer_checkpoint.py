@@ -185,6 +185,8 @@ class StageCheckpointing:
     def _new_run_id(self) -> str:
         """A fresh run's id (the same on every rank: the first rank's), stored in each of its checkpoints."""
         run_id = uuid.uuid4().hex[:16]
+        if self.args.save_strategy == "no":
+            return run_id  # no checkpoint will carry it: no need for the ranks to agree (nor to wait for each other)
         if self.launch is not None:
             run_id = self.transport.exchange_text("run_id", run_id)[0]
         if latest_checkpoint(self._checkpoint_root) is not None:
