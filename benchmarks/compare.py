@@ -76,7 +76,7 @@ class Settings:
     warmup_ratio: float = 0.05
     lora_r: int = 8
     cut_layer: int = 0  # 0: half the blocks
-    mitigation: str = "logit_adjustment=1.0"
+    mitigation: str = "logit_adjustment=1.0,node_class_min_share=0.01"  # the classification recipe's default
     methods: str = ""  # comma-separated subset; empty: every method of the task
     seed: int = 42
     threads: int = 2
@@ -95,6 +95,8 @@ class Settings:
 
 
 PRESETS = {
+    # The main job's plan (and benchmarks/non_iid.py's): 4 nodes x 2 groups x 1 pass x 20 steps of batch 16.
+    ("minilm_rt", "full"): dict(num_passes=1, stage_steps=20, batch_size=16),
     ("minilm_rt", "quick"): dict(train_size=2000, eval_size=200, num_passes=1, stage_steps=5, batch_size=16,
                                  learning_rate=3e-3, threads=1),
     ("minilm_rt", "tiny"): dict(train_size=160, eval_size=32, num_passes=1, stage_steps=2, batch_size=4, max_length=16,
@@ -430,14 +432,39 @@ def summarise(s: Settings, methods: dict) -> dict:
     return {"target": target, "reference_metric": reference, "ratios": ratios}
 
 
-def run(s: Settings, in_process: bool = False) -> dict:
+def result_stem(s: Settings) -> str:
+    """`compare_<task>[_<partition>]_<size>[_<payload dtype>]`: the results' file names (and their run cache's)."""
+    split = f"_{s.partition}" + (f"{s.alpha:g}" if s.partition == "dirichlet" else "") if s.kind == "accuracy" else ""
+    wire = f"_{s.payload_dtype}" if s.payload_dtype != "float32" else ""  # never overwrite the float32 results
+    return f"compare_{s.task}{split}_{s.size}{wire}"  # not Path.with_suffix: "dirichlet0.1" has a dot
+
+
+def _cache_key(s: Settings) -> dict:
+    """The settings a method's result depends on: all but which methods run and how many threads time them."""
+    return {k: v for k, v in dataclasses.asdict(s).items() if k not in ("methods", "threads")}
+
+
+def run(s: Settings, in_process: bool = False, cache: Path | None = None) -> dict:
+    """Every method of the task. With `cache`, each method's result is kept there as it finishes and reused by a
+    later run with the same settings: an interrupted run redoes only what is missing, and runs of disjoint
+    `--methods` subsets (e.g. one per core) can be assembled by a final run of all of them."""
     methods = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods_for(s):
+            cached = cache / f"{method}.json" if cache is not None else None
+            if cached is not None and cached.exists():
+                kept = json.loads(cached.read_text())
+                if kept["settings"] == _cache_key(s):
+                    print(f"{method}: {_fmt_metric(kept['result']['final_metric'])} (cached in {cached})")
+                    methods[method] = kept["result"]
+                    continue
             print(f"\n=== {s.task} ({s.size}): {method} ===", flush=True)
             start = time.perf_counter()
             methods[method] = run_method(method, s) if in_process else run_in_subprocess(method, s, Path(tmp))
             print(f"{method}: {_fmt_metric(methods[method]['final_metric'])} in {time.perf_counter() - start:.0f} s")
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps({"settings": _cache_key(s), "result": methods[method]}))
     return {
         "task": s.task,
         "settings": dataclasses.asdict(s),
@@ -583,6 +610,9 @@ def parse_settings(argv: list[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument(
         "--in_process", action="store_true", help="every method in this process (quick tests; memory not isolated)"
     )
+    parser.add_argument(
+        "--no_cache", action="store_true", help="rerun every method (default: reuse results/compare_runs/<stem>/)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -616,12 +646,10 @@ def main(argv: list[str] | None = None) -> dict:
         result = run_method(options.worker, s)
         Path(options.out).write_text(json.dumps(result))
         return result
-    results = run(s, options.in_process)
-    folder = Path(options.output_dir)
+    folder, stem = Path(options.output_dir), result_stem(s)
+    cache = None if options.no_cache else folder / "compare_runs" / stem
+    results = run(s, options.in_process, cache)
     folder.mkdir(parents=True, exist_ok=True)
-    split = f"_{s.partition}" + (f"{s.alpha:g}" if s.partition == "dirichlet" else "") if s.kind == "accuracy" else ""
-    wire = f"_{s.payload_dtype}" if s.payload_dtype != "float32" else ""  # never overwrite the float32 results
-    stem = f"compare_{s.task}{split}_{s.size}{wire}"  # not Path.with_suffix: "dirichlet0.1" has a dot
     (folder / f"{stem}.json").write_text(json.dumps(results, indent=2))
     table = to_markdown(results)
     (folder / f"{stem}.md").write_text(f"# Snake vs the baselines: {s.task} ({s.size})\n\n{table}\n")
