@@ -101,7 +101,7 @@ PRESETS = {
                                  learning_rate=3e-3, threads=1),
     ("minilm_rt", "tiny"): dict(train_size=160, eval_size=32, num_passes=1, stage_steps=2, batch_size=4, max_length=16,
                                 threads=1),
-    ("smollm2_lm", "full"): dict(num_groups=3, num_passes=1, stage_steps=8, batch_size=8, max_length=128,
+    ("smollm2_lm", "full"): dict(num_groups=3, num_passes=1, stage_steps=4, batch_size=8, max_length=128,
                                  train_size=2000, eval_size=64, learning_rate=5e-4),
     ("smollm2_lm", "quick"): dict(num_groups=3, num_passes=1, stage_steps=2, batch_size=4, max_length=128,
                                   train_size=256, eval_size=16, learning_rate=5e-4, threads=1),
