@@ -8,11 +8,14 @@ built from a config runs in the p2p and the cs topology, and the same config run
 **Hop time is the hop's cost on the critical path, not a rank's waiting.** In a sequential plan a rank waits through
 other ranks' training for its turn; that wait is in its stages' `wait_seconds` but is not overhead. Per hop:
 
-* `encode`: the sender builds and encodes the payload (`HopRecord.seconds` less its `transport.send` call);
-* `wire`: from the sender's `transport.send` call to the receiver's `transport.recv` returning (handshake over the
-  store, gloo link set-up on a link's first hop, the transfer, and in cs the coordinator's forwarding);
-* `load`: the receiver decodes, verifies and loads the payload (its stage's `wait_seconds` less its
-  `transport.recv` call);
+* `encode`: the sender builds and encodes the payload (`HopRecord.seconds` less its `transport.send` call; the cs
+  coordinator sends its own payload later, from its turn loop, so its `HopRecord.seconds` has no send in it);
+* `wire`: from the later of the sender's `transport.send` call and the receiver starting to wait for the payload, to
+  the receiver's `transport.recv` returning (handshake over the store, gloo link set-up on a link's first hop, the
+  transfer, and in cs the coordinator's forwarding). The receiver started to wait `wait_seconds - load_seconds`
+  before its `recv` returned: in p2p inside that `recv` call, in cs earlier, when it began to wait for its turn
+  (the coordinator publishes the turn once it holds the payload, so the receiver's `recv` starts after the first leg);
+* `load`: the receiver decodes, verifies and loads the payload (its stage's `load_seconds`);
 
 hop = encode + wire + load, and the rank's "turn" wait is the rest of `wait_seconds`. The report has no send/recv
 timestamps, so the worker wraps the transport's `send`, `recv` and `broadcast_final` and stamps them with
@@ -256,21 +259,24 @@ def hop_costs(report: dict, records: list[dict], distributed: bool, topology: st
     for hop in report["hops"]:
         send = sends[(hop["sender"] if distributed else 0, hop["to_stage"])]  # the simulation is all rank 0
         recv = recvs[(hop["receiver"] if distributed else 0, hop["to_stage"])]
-        wait = stages[hop["to_stage"]]["wait_seconds"]
+        wait, load = stages[hop["to_stage"]]["wait_seconds"], stages[hop["to_stage"]]["load_seconds"]
         send_call, recv_call = send["end"] - send["start"], recv["end"] - recv["start"]
         # Distributed: from the later of "sender sends" and "receiver is ready" to the bytes being there. Simulation:
-        # the in-memory send and recv (between them the trainer closes one stage and opens the next).
-        wire = recv["end"] - max(send["start"], recv["start"]) if distributed else send_call + recv_call
-        # In cs the coordinator relays along its turns (failover.py): the sender's send_to and the receiver's
-        # recv_from overlap the report's hop and wait clocks differently than p2p's direct send/recv, so either
-        # difference can come out slightly negative; the wire time then holds all of it.
-        encode, load = max(0.0, hop["seconds"] - send_call), max(0.0, wait - recv_call)
+        # the in-memory send and recv (between them the trainer closes one stage and opens the next). Not the recv
+        # call's start: a cs rank waits for its turn before it (failover.py `next_stage`), and its turn comes only
+        # once the coordinator holds the payload, so a forwarded hop's first leg would count as the receiver's wait.
+        ready = recv["end"] - (wait - load)
+        wire = recv["end"] - max(send["start"], ready) if distributed else send_call + recv_call
+        # The cs coordinator's own payload leaves in its turn loop (failover.py `_drive`), after `HopRecord.seconds`
+        # stopped: that send is wire time, not the sender's encoding.
+        sent_later = topology == "cs" and hop["sender"] == 0
+        encode = hop["seconds"] - (0.0 if sent_later else send_call)
         links = _links(hop["sender"], hop["receiver"], topology)
         hops.append(
             {
                 "to_stage": hop["to_stage"], "sender": hop["sender"], "receiver": hop["receiver"],
                 "first_on_link": distributed and not links <= used_links, "encode_s": encode, "wire_s": wire,
-                "load_s": load, "hop_s": encode + wire + load, "send_call_s": send_call,
+                "load_s": load, "hop_s": encode + wire + load, "send_call_s": send_call, "recv_call_s": recv_call,
                 "turn_wait_s": max(0.0, wait - wire - load), "nbytes": hop["nbytes"],
                 "tensor_nbytes": hop["tensor_nbytes"],
                 "min_nbytes": sum(report["part_nbytes"][part] for part in hop["parts"]),

@@ -43,6 +43,7 @@ so explicitly, and that is what lets the run go on when a node dies:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -162,10 +163,14 @@ class FailoverRelay(Relay):
         self.failures: list[dict] = []
         self._current: Stage | None = None
         self._turns: dict[int, int] = {}  # turns published per rank (coordinator) / received (a node: its own)
+        # The wait for the turn of the stage `next_stage` returned, which `enter` adds to that stage's wait: in cs a
+        # rank waits through the other ranks' training here, not in the receive that follows (p2p waits in `recv`).
+        self._turn_seconds = 0.0
         # coordinator only
         self._frontier = 0  # position of the next stage to hand out
         self._awaiting: int | None = None  # position of the stage on another node whose payload is due
         self._carry: tuple[EncodedPayload, object] | None = None  # the payload into the next run, decoded too
+        self._carry_load_seconds = 0.0  # decoding and absorbing the carried payload: its receiver's load time
         self._held = self.ledger.state(self.rank)  # (version, checksum) of every part in the coordinator's model
 
     @property
@@ -179,6 +184,7 @@ class FailoverRelay(Relay):
 
     def next_stage(self) -> Stage | None:
         """The next stage this rank trains (None: the run is done). Blocks until the coordinator says which."""
+        start, self._turn_seconds = time.perf_counter(), 0.0
         if not self._is_coordinator:  # the stages it trained so far, for the final report should it die
             self.transport.store.set(_REPORT.format(self.rank), json.dumps(self.report.to_dict(), default=str))
         if self._current is not None:
@@ -188,7 +194,8 @@ class FailoverRelay(Relay):
                 self._frontier = position + 1
                 return self._current
         if self._is_coordinator:
-            self._current = self._drive()
+            self._current = self._drive()  # forwards the other ranks' payloads while they train
+            self._turn_seconds = time.perf_counter() - start
             return self._current
         count = self._turns.get(self.rank, 0)
         self._turns[self.rank] = count + 1
@@ -203,6 +210,7 @@ class FailoverRelay(Relay):
         turn = json.loads(self.transport.store.get(key).decode())
         self._adopt(turn["generation"])
         self._current = None if turn["stage"] is None else self.effective[self._positions[turn["stage"]]]
+        self._turn_seconds = time.perf_counter() - start
         return self._current
 
     def _drive(self) -> Stage | None:
@@ -218,8 +226,10 @@ class FailoverRelay(Relay):
                 except HopTimeoutError as error:
                     self._fail(node, position, error)
                     continue
+                arrived = time.perf_counter()
                 payload = decode_payload(encoded, self.spec)  # a refused payload is an error, not a dead node
                 self._absorb(payload)
+                self._carry_load_seconds = time.perf_counter() - arrived
                 if following is not None and following.node == node:  # an upload: the node goes on with its run
                     self._awaiting = position + 1
                     continue
@@ -309,6 +319,8 @@ class FailoverRelay(Relay):
     # -- stage boundaries over the effective plan --
 
     def enter(self, stage: Stage) -> tuple[int, float]:
+        """As [`Relay.enter`]; the seconds also hold the wait for `stage`'s turn in `next_stage` (0 for a node's
+        consecutive stage), so that a stage's `wait_seconds` covers the same as in p2p: the wait, then the receipt."""
         position = self._position(stage)
         self._apply_until(2 * position - 1 if position > 0 else 0)
         nbytes, seconds, self.last_load_seconds = 0, 0.0, 0.0
@@ -319,6 +331,7 @@ class FailoverRelay(Relay):
             else:
                 nbytes, seconds = self._receive(previous, stage)  # always from the coordinator in cs
         self.applied = 2 * position
+        seconds, self._turn_seconds = seconds + self._turn_seconds, 0.0
         return nbytes, seconds
 
     def _take_carry(self, previous: Stage) -> int:
@@ -329,6 +342,7 @@ class FailoverRelay(Relay):
             return 0
         encoded, payload = self._carry
         self._carry = None
+        self.last_load_seconds = self._carry_load_seconds  # received, decoded and loaded in `_drive`
         self.ledger.record_receipt(self.rank, payload.state, payload.parts)
         stale = self.ledger.mismatches(self.rank, payload.state)
         if sorted(payload.parts) != sorted(lacking) or stale:

@@ -29,7 +29,13 @@ def _synthetic_run(receiver_ready: float):
         "part_nbytes": {"group_0": 1000},
         "stages": [
             {"stage": 0, "node": 0, "wall_seconds": 3.0, "wait_seconds": 0.0},
-            {"stage": 1, "node": 1, "wall_seconds": 3.0, "wait_seconds": 13.1 - receiver_ready + 0.03},
+            {
+                "stage": 1,
+                "node": 1,
+                "wall_seconds": 3.0,
+                "wait_seconds": 13.1 - receiver_ready + 0.03,
+                "load_seconds": 0.03,
+            },
         ],
         "hops": [
             {
@@ -67,6 +73,14 @@ def test_hop_cost_excludes_the_wait_for_a_turn_when_the_receiver_waited(receiver
     assert hop["hop_s"] == pytest.approx(0.05 + wire)
     assert hop["turn_wait_s"] == pytest.approx(turn_wait)
     assert hop["min_nbytes"] == 1000
+
+
+def test_cs_coordinator_encode_excludes_its_send_which_leaves_after_the_hop_record():
+    bench = _bench_module()
+    report, records = _synthetic_run(8.0)
+    (hop,) = bench.hop_costs(report, records, distributed=True, topology="cs")
+    assert hop["encode_s"] == pytest.approx(0.11)  # the whole HopRecord.seconds: the send_to came later
+    assert hop["load_s"] == pytest.approx(0.03)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +131,16 @@ def test_quick_benchmark_hop_times_add_up_and_runs_match_the_simulation(quick_re
         for hop in run["distributed"]["hops"]:
             assert min(hop["encode_s"], hop["wire_s"], hop["load_s"], hop["turn_wait_s"]) >= 0
             assert hop["hop_s"] == pytest.approx(hop["encode_s"] + hop["wire_s"] + hop["load_s"])
-            if run["topology"] == "p2p":  # the cs failover relay does not record a stage's wait yet (it reads 0)
-                assert stages[hop["to_stage"]]["wait_seconds"] >= hop["wire_s"] + hop["load_s"] - 1e-9
+            wait = stages[hop["to_stage"]]["wait_seconds"]
+            assert wait >= hop["wire_s"] + hop["load_s"] - 1e-9
+            # the receiver's wait holds its whole recv call, then the load (a cs coordinator's used to read 0)
+            assert wait - hop["load_s"] >= hop["recv_call_s"] - 1e-9
+        if run["topology"] == "cs":  # the coordinator's wait for its turn spans every stage since its previous one
+            since = 0.0
+            for stage in run["report"]["stages"]:
+                if stage["node"] == 0:
+                    assert stage["wait_seconds"] >= since
+                    since = 0.0
+                else:
+                    since += stage["wall_seconds"]
         assert run["losses_match_simulation"] and run["hop_bytes_match_simulation"]

@@ -41,6 +41,7 @@ class FakeWire:
         self.mail: dict[tuple, object] = {}
         self.dead: set[int] = set()
         self.sent: list[tuple] = []  # (src, dst, hop) of every payload put on the wire
+        self.turn_waiting: set[int] = set()  # ranks inside `wait_for` for their turn, until `next_stage` returned
 
     def wait(self, ready, peers: list[int], what: str):
         deadline = time.monotonic() + DEADLOCK_SECONDS
@@ -111,6 +112,9 @@ class FakeTransport:
         return self._take(peer, hop)
 
     def wait_for(self, keys: dict[int, str], describe, drop_absent: bool = False) -> None:
+        with self.wire.cond:
+            self.wire.turn_waiting.add(self.rank)
+            self.wire.cond.notify_all()
         self.wire.wait(lambda: self.store.check(list(keys.values())), list(keys), describe("waiting"))
 
 
@@ -142,24 +146,49 @@ def _relays(trainer, wire: FakeWire, resume_at: int | None = None) -> dict[int, 
     return relays
 
 
-def _run_ranks(relays, wire: FakeWire, resume_at: int | None = None, kill: tuple[int, int] | None = None) -> dict:
-    """Each rank's `SnakeTrainer.train()` loop in a thread (no training steps); returns {rank: [stages trained]}."""
+def _run_ranks(
+    relays,
+    wire: FakeWire,
+    resume_at: int | None = None,
+    kill: tuple[int, int] | None = None,
+    timings: dict | None = None,
+    train_seconds: float = 0.0,
+) -> dict:
+    """Each rank's `SnakeTrainer.train()` loop in a thread (no training steps); returns {rank: [stages trained]}.
+
+    With `timings`, a stage "trains" for `train_seconds` and `timings[stage]` gets its (wait, load, wall) seconds. A
+    stage followed by one on another non-coordinator rank trains only once that rank waits for its turn, so that the
+    follower's wait spans the stage by construction (the coordinator's does anyway: it hands out the turns)."""
     trained, errors = {rank: [] for rank in relays}, {}
+
+    def next_stage(rank: int, relay: FailoverRelay):
+        stage = relay.next_stage()
+        with wire.cond:
+            wire.turn_waiting.discard(rank)
+        return stage
 
     def rank_loop(rank: int, relay: FailoverRelay) -> None:
         try:
             if resume_at is not None and relay.plan[resume_at - 1].node == rank:  # the checkpoint's hop, again
                 relay.hand_on(relay.plan[resume_at - 1])
-            stage = relay.next_stage()
+            stage = next_stage(rank, relay)
             while stage is not None:
-                relay.enter(stage)
+                _, wait = relay.enter(stage)
                 if kill == (rank, stage.index):
                     wire.kill(rank)
                     raise _Killed
+                if timings is not None:
+                    following = relay.plan[stage.index + 1] if stage.index + 1 < len(relay.plan) else None
+                    if following is not None and following.node not in (rank, COORDINATOR):
+                        node = following.node
+                        wire.wait(lambda node=node: node in wire.turn_waiting, [node], f"rank {node} waits")
+                    started = time.perf_counter()
+                    time.sleep(train_seconds)
+                    timings[stage.index] = (wait, relay.last_load_seconds, time.perf_counter() - started)
                 relay.close_stage(stage)
                 relay.hand_on(stage)
                 trained[rank].append(stage.index)
-                stage = relay.next_stage()
+                stage = next_stage(rank, relay)
             relay.finish()
         except _Killed:
             pass
@@ -225,3 +254,19 @@ def test_node_dying_in_the_second_stage_of_its_run_keeps_the_first_stages_work(t
     assert relays[1].ledger.versions[1]["g0"] == 3  # node 1 holds stage 2's version of group 0, not its own older one
     _assert_consistent({r: relays[r] for r in (0, 1)}, {"g0": 3, "g1": 3})
     assert json.loads(wire.keys["snake/cs/plan/1"])["failures"][0]["stage"] == 3
+
+
+def test_a_stage_after_another_nodes_waits_through_its_training_then_loads(trainer):
+    # cs ranks wait for their turn in next_stage (the coordinator: forwarding the others' payloads), not in the
+    # receive that follows; the stage's wait holds both, as in p2p (it used to be 0 on the coordinator).
+    wire, timings = FakeWire(), {}
+    relays = _relays(trainer, wire)
+    trained = _run_ranks(relays, wire, timings=timings, train_seconds=0.05)
+    assert trained == {0: [0, 5], 1: [1, 4], 2: [2, 3]}
+    for stage in trainer.plan[1:]:
+        wait, load, _ = timings[stage.index]
+        if trainer.plan[stage.index - 1].node == stage.node:
+            assert (wait, load) == (0.0, 0.0)  # node 2's stage 3: no turn, no payload
+        else:
+            assert wait >= timings[stage.index - 1][2], f"stage {stage.index}"
+            assert 0 < load <= wait, f"stage {stage.index}"  # stage 5: the coordinator's load of node 1's payload
