@@ -571,32 +571,55 @@ def plot(results: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     methods = results["methods"]
-    fig = Figure(figsize=(16, 4.6))
+    fig = Figure(figsize=(16, 4.6) if results["task"] != "memory_full" else (9, 4.6))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3) if results["task"] != "memory_full" else [None, None, fig.subplots(1, 1)]
+    if results["task"] == "memory_full":
+        _plot_memory(results, fig.subplots(1, 1))
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        return
+    axes = fig.subplots(1, 3)
     for name, r in methods.items():
-        if axes[0] is None or not r["curve"]:
+        if not r["curve"]:
             continue
         steps, metric, moved = zip(*((p["step"], p["metric"], p["bytes"]) for p in r["curve"]))
         axes[0].plot(steps, metric, marker="o", markersize=3, label=name)
         sent = [(b / 2**20, m) for b, m in zip(moved, metric) if b > 0]  # a log axis has no 0: nothing sent yet
         if sent:
             axes[1].plot(*zip(*sent), marker="o", markersize=3, label=name)
-    if axes[0] is not None:
-        target = results["summary"]["target"]
-        for ax, xlabel in ((axes[0], "optimizer steps (all nodes)"), (axes[1], "MiB moved so far (log)")):
-            ax.set(xlabel=xlabel, ylabel=results["metric"], title=f"{results['task']}: {results['metric']}")
-            if target is not None:
-                ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target")
-            ax.grid(alpha=0.3)
-        axes[1].set_xscale("log")
-        axes[0].legend(fontsize="small")
+    target = results["summary"]["target"]
+    for ax, xlabel in ((axes[0], "optimizer steps (all nodes)"), (axes[1], "MiB moved so far (log)")):
+        ax.set(xlabel=xlabel, ylabel=results["metric"], title=f"{results['task']}: {results['metric']}")
+        if target is not None:
+            ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target")
+        ax.grid(alpha=0.3)
+    axes[1].set_xscale("log")
+    axes[0].legend(fontsize="small")
     names = list(methods)
     axes[2].bar(range(len(names)), [(methods[n]["peak_memory_max"] or 0) / 2**20 for n in names], color="tab:green")
     axes[2].set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize="small")
     axes[2].set(ylabel="MiB", title="peak memory per node above the loaded model (max)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def _plot_memory(results: dict, ax) -> None:
+    """Full fine-tuning's peak beside each Snake node's, the trainable state (gradients + AdamW moments) hatched
+    inside each bar, and the paper's ratio as a line."""
+    full, snake = results["methods"]["full_finetune"], results["methods"]["snake_full"]
+    names = ["full fine-tuning"] + [f"Snake node {node}" for node in snake["peak_memory_per_node"]]
+    peaks = [full["peak_memory_max"], *snake["peak_memory_per_node"].values()]
+    state = [full["trainable_state_bytes"]] + [snake["trainable_state_bytes"]] * len(snake["peak_memory_per_node"])
+    x = range(len(names))
+    ax.bar(x, [p / 2**20 for p in peaks], color=["tab:gray"] + ["tab:green"] * (len(names) - 1), label="peak")
+    ax.bar(x, [s / 2**20 for s in state], fill=False, hatch="//", edgecolor="black", linewidth=0.5,
+           label="of which gradients + AdamW moments (largest group)")  # fmt: skip
+    paper = results["summary"]["paper_memory_ratio"] * full["peak_memory_max"] / 2**20
+    ax.axhline(paper, color="tab:red", linestyle="--", linewidth=1, label="paper's ratio (0.16) x full fine-tuning")
+    ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize="small")
+    ax.set(ylabel="MiB above the loaded model", title=f"peak memory per node: Snake / full fine-tuning = "
+           f"{results['summary']['memory_ratio']:.3f}")  # fmt: skip
+    ax.legend(fontsize="small")
 
 
 # ---- command line ----
