@@ -167,3 +167,28 @@ def test_memory_options_leave_the_tiny_memory_run_training_the_same(compare, tmp
         losses.append({name: r["train_loss"] for name, r in compare.main(argv)["methods"].items()})
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert "recompute_above_group" in (tmp_path / "compare_memory_full_tiny.md").read_text()
+
+
+def test_each_method_result_is_cached_and_reused_only_under_the_same_settings(compare, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_method(method, s):
+        calls.append((method, s.seed))
+        return {"final_metric": 0.5, "curve": [], "bytes_total": 0, "peak_memory_max": None}
+
+    monkeypatch.setattr(compare, "run_method", fake_run_method)
+    monkeypatch.setattr(compare, "summarise", lambda s, methods: {})
+    s, _ = compare.parse_settings(["--tiny", "--methods", "centralized,cyclic"])
+    cache = tmp_path / "runs"
+    compare.run(s, in_process=True, cache=cache)
+    assert calls == [("centralized", 42), ("cyclic", 42)]
+    # Another subset, and another thread count (timing only): only the method not cached yet runs.
+    more, _ = compare.parse_settings(["--tiny", "--methods", "centralized,cyclic,split", "--threads", "2"])
+    assert list(compare.run(more, in_process=True, cache=cache)["methods"]) == ["centralized", "cyclic", "split"]
+    assert calls[2:] == [("split", 42)]
+    # A setting the results depend on: everything runs again.
+    other, _ = compare.parse_settings(["--tiny", "--methods", "centralized", "--seed", "7"])
+    compare.run(other, in_process=True, cache=cache)
+    assert calls[3:] == [("centralized", 7)]
+    compare.run(other, in_process=True, cache=None)  # no cache: always runs
+    assert calls[4:] == [("centralized", 7)]
