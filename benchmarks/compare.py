@@ -360,6 +360,7 @@ def run_method(method: str, s: Settings) -> dict:
         measure = lambda: baselines.evaluate(task.model, task.eval_set, task.collator, batch, s.kind)  # noqa: E731
     result = _run(method, s, task, budget, measure, peaks)
     result["shard_sizes"] = [len(shard) for shard in task.shards]
+    result["torch_threads"] = s.threads  # its own: a run assembled from cached methods may have timed them apart
     if s.kind == "accuracy":
         from snake_hf.shards import shard_summary
 

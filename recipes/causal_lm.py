@@ -31,6 +31,7 @@ from snake_hf.recipes import (
     causal_lm_splits,
     load_model_and_tokenizer,
     report_and_save,
+    run_summary,
     train_and_evaluate,
 )
 
@@ -76,15 +77,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # Perplexity = exp(mean token cross-entropy); without compute_metrics, evaluate() keeps no logits.
     results = train_and_evaluate(trainer, perplexity_from_eval_loss)
-    return report_and_save(
-        trainer,
-        results,
-        model_args,
-        script_args.dataset_name,
-        "text-generation",
-        ["eval_loss", "eval_perplexity"],
-        f"tail ({len(splits['eval'])} blocks)",
-    )
+    print(run_summary(trainer, results, ["eval_loss", "eval_perplexity"], f"tail ({len(splits['eval'])} blocks)"))
+    results = report_and_save(trainer, results, model_args, script_args.dataset_name, "text-generation")
+    print(f"Wrote the adapter, report, plots and model card to {trainer.args.output_dir}")
+    return results
 
 
 if __name__ == "__main__":

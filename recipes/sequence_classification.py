@@ -31,6 +31,7 @@ from snake_hf.recipes import (
     classification_splits,
     load_model_and_tokenizer,
     report_and_save,
+    run_summary,
     train_and_evaluate,
 )
 
@@ -97,15 +98,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"\nNode shards:\n{trainer.shard_summary.to_markdown()}")
 
     results = train_and_evaluate(trainer)
-    return report_and_save(
-        trainer,
-        results,
-        model_args,
-        script_args.dataset_name,
-        "text-classification",
-        ["eval_accuracy", "eval_f1", "eval_loss"],
-        f"split ({len(splits['eval'])} examples)",
+    print(
+        run_summary(
+            trainer, results, ["eval_accuracy", "eval_f1", "eval_loss"], f"split ({len(splits['eval'])} examples)"
+        )
     )
+    results = report_and_save(trainer, results, model_args, script_args.dataset_name, "text-classification")
+    print(f"Wrote the adapter, report, plots and model card to {trainer.args.output_dir}")
+    return results
 
 
 if __name__ == "__main__":

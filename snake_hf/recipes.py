@@ -447,24 +447,26 @@ def _json_default(value: Any) -> Any:
     return value.item() if isinstance(value, (np.floating, np.integer)) else str(value)
 
 
+def run_summary(trainer: SnakeTrainer, results: dict[str, Any], metric_keys: list[str], eval_description: str) -> str:
+    """The text a recipe prints at its end: the stage table, the held-out metrics before and after, what moved."""
+    return (
+        f"\nStages:\n{trainer.snake_report.to_markdown()}\n"
+        f"\nHeld-out {eval_description}:\n"
+        f"{compare_metrics(results['before'], results['after'], metric_keys)}\n"
+        f"\nTrained {results['total_steps']} steps in {results['train_seconds']:.1f} s; "
+        f"moved {results['total_bytes']:,} bytes in {results['num_hops']} hops."
+    )
+
+
 def report_and_save(
     trainer: SnakeTrainer,
     results: dict[str, Any],
     model_args,
     dataset_name: str,
     task: str,
-    metric_keys: list[str],
-    eval_description: str,
 ) -> dict[str, Any]:
-    """The end of a text recipe: prints the stage table, the held-out metrics before and after and what moved, then
-    saves the adapter, report, plots and a model card naming the task and data set (shared by the recipes)."""
-    print(f"\nStages:\n{trainer.snake_report.to_markdown()}")
-    print(f"\nHeld-out {eval_description}:")
-    print(compare_metrics(results["before"], results["after"], metric_keys))
-    print(
-        f"\nTrained {results['total_steps']} steps in {results['train_seconds']:.1f} s; "
-        f"moved {results['total_bytes']:,} bytes in {results['num_hops']} hops."
-    )
+    """The end of a text recipe: saves the adapter, report, plots and a model card naming the task and data set
+    (shared by the recipes; they print `run_summary` first)."""
     output_dir = trainer.args.output_dir
     results.update(model=model_args.model_name_or_path, dataset=dataset_name, output_dir=output_dir)
     dataset = Path(dataset_name).stem  # a file's name, or the data set's
@@ -472,5 +474,4 @@ def report_and_save(
     if model_args.tiny_model_type is None and model_args.from_config_json is None:
         card["finetuned_from"] = base_model_name(model_args.model_name_or_path)
     save_run_outputs(trainer, results, card)
-    print(f"Wrote the adapter, report, plots and model card to {output_dir}")
     return results
