@@ -1,6 +1,8 @@
 """Every use of a private `Trainer`/`Accelerate` member lives here, with the versions it was checked against.
 
-Checked against transformers 5.23.0, accelerate 1.15.0, peft 0.21.2, torch 2.13.0.
+Checked against transformers 5.23.0 and 5.24.0, accelerate 1.15.0 and 1.16.0, peft 0.21.2, torch 2.13.0 (CPU); the
+upper bounds in `pyproject.toml` stop at the next releases, which nobody has checked yet. (transformers 5.25.0 exists
+on PyPI but needs `kernels>=0.19.1`, which PyPI does not carry yet, so pip resolves 5.24.0.)
 """
 
 from __future__ import annotations

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+import torch
 from transformers import TrainingArguments
 
 from .capacity import as_profiles, profiles_to_dicts
-from .distributed import LaunchInfo, hide_launch_env, launch_info
+from .launch import hide_launch_env
 from .payload import PAYLOAD_DTYPES
 from .plan import Stage, load_plan
 
@@ -33,7 +35,8 @@ class SnakeConfig(TrainingArguments):
 
     Parameters:
         num_nodes (`int`, defaults to `1`):
-            Number of nodes, each with a private shard. In distributed mode it must equal the world size.
+            Number of nodes, each with a private shard. In distributed mode it must equal the world size; left at 1
+            under a launcher, `SnakeTrainer` sets it to the world size where the run starts (rank = node).
         num_block_groups (`int`, *optional*):
             Number of contiguous block groups. Defaults to `num_nodes` (capped at the number of blocks); the
             designated schedule needs exactly `num_nodes`.
@@ -67,7 +70,9 @@ class SnakeConfig(TrainingArguments):
         partition_text_column (`str`, defaults to `"text"`): text column for `"length"` without a length column.
         engine (`str`, defaults to `"auto"`):
             `"simulation"` (all nodes in this process), `"distributed"` (one process per node over
-            torch.distributed) or `"auto"` (distributed when launched with a world size above 1).
+            torch.distributed) or `"auto"` (distributed when launched with a world size above 1). The launcher's
+            variables are read by `SnakeTrainer` where the run starts, once per process; a config holds no launch
+            state, so copies and `to_dict()` round trips behave alike.
         topology (`str`, defaults to `"p2p"`):
             Distributed payload routing: `"p2p"` (straight to the next stage's node) or `"cs"` (through a
             coordinator rank).
@@ -172,7 +177,6 @@ class SnakeConfig(TrainingArguments):
     local_shard: bool = field(
         default=False, metadata={"help": "Distributed: train_dataset is this process's own shard only."}
     )
-    launch: LaunchInfo | None = field(default=None, init=False, repr=False)
     distill_alpha: float = field(default=0.0, metadata={"help": "Distillation weight λ (0 = off)."})
     distill_temperature: float = field(default=2.0, metadata={"help": "Distillation temperature T."})
     logit_adjustment: float = field(
@@ -210,31 +214,18 @@ class SnakeConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        self._detect_launch()  # before TrainingArguments sets up devices: its world must stay one process
         super().__post_init__()
         self._validate_snake_fields()
 
-    def _detect_launch(self) -> None:
-        _require(self.engine in ENGINES, "engine", self.engine, f"use one of {list(ENGINES)}")
-        info = launch_info() if self.engine != "simulation" else None
-        if self.engine == "distributed" and info is None:
-            raise ValueError(
-                "`engine` is 'distributed' but this process was not started by a launcher (no WORLD_SIZE > 1); run "
-                "`torchrun --nproc_per_node N script.py`, or use engine='simulation'."
-            )
-        if info is None:
-            return
-        if self.num_nodes == 1:
-            self.num_nodes = info.world_size  # rank = node
-        elif self.num_nodes != info.world_size:
-            raise ValueError(
-                f"`num_nodes` ({self.num_nodes}) differs from the {info.world_size} launched processes; in "
-                "distributed mode each process is one node: launch num_nodes processes or leave num_nodes unset."
-            )
-        # Each process runs an ordinary single-process Trainer (PITFALLS: under torchrun Trainer would wrap DDP and
-        # all-gather every step, which hangs when one node trains at a time). Snake's transport keeps the launch info.
-        hide_launch_env()
-        self.launch = info
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        # TrainingArguments builds accelerate's PartialState here, from the environment: under a launcher it would see
+        # a distributed world (DDP wrap, sharded dataloader, all-gathers every step), which hangs a Snake run where one
+        # rank trains at a time. Each rank trains single-process (DESIGN §5), so the launcher's variables are hidden
+        # while the state is built and put back at once: a config changes nothing outside itself. The trainer reads the
+        # launch where the run starts (`snake_hf.launch.process_launch`).
+        with hide_launch_env():
+            return super()._setup_devices
 
     def _validate_snake_fields(self) -> None:
         _require(self.num_nodes >= 1, "num_nodes", self.num_nodes, "use at least 1 node")
@@ -275,7 +266,9 @@ class SnakeConfig(TrainingArguments):
         _require(self.scale_steps_by in (None, "speed", "data"), "scale_steps_by", self.scale_steps_by,
                  "use 'speed', 'data' or leave it unset")  # fmt: skip
         if self.node_profiles is not None:
-            profiles = as_profiles(self.node_profiles, self.num_nodes)  # validates count and values now
+            # Values now; the count here when num_nodes is set (under a launcher num_nodes may come from the world
+            # size, so the trainer checks the count again where the run starts).
+            profiles = as_profiles(self.node_profiles, self.num_nodes if self.num_nodes > 1 else None)
             if not isinstance(self.node_profiles, (str, os.PathLike)):
                 self.node_profiles = profiles_to_dicts(profiles)  # plain data keeps to_json_string working
             if self.schedule == "designated" and self.group_boundaries is not None:
@@ -320,7 +313,7 @@ class SnakeConfig(TrainingArguments):
             self.schedule = [s if isinstance(s, Stage) else Stage.from_dict(s) for s in schedule]
             return
         if schedule in SCHEDULES:
-            if schedule == "designated" and self.num_block_groups not in (None, self.num_nodes):
+            if schedule == "designated" and self.num_nodes > 1 and self.num_block_groups not in (None, self.num_nodes):
                 raise ValueError(
                     f"`num_block_groups` ({self.num_block_groups}) must equal `num_nodes` ({self.num_nodes}) for the "
                     "designated schedule (one group per node); unset it or use schedule='serpentine'."

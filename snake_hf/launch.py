@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 
-__all__ = ["LaunchInfo", "launch_info", "hide_launch_env", "HiddenLaunchEnv", "LAUNCH_ENV_VARS"]
+__all__ = ["LAUNCH_ENV_VARS", "HiddenLaunchEnv", "LaunchInfo", "hide_launch_env", "launch_info", "process_launch"]
 
 # Variables by which torchrun, `accelerate launch --multi_gpu` or MPI tell Trainer/Accelerate "you are one of N". They
 # are hidden so that each rank's Trainer runs single-process (no DDP wrap, no sharded dataloader, no all-gathers).
@@ -102,3 +102,37 @@ def hide_launch_env() -> HiddenLaunchEnv:
         ```
     """
     return HiddenLaunchEnv({name: os.environ.pop(name) for name in LAUNCH_ENV_VARS if name in os.environ})
+
+
+_PROCESS_LAUNCH: list[LaunchInfo | None] = []  # what process_launch() read, once per process
+
+
+def process_launch() -> LaunchInfo | None:
+    """This process's launch, read once per process (accelerate's `PartialState` is the model): `None` when it is not
+    one of several.
+
+    The first call reads the launcher's variables ([`launch_info`]) and, when this process is one of several, hides
+    them for the rest of the process ([`hide_launch_env`]), so that every `Trainer` and Accelerate object built later
+    stays single-process (each rank runs an ordinary one-process `Trainer`; DESIGN §5). Later calls return the same
+    answer. `SnakeTrainer` calls it where a run starts; building, copying or pickling a `SnakeConfig` never does.
+
+    Example:
+        ```python
+        >>> info = process_launch()  # under `torchrun --nproc_per_node 2 train.py`
+        >>> info.rank, info.world_size, "RANK" in os.environ
+        (0, 2, False)
+        >>> process_launch() is info
+        True
+        ```
+    """
+    if not _PROCESS_LAUNCH:
+        info = launch_info()
+        if info is not None:
+            hide_launch_env()
+        _PROCESS_LAUNCH.append(info)
+    return _PROCESS_LAUNCH[0]
+
+
+def _forget_process_launch() -> None:
+    """Tests only: the next [`process_launch`] reads the environment again."""
+    _PROCESS_LAUNCH.clear()

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .blocks import PartMap
+from .identity import canonical_hash
 
 
 __all__ = [
@@ -154,10 +155,19 @@ def model_fingerprint(model: nn.Module, samples: int = 64) -> str:
     return digest.hexdigest()[:16]
 
 
+# Adapter-config fields that say where the base was loaded from, not what trains: two hosts may load the same base from
+# different folders (the base-model fingerprint checks that the weights agree).
+_LOCATION_FIELDS = ("base_model_name_or_path", "revision")
+
+
 def config_hash(config: Mapping | None, layout: Mapping[str, Mapping[str, tuple[str, tuple[int, ...]]]]) -> str:
-    """Hash of the adapter configuration (e.g. `LoraConfig.to_dict()`, or None in full mode) and the part layout."""
-    text = json.dumps({"config": config, "layout": layout}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Hash of the adapter configuration (e.g. `LoraConfig.to_dict()`, or None in full mode) and the part layout.
+
+    Computed from their canonical form ([`snake_hf.identity.canonical_json`]): PEFT keeps `target_modules` as a set,
+    whose order differs between processes, so every rank and every resumed run gets the same hash.
+    """
+    config = None if config is None else {k: v for k, v in config.items() if k not in _LOCATION_FIELDS}
+    return canonical_hash({"config": config, "layout": layout}, "adapter config", length=16)
 
 
 @dataclass(frozen=True)
@@ -347,8 +357,7 @@ def encode_payload(payload: Payload, part_of: Mapping[str, str]) -> EncodedPaylo
 
 def _manifest_digest(manifest: dict) -> str:
     """SHA-256 of the manifest without its own digest (the same compact JSON the encoder writes)."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+    return canonical_hash({k: v for k, v in manifest.items() if k != "manifest_sha256"}, "payload manifest")
 
 
 def decode_payload(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable[str] | None = None) -> Payload:

@@ -54,6 +54,7 @@ from .trainer_setup import (
     measure_capacity,
     needs_priors,
     node_priors,
+    resolve_launch,
     split_head_groups,
     summarise_shards,
     wrap_for_mode,
@@ -119,6 +120,7 @@ class SnakeTrainer(StageCheckpointing, DistributedRun, Trainer):
         if kwargs.get("model_init") is not None:
             raise ValueError("`model_init` is not supported by SnakeTrainer; pass the model itself.")
         # Everything that can refuse the input runs before the model is touched (get_peft_model edits it in place).
+        self.launch = resolve_launch(args)
         check_mode(model, args, peft_config)
         if args.lm_loss_chunk_tokens:
             check_chunkable(model, args.lm_loss_chunk_tokens)
@@ -127,8 +129,7 @@ class SnakeTrainer(StageCheckpointing, DistributedRun, Trainer):
             self.groups = BlockGroups.from_model(
                 model, default_num_groups(model, args), args.group_boundaries, args.block_list_path
             )
-        self.launch = args.launch
-        self.transport = make_transport(args)
+        self.transport = make_transport(self.launch, args)
         self.local_nodes = {self.launch.rank} if self.launch is not None else set(range(args.num_nodes))
         self.node_data = self._split_data(train_dataset, args, partitioner)
         self.capacity = None

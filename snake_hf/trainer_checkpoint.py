@@ -25,7 +25,6 @@ error at once instead of waiting for a payload that will not come.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import uuid
@@ -44,6 +43,7 @@ from .checkpoint import (
     rotate_checkpoints,
     write_atomically,
 )
+from .identity import canonical, canonical_hash
 from .plan import Stage
 from .report import HopRecord, StageRecord
 
@@ -163,15 +163,15 @@ class StageCheckpointing:
 
     def _run_signature(self) -> dict:
         """Every setting besides the plan, the base model and the rank that decides what this run computes (as JSON
-        gives it back, so that a saved signature compares equal)."""
-        members = json.dumps([self.node_data.node_indices[node] for node in sorted(self.local_nodes)])
+        gives it back, so that a saved signature compares equal in any later process)."""
+        members = [self.node_data.node_indices[node] for node in sorted(self.local_nodes)]
         signature = {name: getattr(self.args, name) for name in _SIGNATURE_FIELDS} | {
             "adapter": self._spec.adapter_hash,
             "group_boundaries": list(self.groups.boundaries),
             "shard_sizes": list(self.node_data.sizes),
-            "shard_members": hashlib.sha256(members.encode()).hexdigest()[:16],  # this process's nodes' examples
+            "shard_members": canonical_hash(members, "shard members", length=16),  # this process's nodes' examples
         }
-        return json.loads(json.dumps(signature, default=str))
+        return canonical(signature, "run signature")  # sets sorted: the same in a new process (snake_hf.identity)
 
     def _check_signature(self, path: Path, saved: dict) -> None:
         for field, value in self._run_signature().items():

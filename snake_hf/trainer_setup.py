@@ -15,6 +15,7 @@ from .blocks import BlockGroups, PartMap, find_block_list, unwrap_model
 from .capacity import Designation, NodeProfile, as_profiles, check_plan_memory, designate, explain, scale_steps
 from .config import SnakeConfig
 from .distributed import DistributedTransport
+from .launch import LaunchInfo, process_launch
 from .losses import node_label_priors
 from .memory_estimate import BlockCosts, measure_block_costs
 from .node_data import NodeData
@@ -27,10 +28,36 @@ from .transport import InMemoryTransport
 logger = logging.get_logger(__name__)
 
 
-def make_transport(args: SnakeConfig):
-    if args.launch is None:
+def resolve_launch(args: SnakeConfig) -> LaunchInfo | None:
+    """Where the run starts: this process's launch (read once per process), checked against `args`.
+
+    `engine="simulation"` never reads the launcher; `"distributed"` needs one. Under a launcher each process is one
+    node: `num_nodes` left at 1 becomes the world size (its documented meaning), any other value must equal it.
+    """
+    if args.engine == "simulation":
+        return None
+    info = process_launch()
+    if info is None:
+        if args.engine == "distributed":
+            raise ValueError(
+                "`engine` is 'distributed' but this process was not started by a launcher (no WORLD_SIZE > 1); run "
+                "`torchrun --nproc_per_node N script.py`, or use engine='simulation'."
+            )
+        return None
+    if args.num_nodes == 1:
+        args.num_nodes = info.world_size  # rank = node
+    elif args.num_nodes != info.world_size:
+        raise ValueError(
+            f"`num_nodes` ({args.num_nodes}) differs from the {info.world_size} launched processes; in distributed "
+            "mode each process is one node: launch num_nodes processes or leave num_nodes unset."
+        )
+    return info
+
+
+def make_transport(launch: LaunchInfo | None, args: SnakeConfig):
+    if launch is None:
         return InMemoryTransport()
-    return DistributedTransport.from_launch(args.launch, topology=args.topology, hop_timeout=args.hop_timeout)
+    return DistributedTransport.from_launch(launch, topology=args.topology, hop_timeout=args.hop_timeout)
 
 
 def check_mode(model: nn.Module | None, args: SnakeConfig, peft_config) -> None:

@@ -10,6 +10,7 @@ Same tiny GPT-2 run as `_snake_run.py` (3 nodes, 2 groups, 2 passes, 2 steps per
 OUT_DIR/adapters-<rank>.safetensors, or OUT_DIR/error-<rank>.txt with the error it stopped on; the first rank saves
 the model to OUT_DIR/final and the report to OUT_DIR/report.json. SNAKE_TEST_ON_NODE_FAILURE sets on_node_failure.
 `make_trainer(..., engine="simulation", schedule=plan)` builds the same run as a simulation (e.g. of a re-planned plan).
+`SNAKE_TEST_CONFIG` picks the model and adapter configuration (`tests/_matrix.py`).
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import lm_dataset, tiny_gpt2  # noqa: E402
+from _matrix import build, trained_state  # noqa: E402
 from snake_hf import SnakeConfig, SnakeTrainer  # noqa: E402
 
 
@@ -42,7 +42,9 @@ class KillAt(TrainerCallback):
 
 def make_trainer(out_dir: str, topology: str, engine: str = "auto", schedule=None, callbacks=()) -> SnakeTrainer:
     torch.set_num_threads(1)  # bit-identical CPU results need the same thread count in every process
-    extra = {"schedule": schedule} if schedule is not None else {}
+    model, dataset, peft_config, extra = build()
+    if schedule is not None:
+        extra["schedule"] = schedule
     if "SNAKE_TEST_ON_NODE_FAILURE" in os.environ:
         extra["on_node_failure"] = os.environ["SNAKE_TEST_ON_NODE_FAILURE"]
     args = SnakeConfig(
@@ -51,12 +53,11 @@ def make_trainer(out_dir: str, topology: str, engine: str = "auto", schedule=Non
         hop_timeout=float(os.environ.get("SNAKE_TEST_HOP_TIMEOUT", "60")), save_strategy="steps",
         report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0, **extra,
     )  # fmt: skip
-    lora = LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM", lora_dropout=0.1)
-    return SnakeTrainer(tiny_gpt2(), args, train_dataset=lm_dataset(n=36), peft_config=lora, callbacks=list(callbacks))
+    return SnakeTrainer(model, args, train_dataset=dataset, peft_config=peft_config, callbacks=list(callbacks))
 
 
 def adapters(trainer: SnakeTrainer) -> dict[str, torch.Tensor]:
-    return {k: v.contiguous() for k, v in get_peft_model_state_dict(trainer.model).items()}
+    return trained_state(trainer.model)
 
 
 def main(out_dir: str, topology: str, mode: str, kill_rank: int | None = None, kill_step: int | None = None) -> None:

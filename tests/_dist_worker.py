@@ -1,17 +1,21 @@
-"""One rank of a launched run (`torchrun` or `accelerate launch --multi_gpu`): checks that hiding the launch
-environment leaves `TrainingArguments` single-process, then passes a payload 0 -> 1 -> 0 over the transport.
+"""One rank of a launched run (`torchrun` or `accelerate launch --multi_gpu`): checks that a `SnakeConfig` built under
+the launcher is single-process and leaves the environment alone, that the launch read where the run starts hides it
+from every later `TrainingArguments`, then passes a payload 0 -> 1 -> 0 over the transport.
 
 Usage: `torchrun --nproc_per_node 2 tests/_dist_worker.py OUT_DIR` (writes OUT_DIR/rank{RANK}.json).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
 
-from snake_hf.distributed import DistributedTransport, hide_launch_env, launch_info
+from snake_hf import SnakeConfig
+from snake_hf.distributed import DistributedTransport
+from snake_hf.launch import LAUNCH_ENV_VARS, process_launch
 from snake_hf.payload import Payload, encode_payload
 
 
@@ -21,8 +25,11 @@ def payload(stage: int):
 
 
 def main(out: Path) -> None:
-    info = launch_info()
-    removed = hide_launch_env()
+    before = dict(os.environ)
+    config = SnakeConfig(output_dir=str(out / "config"), use_cpu=True, report_to=[])  # as a user's script does first
+    config_pure = dict(os.environ) == before and config.world_size == 1
+    info = process_launch()  # what SnakeTrainer does where the run starts
+    removed = [name for name in LAUNCH_ENV_VARS if name in before and name not in os.environ]
     args = TrainingArguments(output_dir=str(out / f"run{info.rank}"), use_cpu=True, report_to=[])
     transport = DistributedTransport.from_launch(info, hop_timeout=60.0)
     try:
@@ -39,6 +46,7 @@ def main(out: Path) -> None:
     result = {
         "launch": {"rank": info.rank, "world_size": info.world_size, "agent_store": info.use_agent_store},
         "removed": sorted(removed),
+        "config_pure": config_pure,
         "parallel_mode": str(args.parallel_mode),
         "world_size": args.world_size,
         "same": same,

@@ -2,6 +2,8 @@
 
 python tests/_resume_run.py OUT_DIR run [KILL_AT_STEP]   # SIGKILLs itself mid-stage at that global step
 python tests/_resume_run.py OUT_DIR resume               # resume_from_checkpoint=True
+
+`SNAKE_TEST_CONFIG` picks the model and adapter configuration (`tests/_matrix.py`).
 """
 
 from __future__ import annotations
@@ -13,13 +15,12 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import lm_dataset, tiny_gpt2  # noqa: E402
+from _matrix import build, trained_state  # noqa: E402
 from snake_hf import SnakeConfig, SnakeTrainer  # noqa: E402
 
 
@@ -34,17 +35,16 @@ class KillAt(TrainerCallback):
 
 def main(out_dir: str, mode: str, kill_at: int | None = None) -> None:
     torch.set_num_threads(1)
+    model, dataset, peft_config, fields = build()
     args = SnakeConfig(
         output_dir=out_dir, num_nodes=3, num_block_groups=2, stage_steps=3, num_passes=1,
         per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=2, save_strategy="steps", save_total_limit=2,
-        report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0,
+        report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0, **fields,
     )  # fmt: skip
-    lora = LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM", lora_dropout=0.1)
     callbacks = [KillAt(kill_at)] if kill_at is not None else []
-    trainer = SnakeTrainer(tiny_gpt2(), args, train_dataset=lm_dataset(n=36), peft_config=lora, callbacks=callbacks)
+    trainer = SnakeTrainer(model, args, train_dataset=dataset, peft_config=peft_config, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=True if mode == "resume" else None)
-    state = {k: v.contiguous() for k, v in get_peft_model_state_dict(trainer.model).items()}
-    save_file(state, os.path.join(out_dir, "final.safetensors"))
+    save_file(trained_state(trainer.model), os.path.join(out_dir, "final.safetensors"))
     Path(out_dir, "final_report.json").write_text(json.dumps(trainer.snake_report.to_dict(), default=str))
 
 

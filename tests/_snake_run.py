@@ -3,7 +3,8 @@
     python tests/_snake_run.py OUT_DIR TOPOLOGY NUM_NODES                      # simulation (one process)
     torchrun --nproc_per_node 3 tests/_snake_run.py OUT_DIR p2p 3              # distributed, rank = node
 
-Each process writes the final adapters it holds to OUT_DIR/adapters-<rank>.safetensors; the first writes the report.
+Each process writes the final adapters it holds to OUT_DIR/adapters-<rank>.safetensors (every weight in full mode); the
+first writes the report. `SNAKE_TEST_CONFIG` picks the model and adapter configuration (`tests/_matrix.py`).
 """
 
 from __future__ import annotations
@@ -14,30 +15,28 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import lm_dataset, tiny_gpt2  # noqa: E402
+from _matrix import build, trained_state  # noqa: E402
 from snake_hf import SnakeConfig, SnakeTrainer  # noqa: E402
 
 
-def run(out_dir: str, topology: str, num_nodes: int, engine: str = "auto") -> SnakeTrainer:
+def run(out_dir: str, topology: str, num_nodes: int, engine: str = "auto", config: str | None = None) -> SnakeTrainer:
     torch.set_num_threads(1)  # bit-identical CPU results need the same thread count in every process
+    model, dataset, peft_config, fields = build(config)
     args = SnakeConfig(
         output_dir=out_dir, num_nodes=num_nodes, num_block_groups=2, stage_steps=2, num_passes=2,
         per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=1, topology=topology,
         hop_timeout=float(os.environ.get("SNAKE_TEST_HOP_TIMEOUT", "60")),
         engine=engine, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1,
-        seed=0,
+        seed=0, **fields,
     )  # fmt: skip
-    lora = LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM", lora_dropout=0.1)
-    trainer = SnakeTrainer(tiny_gpt2(), args, train_dataset=lm_dataset(n=36), peft_config=lora)
+    trainer = SnakeTrainer(model, args, train_dataset=dataset, peft_config=peft_config)
     trainer.train()
     rank = trainer.launch.rank if trainer.launch is not None else 0
-    state = {k: v.contiguous() for k, v in get_peft_model_state_dict(trainer.model).items()}
-    save_file(state, os.path.join(out_dir, f"adapters-{rank}.safetensors"))
+    save_file(trained_state(trainer.model), os.path.join(out_dir, f"adapters-{rank}.safetensors"))
     if rank == 0:
         Path(out_dir, "report.json").write_text(json.dumps(trainer.snake_report.to_dict(), default=str))
     trainer.transport.close()

@@ -102,6 +102,16 @@ def image_dataset(n: int = 24, num_classes: int = 3, seed: int = 1) -> datasets.
     )
 
 
+@pytest.fixture(autouse=True)
+def _fresh_process_launch():
+    """Each test reads the launcher's variables afresh (`process_launch` keeps its answer for the process)."""
+    from snake_hf.launch import _forget_process_launch
+
+    _forget_process_launch()
+    yield
+    _forget_process_launch()
+
+
 @pytest.fixture
 def snake_args(tmp_path):
     """SnakeConfig factory with quiet, CPU, deterministic defaults for tests."""

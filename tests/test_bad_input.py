@@ -60,7 +60,7 @@ CASES = [
     ("checkpointing", lambda t: config(t, gradient_checkpointing=True), ValueError, ["activation_checkpointing", "False"]),
     ("distill-alpha", lambda t: config(t, distill_alpha=1.5), ValueError, ["distill_alpha", "[0, 1]"]),
     ("distill-temperature", lambda t: config(t, distill_temperature=0), ValueError, ["distill_temperature"]),
-    ("engine-distributed-unlaunched", lambda t: config(t, engine="distributed"), ValueError, ["engine", "torchrun"]),
+    ("engine-distributed-unlaunched", lambda t: trainer(t, engine="distributed"), ValueError, ["engine", "torchrun"]),
     ("save-stages", lambda t: config(t, save_stages=0), ValueError, ["save_stages"]),
     # plans
     ("plan-missing-node", lambda t: trainer(t, num_nodes=2, schedule=[Stage(0, 0, 5, 0, 1)]), ValueError,

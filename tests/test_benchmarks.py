@@ -3,6 +3,7 @@ equal to what its payloads carried, and the baselines' byte formulas against the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -167,6 +168,30 @@ def test_memory_options_leave_the_tiny_memory_run_training_the_same(compare, tmp
         losses.append({name: r["train_loss"] for name, r in compare.main(argv)["methods"].items()})
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert "recompute_above_group" in (tmp_path / "compare_memory_full_tiny.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("full_peak", "snake_peak", "reason"),
+    [(0, 0, "0 bytes above the loaded model"), (None, None, "no peak memory was measured")],
+    ids=["zero-peak", "not-measured"],
+)
+def test_memory_ratio_is_none_with_the_reason_when_full_finetuning_has_no_peak(
+    compare, tmp_path, full_peak, snake_peak, reason
+):
+    s, _ = compare.parse_settings(["--task", "memory_full", "--tiny"])
+    methods = {
+        "full_finetune": {"peak_memory_max": full_peak, "peak_memory_per_node": {"0": full_peak}},
+        "snake_full": {"peak_memory_max": snake_peak, "peak_memory_per_node": {"0": snake_peak, "1": snake_peak}},
+    }
+    summary = compare.summarise(s, methods)
+    assert summary["memory_ratio"] is None and reason in summary["memory_ratio_missing"]
+    for r in methods.values():
+        r.update(steps=2, trainable_state_bytes=0, train_loss=4.0, wall_seconds=1.0)
+    results = {"task": "memory_full", "settings": dataclasses.asdict(s), "device": "cpu", "methods": methods}
+    results.update(total_steps=2, summary=summary)
+    assert reason in compare.to_markdown(results)
+    compare.plot(results, tmp_path / "memory.png")  # no ratio line, and the title says there is none
+    assert (tmp_path / "memory.png").stat().st_size > 0
 
 
 def test_each_method_result_is_cached_and_reused_only_under_the_same_settings(compare, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
 
+from _matrix import DEFAULT, MATRIX
 from conftest import lm_dataset, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
 from snake_hf.checkpoint import PARTS_FILE, STATE_FILE, CheckpointError, latest_checkpoint, write_atomically
@@ -23,21 +25,24 @@ from snake_hf.launch import LaunchInfo
 HERE = Path(__file__).parent
 
 
-def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
+def _run(out: Path, *args: str, config: str = DEFAULT, hash_seed: int = 0) -> subprocess.CompletedProcess:
     command = [sys.executable, str(HERE / "_resume_run.py"), str(out), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, SNAKE_TEST_CONFIG=config, PYTHONHASHSEED=str(hash_seed))
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.mark.slow
-def test_sigkill_mid_stage_then_resume_gives_bit_identical_adapters(tmp_path):
+@pytest.mark.parametrize("config", [DEFAULT, *MATRIX])
+def test_sigkill_mid_stage_then_resume_gives_bit_identical_adapters(tmp_path, config):
+    # Each process has its own PYTHONHASHSEED (a resume in a new process must not depend on a set's order).
     whole, crashed = tmp_path / "whole", tmp_path / "crashed"
-    done = _run(whole, "run")
+    done = _run(whole, "run", config=config, hash_seed=7)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    killed = _run(crashed, "run", "8")  # stages of 3 steps: step 8 is inside the third stage
+    killed = _run(crashed, "run", "8", config=config, hash_seed=101)  # 3-step stages: step 8 is in the third
     assert killed.returncode == -signal.SIGKILL
     assert latest_checkpoint(crashed).name == "checkpoint-6"  # the last stage boundary before the kill
     assert not (crashed / "final.safetensors").exists()
-    resumed = _run(crashed, "resume")
+    resumed = _run(crashed, "resume", config=config, hash_seed=118)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     a, b = load_file(str(whole / "final.safetensors")), load_file(str(crashed / "final.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -68,3 +68,91 @@ def test_hf_argument_parser_reads_snake_fields_from_the_command_line(tmp_path):
 def test_partition_kwargs_follow_the_partition_name(tmp_path):
     config = SnakeConfig(output_dir=str(tmp_path), partition="dirichlet", partition_alpha=0.1)
     assert config.partition_kwargs() == {"label_column": "label", "alpha": 0.1, "min_size": 1}
+
+
+# ---- a config is pure data: building, copying and round trips change nothing outside it ----
+
+LAUNCHED = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+
+
+def _copies(config):
+    """Every way a user copies a config: replace, deepcopy, pickle, to_dict -> constructor, HfArgumentParser."""
+    import copy
+    import dataclasses
+    import pickle
+
+    data = {k: v for k, v in config.to_dict().items() if k in {f.name for f in dataclasses.fields(config) if f.init}}
+    parsed = HfArgumentParser(SnakeConfig).parse_dict(data)[0]
+    return {
+        "replace": dataclasses.replace(config, seed=config.seed),
+        "deepcopy": copy.deepcopy(config),
+        "pickle": pickle.loads(pickle.dumps(config)),
+        "to_dict": SnakeConfig(**data),
+        "parser": parsed,
+    }
+
+
+def test_building_and_copying_a_config_under_a_launcher_leaves_the_environment_alone(tmp_path, monkeypatch):
+    import os
+
+    for name, value in LAUNCHED.items():
+        monkeypatch.setenv(name, value)
+    before = dict(os.environ)
+    config = SnakeConfig(output_dir=str(tmp_path), num_nodes=2, use_cpu=True, report_to="none")
+    copies = _copies(config)
+    assert dict(os.environ) == before, "a config changed os.environ"
+    for name, copied in {"original": config, **copies}.items():
+        # each rank's Trainer stays single-process: no DDP wrap, no sharded loader, no per-step all-gathers
+        assert copied.world_size == 1, name
+        assert copied.parallel_mode.value != "distributed", name
+        assert copied.to_dict() == config.to_dict(), name
+
+
+def test_every_copy_of_a_config_resolves_the_same_launch_where_the_run_starts(tmp_path, monkeypatch):
+    from snake_hf.launch import _forget_process_launch
+    from snake_hf.trainer_setup import resolve_launch
+
+    for name, value in LAUNCHED.items():
+        monkeypatch.setenv(name, value)
+    config = SnakeConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")  # num_nodes left at 1
+    for name, copied in {"original": config, **_copies(config)}.items():
+        _forget_process_launch()
+        for variable, value in LAUNCHED.items():
+            monkeypatch.setenv(variable, value)
+        info = resolve_launch(copied)
+        assert (info.rank, info.world_size, copied.num_nodes) == (1, 2, 2), name
+
+
+def test_a_launch_is_read_once_per_process_and_hidden_from_trainer(tmp_path, monkeypatch):
+    import os
+
+    from snake_hf.launch import process_launch
+
+    for name, value in LAUNCHED.items():
+        monkeypatch.setenv(name, value)
+    first = process_launch()
+    assert (first.rank, first.world_size) == (1, 2)
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ  # later Trainers stay single-process
+    assert process_launch() is first
+
+
+def test_simulation_engine_never_reads_the_launcher(tmp_path, monkeypatch):
+    import os
+
+    from snake_hf.trainer_setup import resolve_launch
+
+    for name, value in LAUNCHED.items():
+        monkeypatch.setenv(name, value)
+    config = SnakeConfig(output_dir=str(tmp_path), engine="simulation", use_cpu=True, report_to="none")
+    assert resolve_launch(config) is None
+    assert os.environ["RANK"] == "1" and config.num_nodes == 1
+
+
+def test_num_nodes_that_differs_from_the_world_size_is_refused_where_the_run_starts(tmp_path, monkeypatch):
+    from snake_hf.trainer_setup import resolve_launch
+
+    for name, value in LAUNCHED.items():
+        monkeypatch.setenv(name, value)
+    config = SnakeConfig(output_dir=str(tmp_path), num_nodes=3, use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match=r"`num_nodes` \(3\) differs from the 2 launched processes"):
+        resolve_launch(config)

@@ -14,6 +14,8 @@ import torch
 from _snake_run import run
 from safetensors.torch import load_file
 
+from _matrix import DEFAULT, MATRIX
+
 
 HERE = Path(__file__).parent
 
@@ -24,13 +26,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch_ranks(out_dir: Path, topology: str, num_nodes: int, timeout: float = 240) -> None:
-    """One process per node, joined through the rendezvous store (RANK/WORLD_SIZE/MASTER_* as a launcher sets)."""
+def _launch_ranks(out_dir: Path, topology: str, num_nodes: int, timeout: float = 240, config: str = DEFAULT) -> None:
+    """One process per node, joined through the rendezvous store (RANK/WORLD_SIZE/MASTER_* as a launcher sets).
+
+    Every rank gets its own PYTHONHASHSEED (and the test process has yet another): whatever two processes must agree
+    on cannot depend on a process's set order.
+    """
     port = _free_port()
     procs = []
     for rank in range(num_nodes):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(num_nodes), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   PYTHONHASHSEED=str(101 + 17 * rank), SNAKE_TEST_CONFIG=config)  # fmt: skip
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(HERE / "_snake_run.py"), str(out_dir), topology, str(num_nodes)],
@@ -80,6 +87,30 @@ def test_distributed_adapters_are_bit_identical_to_the_simulation(tmp_path, simu
     assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in sim_report.stages]
     # the payloads are the same bytes: per-link byte counts match the simulation's
     assert report["link_bytes"] == sim_report.link_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("topology", "num_nodes"), [("p2p", 2), ("cs", 3)], ids=["p2p-2", "cs-3"])
+@pytest.mark.parametrize("config", MATRIX)
+def test_every_user_configuration_runs_distributed_bit_identical_to_the_simulation(
+    tmp_path, config, topology, num_nodes
+):
+    threads = torch.get_num_threads()
+    try:
+        simulation = run(str(tmp_path), "p2p", num_nodes, engine="simulation", config=config)
+    finally:
+        torch.set_num_threads(threads)
+    expected = load_file(str(tmp_path / "adapters-0.safetensors"))
+    distributed = tmp_path / "distributed"
+    distributed.mkdir()
+    _launch_ranks(distributed, topology, num_nodes, config=config)
+    for rank in range(num_nodes):
+        adapters = load_file(str(distributed / f"adapters-{rank}.safetensors"))
+        assert adapters.keys() == expected.keys()
+        assert all(torch.equal(adapters[k], expected[k]) for k in expected), f"rank {rank} differs"
+    report = json.loads((distributed / "report.json").read_text())
+    assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in simulation.snake_report.stages]
+    assert report["link_bytes"] == simulation.snake_report.link_bytes()
 
 
 @pytest.mark.slow

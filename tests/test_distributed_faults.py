@@ -24,6 +24,8 @@ import torch
 from _snake_run import run
 from safetensors.torch import load_file
 
+from _matrix import DEFAULT, MATRIX
+
 
 HERE = Path(__file__).parent
 WORLD = 3
@@ -36,12 +38,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(out: Path, topology: str, *args: str, timeout: float = 150, **env_extra: str) -> dict[int, tuple]:
-    """Starts one `_dist_fault_run.py` process per rank; returns {rank: (returncode, output)}."""
+def _launch(
+    out: Path,
+    topology: str,
+    *args: str,
+    timeout: float = 150,
+    config: str = DEFAULT,
+    hash_base: int = 101,
+    **env_extra: str,
+) -> dict[int, tuple]:
+    """Starts one `_dist_fault_run.py` process per rank; returns {rank: (returncode, output)}.
+
+    Every rank has its own PYTHONHASHSEED (`hash_base + 17 * rank`; a relaunch passes another base).
+    """
     port, procs = _free_port(), {}
     for rank in range(WORLD):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", SNAKE_TEST_HOP_TIMEOUT=HOP_TIMEOUT)  # fmt: skip
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", SNAKE_TEST_HOP_TIMEOUT=HOP_TIMEOUT,
+                   PYTHONHASHSEED=str(hash_base + 17 * rank), SNAKE_TEST_CONFIG=config)  # fmt: skip
         env.update(env_extra)
         command = [sys.executable, str(HERE / "_dist_fault_run.py"), str(out), topology, *args]
         procs[rank] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -67,15 +81,28 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The same run as a simulation (bit-identical to the distributed engine, tests/test_distributed.py)."""
-    out = tmp_path_factory.mktemp("sim")
-    threads = torch.get_num_threads()
-    try:
-        trainer = run(str(out), "p2p", WORLD, engine="simulation")
-    finally:
-        torch.set_num_threads(threads)
-    return _adapters(out / "adapters-0.safetensors"), trainer.snake_report
+def simulate(tmp_path_factory):
+    """`simulate(config)`: the same run as a simulation (bit-identical to the distributed engine,
+    tests/test_distributed.py), once per configuration."""
+    cache = {}
+
+    def simulate(config: str = DEFAULT):
+        if config not in cache:
+            out = tmp_path_factory.mktemp(f"sim-{config}")
+            threads = torch.get_num_threads()
+            try:
+                trainer = run(str(out), "p2p", WORLD, engine="simulation", config=config)
+            finally:
+                torch.set_num_threads(threads)
+            cache[config] = (_adapters(out / "adapters-0.safetensors"), trainer.snake_report)
+        return cache[config]
+
+    return simulate
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(simulate):
+    return simulate(DEFAULT)
 
 
 # fmt: off
@@ -116,9 +143,10 @@ def test_on_node_failure_is_validated_naming_field_value_and_fix(tmp_path):
 
 
 @pytest.mark.slow
-def test_p2p_rank_killed_mid_stage_stops_with_hop_timeout_then_resume_is_bit_identical(tmp_path, uninterrupted):
+@pytest.mark.parametrize("config", [DEFAULT, *MATRIX])
+def test_p2p_rank_killed_mid_stage_stops_with_hop_timeout_then_resume_is_bit_identical(tmp_path, simulate, config):
     # Plan: stages 0..11 on nodes 0 1 2 2 1 0 | 0 1 2 2 1 0, two steps each. Rank 1 dies after step 9 (in stage 4).
-    crashed = _launch(tmp_path, "p2p", "run", "1", "9")
+    crashed = _launch(tmp_path, "p2p", "run", "1", "9", config=config)
     assert crashed[1][0] == -signal.SIGKILL
     for rank in (0, 2):
         code, output = crashed[rank]
@@ -131,10 +159,10 @@ def test_p2p_rank_killed_mid_stage_stops_with_hop_timeout_then_resume_is_bit_ide
     latest = {r: sorted(p.name for p in (tmp_path / f"node-{r}").glob("checkpoint-*")) for r in range(WORLD)}
     assert latest == {0: ["checkpoint-2"], 1: ["checkpoint-4"], 2: ["checkpoint-6", "checkpoint-8"]}
 
-    resumed = _launch(tmp_path, "p2p", "resume")
+    resumed = _launch(tmp_path, "p2p", "resume", config=config, hash_base=202)  # other hash seeds than the crashed run
     for rank, (code, output) in resumed.items():
         assert code == 0, f"rank {rank} failed on resume:\n{output[-3000:]}"
-    expected, sim_report = uninterrupted
+    expected, sim_report = simulate(config)
     for rank in range(WORLD):
         assert _equal(_adapters(tmp_path / f"adapters-{rank}.safetensors"), expected), f"rank {rank} differs"
     report = json.loads((tmp_path / "report.json").read_text())

@@ -1,5 +1,9 @@
-"""`recompute_above_group`: blocks above the active group recompute their activations in backward — same numbers,
-fewer stored tensors."""
+"""`recompute_above_group`: blocks above the active group recompute their activations in backward — the same numbers
+up to float rounding, fewer stored tensors.
+
+Recomputed and stored activations are two mathematically equal paths that can run different kernels (a CPU may pick
+another blocking for the recomputed call), so gradients differ in the last bits on some CPUs: they are compared within
+a tolerance. What runs the same kernels on the same inputs (the first forward, the RNG stream) is compared exactly."""
 
 from __future__ import annotations
 
@@ -37,17 +41,22 @@ def _saved_bytes_and_grads(model, groups, recompute: bool):
     return sum(saved), loss.detach(), grads, torch.get_rng_state()
 
 
-def test_recompute_stores_fewer_tensors_and_gives_identical_gradients():
-    model = tiny_gpt2(n_layer=4).train()  # dropout 0.1: checkpoint replays the RNG, so even this matches exactly
+def test_recompute_stores_fewer_tensors_and_gives_the_same_gradients_up_to_rounding():
+    model = tiny_gpt2(n_layer=4).train()  # dropout 0.1: checkpoint replays the RNG, so recompute draws the same masks
     groups = BlockGroups.from_model(model, num_groups=4)
     plain = _saved_bytes_and_grads(model, groups, recompute=False)
     recomputed = _saved_bytes_and_grads(model, groups, recompute=True)
     assert recomputed[0] < 0.6 * plain[0], "three of four blocks keep (almost) nothing for backward"
-    assert torch.equal(plain[1], recomputed[1])
-    assert plain[2].keys() == recomputed[2].keys() and all(
-        torch.equal(plain[2][n], recomputed[2][n]) for n in plain[2]
-    )
+    assert torch.equal(plain[1], recomputed[1]), "the forward runs the same kernels on the same inputs"
     assert torch.equal(plain[3], recomputed[3]), "the RNG stream is the same afterwards"
+    assert plain[2].keys() == recomputed[2].keys()
+    # Gradients range from 2e-4 (ln_1.weight) to 0.33 (c_proj.bias) at most per tensor. The recomputed backward may
+    # run other kernels: on one CPU they differ by up to 1.5e-8, 1e-7 of the tensor's largest gradient (~1 ulp).
+    # The tolerance, 1e-5 of each tensor's largest gradient (~80 ulps), is 100x that; replaying dropout with other
+    # masks (the bug this guards against) moves every tensor by 5e-2 to 4e-1 of its largest gradient.
+    for name, grad in plain[2].items():
+        atol = 1e-5 * grad.abs().max().item()
+        torch.testing.assert_close(recomputed[2][name], grad, rtol=1e-5, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_set_recompute_wraps_exactly_the_blocks_above_and_unwraps_them():
@@ -58,6 +67,26 @@ def test_set_recompute_wraps_exactly_the_blocks_above_and_unwraps_them():
     assert ["forward" in b.__dict__ for b in blocks] == [False, False, True, True]
     assert set_recompute(model, groups, 1) == 0
     assert not any("forward" in b.__dict__ or "_snake_plain_forward" in b.__dict__ for b in blocks)
+
+
+def _assert_trains_the_same_up_to_rounding(plain, recomputed) -> None:
+    """Recomputing changes gradients only by float rounding (~1 ulp, see above); training carries that on.
+
+    Losses (3.5 to 4.2) must agree to 1e-5 relative: perturbing every gradient of these runs by up to 1e-7 of its
+    tensor's largest element (~1 ulp) moved them by at most 1.3e-7 relative; replaying dropout with other masks moves
+    them by 1e-4 to 4e-3. Weights must agree to a quarter of one AdamW step (`learning_rate / 4`): AdamW divides each
+    gradient by its running RMS + 1e-8, so an element whose gradient is mathematically zero (GPT-2's key bias: softmax
+    ignores a shift shared by every key) steps by lr x noise / (|noise| + 1e-8), where noise is the rounding. The
+    perturbation above moved weights by up to 0.1 lr (0.02 lr under LoRA), the other kernels of one CPU by 2e-4 lr;
+    replaying dropout with other masks moves them by 6 lr.
+    """
+    lr = plain.args.learning_rate
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (plain, recomputed)]
+    assert len(losses[0]) == len(losses[1]) > 0 and losses[1] == pytest.approx(losses[0], rel=1e-5, abs=0)
+    a, b = plain.model.state_dict(), recomputed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=lr / 4, msg=lambda m, k=key: f"{k}: {m}")
 
 
 def _lora_run(snake_args, recompute: bool):
@@ -81,12 +110,9 @@ def _full_run(snake_args, recompute: bool):
 
 
 @pytest.mark.parametrize("run", [_lora_run, _full_run], ids=["lora-gpt2-dropout", "full-llama"])
-def test_recompute_above_group_trains_to_bit_identical_weights(snake_args, run):
+def test_recompute_above_group_trains_to_the_same_weights_up_to_rounding(snake_args, run):
     plain, recomputed = run(snake_args, False), run(snake_args, True)
-    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (plain, recomputed)]
-    assert losses[0] == losses[1]
-    a, b = plain.model.state_dict(), recomputed.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_trains_the_same_up_to_rounding(plain, recomputed)
     blocks = find_block_list(recomputed.model)[1]
     assert not any("forward" in block.__dict__ for block in blocks), "train() leaves plain blocks behind"
 
@@ -115,8 +141,4 @@ def test_recompute_above_group_with_use_cache_on_a_padded_batch_trains_like_the_
         trainer.train()
         return trainer
 
-    plain, recomputed = run(False), run(True)
-    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (plain, recomputed)]
-    assert losses[0] == losses[1]
-    a, b = plain.model.state_dict(), recomputed.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_trains_the_same_up_to_rounding(run(False), run(True))
