@@ -144,8 +144,7 @@ class Task:
 def _load_model(s: Settings):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
-    from snake_hf import assets
-    from snake_hf.recipes import tiny_config
+    from snake_hf.recipes import assets, tiny_config
 
     set_seed(s.seed)  # the new classification head's initial weights
     if s.size == "tiny":
@@ -158,8 +157,7 @@ def _load_model(s: Settings):
 
 
 def _load_data(s: Settings, tokenizer):
-    from snake_hf import assets
-    from snake_hf.recipes import synthetic_causal_lm, synthetic_classification, tokenize_classification
+    from snake_hf.recipes import assets, synthetic_causal_lm, synthetic_classification, tokenize_classification
 
     total = s.train_size + s.eval_size
     if s.size == "tiny":
@@ -183,7 +181,7 @@ def build_task(s: Settings) -> Task:
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorWithPadding, default_data_collator, set_seed
 
-    from snake_hf.shards import make_partitioner
+    from snake_hf.data.shards import make_partitioner
 
     model, tokenizer = _load_model(s)
     train, eval_set = _load_data(s, tokenizer)
@@ -247,7 +245,7 @@ def run_snake(s: Settings, task: Task, budget, measure, peaks, output_dir: str, 
 
     from snake_hf import SnakeConfig, SnakeTrainer
     from snake_hf.blocks import part_nbytes
-    from snake_hf.vision import stage_end_steps
+    from snake_hf.recipes.vision import stage_end_steps
 
     # Designated: one group per node, and groups x passes passes so that the step budget matches; in full mode
     # (memory_full) each node trains its own group `num_passes` times.
@@ -380,7 +378,7 @@ def run_method(method: str, s: Settings) -> dict:
     result["shard_sizes"] = [len(shard) for shard in task.shards]
     result["torch_threads"] = s.threads  # its own: a run assembled from cached methods may have timed them apart
     if s.kind == "accuracy":
-        from snake_hf.shards import shard_summary
+        from snake_hf.data.shards import shard_summary
 
         result["shards"] = shard_summary(task.shards, "label").to_dict()
     return result

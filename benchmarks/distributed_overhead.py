@@ -124,7 +124,7 @@ def run_worker(config: BenchConfig, jobs: list[dict], out_dir: Path) -> None:
     import torch
 
     torch.set_num_threads(1)  # one thread in every process: the same arithmetic as the simulation, bit for bit
-    launch_env = {k: os.environ[k] for k in LAUNCH_VARS if k in os.environ}  # SnakeConfig hides them once read
+    launch_env = {k: os.environ[k] for k in LAUNCH_VARS if k in os.environ}  # the trainer hides them once read
     _warm_up(config)  # the first forward/backward of a process is slow; keep it out of every measured stage
     for job in jobs:
         if job["port"] is not None:

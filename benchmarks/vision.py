@@ -43,10 +43,16 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from snake_hf import SnakeConfig, SnakeTrainer
-from snake_hf.assets import load_fashion_mnist
+from snake_hf.data.shards import make_partitioner, shard_summary
 from snake_hf.memory import PeakMemory
-from snake_hf.shards import make_partitioner, shard_summary
-from snake_hf.vision import BLOCK_LIST_PATH, VGG11, AccuracyCurveCallback, classification_accuracy, stage_end_steps
+from snake_hf.recipes.assets import load_fashion_mnist
+from snake_hf.recipes.vision import (
+    BLOCK_LIST_PATH,
+    VGG11,
+    AccuracyCurveCallback,
+    classification_accuracy,
+    stage_end_steps,
+)
 
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -22,8 +22,6 @@ from typing import Any
 from transformers import default_data_collator, set_seed
 
 from snake_hf import SnakeConfig, SnakeTrainer, format_plan
-from snake_hf.cli import parse_recipe_args
-from snake_hf.metrics import perplexity_from_eval_loss
 from snake_hf.recipes import (
     DataArguments,
     ModelArguments,
@@ -34,11 +32,13 @@ from snake_hf.recipes import (
     run_summary,
     train_and_evaluate,
 )
+from snake_hf.recipes.cli import parse_recipe_args
+from snake_hf.recipes.metrics import perplexity_from_eval_loss
 
 
 @dataclass
 class ScriptArguments(DataArguments):
-    """Data settings (see `snake_hf.recipes.DataArguments`); `max_length` is the block size of the packed corpus."""
+    """Data settings (see `snake_hf.recipes.common.DataArguments`); `max_length` is the block size of the packed corpus."""
 
     dataset_name: str | None = field(default="hamlet", metadata={"help": "hamlet, bible, synthetic, or a .txt file."})
     max_length: int = field(default=128, metadata={"help": "Tokens per packed block."})
@@ -46,7 +46,7 @@ class ScriptArguments(DataArguments):
 
 @dataclass
 class CausalLMModelArguments(ModelArguments):
-    """Model and LoRA settings (see `snake_hf.recipes.ModelArguments`)."""
+    """Model and LoRA settings (see `snake_hf.recipes.common.ModelArguments`)."""
 
     model_name_or_path: str | None = field(
         default="gpt2", metadata={"help": "Hub id, local folder, or 'smollm2' (offline asset)."}

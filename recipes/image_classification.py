@@ -28,11 +28,11 @@ import datasets
 from transformers import set_seed
 
 from snake_hf import SnakeConfig, SnakeTrainer
-from snake_hf.cli import parse_recipe_args
-from snake_hf.metrics import classification_compute_metrics
+from snake_hf.data.shards import plot_shards
 from snake_hf.recipes import compare_metrics
-from snake_hf.shards import plot_shards
-from snake_hf.vision import (
+from snake_hf.recipes.cli import parse_recipe_args
+from snake_hf.recipes.metrics import classification_compute_metrics
+from snake_hf.recipes.vision import (
     BLOCK_LIST_PATH,
     VGG11,
     AccuracyCurveCallback,
@@ -91,7 +91,9 @@ def load_data(script: ImageClassificationArguments, seed: int) -> tuple[datasets
         )
         return train, test
     if script.dataset == "fashion_mnist":
-        from snake_hf.assets import load_fashion_mnist  # raises with `apt-get install -y dataset-fashion-mnist`
+        from snake_hf.recipes.assets import (
+            load_fashion_mnist,  # raises with `apt-get install -y dataset-fashion-mnist`
+        )
 
         return load_fashion_mnist("train", script.train_limit), load_fashion_mnist("test", script.eval_limit)
     if script.dataset == "synthetic":

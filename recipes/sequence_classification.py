@@ -22,8 +22,6 @@ from typing import Any
 from transformers import DataCollatorWithPadding, default_data_collator, set_seed
 
 from snake_hf import SnakeConfig, SnakeTrainer, format_plan
-from snake_hf.cli import parse_recipe_args
-from snake_hf.metrics import classification_compute_metrics
 from snake_hf.recipes import (
     DataArguments,
     ModelArguments,
@@ -34,11 +32,13 @@ from snake_hf.recipes import (
     run_summary,
     train_and_evaluate,
 )
+from snake_hf.recipes.cli import parse_recipe_args
+from snake_hf.recipes.metrics import classification_compute_metrics
 
 
 @dataclass
 class ScriptArguments(DataArguments):
-    """Data settings (see `snake_hf.recipes.DataArguments`) and the number of classes."""
+    """Data settings (see `snake_hf.recipes.common.DataArguments`) and the number of classes."""
 
     dataset_name: str | None = field(
         default="rotten_tomatoes",
@@ -49,7 +49,7 @@ class ScriptArguments(DataArguments):
 
 @dataclass
 class ClassifierModelArguments(ModelArguments):
-    """Model and LoRA settings (see `snake_hf.recipes.ModelArguments`)."""
+    """Model and LoRA settings (see `snake_hf.recipes.common.ModelArguments`)."""
 
     model_name_or_path: str | None = field(
         default="bert-base-uncased", metadata={"help": "Hub id, local folder, or 'minilm' (offline asset)."}

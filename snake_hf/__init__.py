@@ -2,6 +2,13 @@
 
 Train a transformer's block groups one at a time, one node at a time, in a serpentine order over nodes that keep
 their data private, handing only adapter tensors from node to node.
+
+The public names below cover what a user writes in a script: the config and trainer, plans, partitioners, node
+profiles, the report and the errors to catch. Everything else is importable from its module (`snake_hf.blocks`,
+`snake_hf.engine.payload`, `snake_hf.capacity`, ...). The package is laid out leaves first (see README "Layout"):
+`plan`, `blocks`, `identity`, `precision`, `launch`, `losses`, `lm_loss`, `memory`, `report` -> `data/`, `capacity/`
+-> `config` -> `engine/` -> `trainer/`; `recipes/` (models, data, assets, metrics for the recipes and benchmarks) sits
+beside them and nothing in the library imports it.
 """
 
 from __future__ import annotations
@@ -15,78 +22,56 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it. Imported on first use (PEP 562), as transformers does: `import snake_hf`
 # costs nothing, and a process that needs one module (a spawned rank's transport) does not load the trainer.
 _PUBLIC = {
-    # blocks
-    "BlockGroups": "blocks",
-    "PartMap": "blocks",
-    "find_block_list": "blocks",
-    "group_boundaries": "blocks",
-    "set_recompute": "blocks",
-    # capacity
-    "Designation": "capacity",
-    "NodeProfile": "capacity",
-    "designate": "capacity",
-    "explain": "capacity",
-    "load_profiles": "capacity",
-    "scale_steps": "capacity",
-    # checkpoint
-    "CheckpointError": "checkpoint",
-    # config
     "SnakeConfig": "config",
-    # distributed
-    "DistributedTransport": "distributed",
-    "LaunchInfo": "distributed",
-    "hide_launch_env": "distributed",
-    "launch_info": "distributed",
-    # failover
-    "replan_after_failure": "failover",
-    # lm_loss
-    "check_chunkable": "lm_loss",
-    "chunked_causal_lm_loss": "lm_loss",
-    # payload
-    "PAYLOAD_DTYPES": "payload",
-    "Payload": "payload",
-    "PayloadError": "payload",
-    "PayloadSpec": "payload",
-    "VersionLedger": "payload",
-    "decode_payload": "payload",
-    "encode_payload": "payload",
-    "part_wire_nbytes": "payload",
-    "round_to_wire": "payload",
-    "wire_dtype": "payload",
-    # plan
+    "SnakeTrainer": "trainer",
     "Stage": "plan",
     "designated_plan": "plan",
     "format_plan": "plan",
     "load_plan": "plan",
+    "replan_after_failure": "plan",
     "save_plan": "plan",
     "serpentine_plan": "plan",
     "validate_plan": "plan",
-    # report
-    "HopRecord": "report",
+    "DirichletPartitioner": "data.shards",
+    "IidPartitioner": "data.shards",
+    "LengthPartitioner": "data.shards",
+    "PathologicalPartitioner": "data.shards",
+    "ShardPartitioner": "data.shards",
+    "make_partitioner": "data.shards",
+    "plot_shards": "data.shards",
+    "shard_summary": "data.shards",
+    "NodeProfile": "capacity.planner",
     "SnakeReport": "report",
-    "StageRecord": "report",
-    # shards
-    "DirichletPartitioner": "shards",
-    "IidPartitioner": "shards",
-    "LengthPartitioner": "shards",
-    "PathologicalPartitioner": "shards",
-    "ShardPartitioner": "shards",
-    "make_partitioner": "shards",
-    "plot_shards": "shards",
-    "shard_summary": "shards",
-    # trainer
-    "SnakeTrainer": "trainer",
-    # transport
-    "HopTimeoutError": "transport",
-    "InMemoryTransport": "transport",
-    "Transport": "transport",
-    # vision
-    "VGG11": "vision",
-    "load_image_folder": "vision",
-    "synthetic_image_dataset": "vision",
+    "CheckpointError": "trainer.checkpoint",
+    "PayloadError": "engine.payload",
+    "HopTimeoutError": "engine.transport",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "CheckpointError",
+    "DirichletPartitioner",
+    "HopTimeoutError",
+    "IidPartitioner",
+    "LengthPartitioner",
+    "NodeProfile",
+    "PathologicalPartitioner",
+    "PayloadError",
+    "ShardPartitioner",
+    "SnakeConfig",
+    "SnakeReport",
+    "SnakeTrainer",
+    "Stage",
+    "designated_plan",
+    "format_plan",
+    "load_plan",
+    "make_partitioner",
+    "plot_shards",
+    "replan_after_failure",
+    "save_plan",
+    "serpentine_plan",
+    "shard_summary",
+    "validate_plan",
+]
 
 
 def __getattr__(name: str):
@@ -103,28 +88,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs read
-    from .blocks import BlockGroups, PartMap, find_block_list, group_boundaries, set_recompute
-    from .capacity import Designation, NodeProfile, designate, explain, load_profiles, scale_steps
-    from .checkpoint import CheckpointError
+    from .capacity.planner import NodeProfile
     from .config import SnakeConfig
-    from .distributed import DistributedTransport, LaunchInfo, hide_launch_env, launch_info
-    from .failover import replan_after_failure
-    from .lm_loss import check_chunkable, chunked_causal_lm_loss
-    from .payload import (
-        PAYLOAD_DTYPES,
-        Payload,
-        PayloadError,
-        PayloadSpec,
-        VersionLedger,
-        decode_payload,
-        encode_payload,
-        part_wire_nbytes,
-        round_to_wire,
-        wire_dtype,
-    )
-    from .plan import Stage, designated_plan, format_plan, load_plan, save_plan, serpentine_plan, validate_plan
-    from .report import HopRecord, SnakeReport, StageRecord
-    from .shards import (
+    from .data.shards import (
         DirichletPartitioner,
         IidPartitioner,
         LengthPartitioner,
@@ -134,6 +100,18 @@ if TYPE_CHECKING:  # what type checkers and IDEs read
         plot_shards,
         shard_summary,
     )
+    from .engine.payload import PayloadError
+    from .engine.transport import HopTimeoutError
+    from .plan import (
+        Stage,
+        designated_plan,
+        format_plan,
+        load_plan,
+        replan_after_failure,
+        save_plan,
+        serpentine_plan,
+        validate_plan,
+    )
+    from .report import SnakeReport
     from .trainer import SnakeTrainer
-    from .transport import HopTimeoutError, InMemoryTransport, Transport
-    from .vision import VGG11, load_image_folder, synthetic_image_dataset
+    from .trainer.checkpoint import CheckpointError

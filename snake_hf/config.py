@@ -10,20 +10,18 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from .capacity import as_profiles, profiles_to_dicts
-from .launch import hide_launch_env
-from .payload import PAYLOAD_DTYPES
-from .plan import Stage, load_plan
+from .capacity.planner import as_profiles, profiles_to_dicts
+from .launch import TOPOLOGIES, hide_launch_env
+from .plan import ON_NODE_FAILURE, Stage, load_plan
+from .precision import PAYLOAD_DTYPES
 
 
 __all__ = ["SnakeConfig"]
 
 SCHEDULES = ("serpentine", "designated")
 TRAIN_MODES = ("lora", "full")
-TOPOLOGIES = ("p2p", "cs")
 ENGINES = ("auto", "simulation", "distributed")
 PARTITIONS = ("iid", "dirichlet", "shard", "pathological", "length")
-ON_NODE_FAILURE = ("replan", "drop")  # cs topology: what happens to a dead node's stages (snake_hf.failover)
 
 
 @dataclass
@@ -60,7 +58,7 @@ class SnakeConfig(TrainingArguments):
             PEFT's `modules_to_save` are always included.
         partition (`str`, defaults to `"iid"`):
             How `train_dataset` is split over the nodes when it is one dataset: `"iid"`, `"dirichlet"`, `"shard"`,
-            `"pathological"` or `"length"` (see `snake_hf.shards`). With one node the shard is the dataset itself.
+            `"pathological"` or `"length"` (see `snake_hf.data.shards`). With one node the shard is the dataset itself.
         partition_label_column (`str`, defaults to `"label"`): label column for label-based partitions.
         partition_alpha (`float`, defaults to `0.5`): Dirichlet concentration (smaller = more skew).
         partition_min_size (`int`, defaults to `1`): smallest shard the Dirichlet partition accepts.
@@ -101,7 +99,7 @@ class SnakeConfig(TrainingArguments):
             Learning rate of the always-trainable modules (e.g. a new head), scheduled like the others.
         node_profiles (`str` or `list[dict]`, *optional*):
             One profile per node — `memory_bytes` (e.g. "2GiB"), `speed` (relative), `num_examples` — or the path of
-            a YAML/JSON file of them (see `snake_hf.capacity.NodeProfile`). With the designated schedule the blocks
+            a YAML/JSON file of them (see `snake_hf.capacity.planner.NodeProfile`). With the designated schedule the blocks
             are cut and placed by the profiles (a node with little memory owns an upper group); with any schedule a
             plan that does not fit a node's memory is refused before training.
         profile_size_by (`str`, defaults to `"memory"`):
@@ -131,7 +129,7 @@ class SnakeConfig(TrainingArguments):
             answering within `hop_timeout`. `"replan"`: each goes to the node of the nearest earlier stage on a live
             node (it already holds the newest state; same group and steps, on its own shard); `"drop"`: they are
             skipped. Either way the run finishes on the live nodes and `snake_report.json` lists the failure (see
-            `snake_hf.failover`). A dead coordinator (rank 0) is not survivable; p2p runs stop with
+            `snake_hf.engine.coordinator`). A dead coordinator (rank 0) is not survivable; p2p runs stop with
             `HopTimeoutError` and resume from their stage checkpoints.
     """
 
@@ -335,7 +333,7 @@ class SnakeConfig(TrainingArguments):
         return data
 
     def partition_kwargs(self) -> dict:
-        """Arguments of the partitioner named by `partition` (see `snake_hf.shards.make_partitioner`)."""
+        """Arguments of the partitioner named by `partition` (see `snake_hf.data.shards.make_partitioner`)."""
         label = {"label_column": self.partition_label_column}
         return {
             "iid": {},

@@ -8,7 +8,19 @@ import os
 from dataclasses import dataclass
 
 
-__all__ = ["LAUNCH_ENV_VARS", "HiddenLaunchEnv", "LaunchInfo", "hide_launch_env", "launch_info", "process_launch"]
+__all__ = [
+    "LAUNCH_ENV_VARS",
+    "TOPOLOGIES",
+    "HiddenLaunchEnv",
+    "LaunchInfo",
+    "hide_launch_env",
+    "launch_info",
+    "process_launch",
+]
+
+# How payloads travel between the processes of a distributed run: straight to the next stage's rank, or through a
+# coordinator rank (client-server). See `snake_hf.engine.torch_dist` and `snake_hf.engine.coordinator`.
+TOPOLOGIES = ("p2p", "cs")
 
 # Variables by which torchrun, `accelerate launch --multi_gpu` or MPI tell Trainer/Accelerate "you are one of N". They
 # are hidden so that each rank's Trainer runs single-process (no DDP wrap, no sharded dataloader, no all-gathers).
@@ -114,7 +126,9 @@ def process_launch() -> LaunchInfo | None:
     The first call reads the launcher's variables ([`launch_info`]) and, when this process is one of several, hides
     them for the rest of the process ([`hide_launch_env`]), so that every `Trainer` and Accelerate object built later
     stays single-process (each rank runs an ordinary one-process `Trainer`; DESIGN §5). Later calls return the same
-    answer. `SnakeTrainer` calls it where a run starts; building, copying or pickling a `SnakeConfig` never does.
+    answer, unless the launcher's variables are visible again (a script that runs several distributed runs in one
+    process puts them back, with a new `MASTER_PORT`, before each): then they are read and hidden again. `SnakeTrainer`
+    calls it where a run starts; building, copying or pickling a `SnakeConfig` never does.
 
     Example:
         ```python
@@ -125,11 +139,12 @@ def process_launch() -> LaunchInfo | None:
         True
         ```
     """
-    if not _PROCESS_LAUNCH:
-        info = launch_info()
-        if info is not None:
-            hide_launch_env()
-        _PROCESS_LAUNCH.append(info)
+    info = launch_info()
+    if info is not None:  # the first read, or a script that put the variables back for its next run
+        hide_launch_env()
+        _PROCESS_LAUNCH[:] = [info]
+    elif not _PROCESS_LAUNCH:
+        _PROCESS_LAUNCH.append(None)
     return _PROCESS_LAUNCH[0]
 
 

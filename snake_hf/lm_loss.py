@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from .blocks import unwrap_model
 
 
-__all__ = ["chunked_causal_lm_loss", "check_chunkable"]
+__all__ = ["check_chunkable", "chunked_causal_lm_loss"]
 
 IGNORE_INDEX = -100
 _POST_PROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")

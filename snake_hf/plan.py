@@ -17,20 +17,22 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 
 __all__ = [
+    "ON_NODE_FAILURE",
     "Stage",
-    "serpentine_plan",
     "designated_plan",
-    "validate_plan",
-    "plan_to_json",
-    "plan_from_json",
-    "save_plan",
-    "load_plan",
     "format_plan",
+    "load_plan",
+    "plan_from_json",
+    "plan_to_json",
+    "replan_after_failure",
+    "save_plan",
+    "serpentine_plan",
+    "validate_plan",
 ]
 
 PLAN_FILE = "snake_plan.json"
@@ -274,3 +276,51 @@ def format_plan(plan: Sequence[Stage]) -> str:
             previous_group = stage.group
         lines.append(f"pass {pass_index}: " + " ".join(cells))
     return "\n".join(lines)
+
+
+# ---- after a node failure (cs topology, snake_hf.engine.coordinator) ----
+
+# What a cs coordinator does with the remaining stages of a node that stops answering (`SnakeConfig.on_node_failure`).
+ON_NODE_FAILURE = ("replan", "drop")
+
+
+def replan_after_failure(
+    effective: Sequence[Stage], position: int, failed: set[int], mode: str = "replan", fallback: int = 0
+) -> tuple[list[Stage], list[dict], list[int]]:
+    """Rewrites an effective plan from `position` on, for the failed nodes `failed` (pure; see the module docstring).
+
+    Args:
+        effective (`Sequence[Stage]`): the effective plan so far (stages keep their original `index`).
+        position (`int`): position in `effective` of the first stage whose result did not reach the coordinator.
+        failed (`set[int]`): every failed node.
+        mode (`str`, defaults to `"replan"`): `"replan"` moves the failed nodes' stages, `"drop"` removes them.
+        fallback (`int`, defaults to 0): the node that takes a stage when no live node runs any other (coordinator).
+
+    Returns:
+        `tuple[list[Stage], list[dict], list[int]]`: the new effective plan, the moves (`{"stage", "from", "to"}`)
+        and the indices of dropped stages.
+
+    Example:
+        ```python
+        >>> from snake_hf.plan import serpentine_plan
+        >>> plan, moved, dropped = replan_after_failure(serpentine_plan(3, 2, 1, 1), 1, {1})
+        >>> [s.node for s in plan], moved
+        ([0, 0, 2, 2, 2, 0], [{'stage': 1, 'from': 1, 'to': 0}, {'stage': 4, 'from': 1, 'to': 2}])
+        ```
+    """
+    if mode not in ON_NODE_FAILURE:
+        raise ValueError(f"`on_node_failure` ({mode!r}) is not valid; use one of {list(ON_NODE_FAILURE)}.")
+    new, moved, dropped = list(effective[:position]), [], []
+    tail = list(effective[position:])
+    for stage in tail:
+        if stage.node not in failed:
+            new.append(stage)
+        elif mode == "drop":
+            dropped.append(stage.index)
+        else:
+            node = next((s.node for s in reversed(new) if s.node not in failed), None)
+            if node is None:
+                node = next((s.node for s in tail if s.node not in failed), fallback)
+            new.append(replace(stage, node=node))
+            moved.append({"stage": stage.index, "from": stage.node, "to": node})
+    return new, moved, dropped

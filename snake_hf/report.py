@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-__all__ = ["StageRecord", "HopRecord", "SnakeReport", "REPORT_FILE"]
+__all__ = ["REPORT_FILE", "HopRecord", "SnakeReport", "StageRecord"]
 
 REPORT_FILE = "snake_report.json"
 

@@ -14,9 +14,9 @@ import torch
 from transformers import TrainingArguments
 
 from snake_hf import SnakeConfig
-from snake_hf.distributed import DistributedTransport
+from snake_hf.engine.payload import Payload, encode_payload
+from snake_hf.engine.torch_dist import DistributedTransport
 from snake_hf.launch import LAUNCH_ENV_VARS, process_launch
-from snake_hf.payload import Payload, encode_payload
 
 
 def payload(stage: int):

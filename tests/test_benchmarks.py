@@ -22,7 +22,7 @@ FIELDS = {
     "peak_memory_max", "memory_kind", "wall_seconds", "samples_per_second", "gap_to_centralized", "messages",
 }  # fmt: skip
 SNAKE = ("snake_serpentine", "snake_designated", "snake_serpentine+mitigation")
-TINY_HIDDEN = 16  # snake_hf.recipes.TINY_CONFIGS["bert"]
+TINY_HIDDEN = 16  # snake_hf.recipes.common.TINY_CONFIGS["bert"]
 
 
 def _module(name: str):

@@ -32,7 +32,7 @@ from snake_hf.capacity import (
     profiles_to_dicts,
     scale_steps,
 )
-from snake_hf.memory_estimate import _LiveBytes, _storage_bytes
+from snake_hf.capacity.estimate import _LiveBytes, _storage_bytes
 from snake_hf.plan import designated_plan, serpentine_plan
 
 

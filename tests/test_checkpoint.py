@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from _matrix import DEFAULT, MATRIX
 from conftest import lm_dataset, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
-from snake_hf.checkpoint import PARTS_FILE, STATE_FILE, CheckpointError, latest_checkpoint, write_atomically
 from snake_hf.launch import LaunchInfo
+from snake_hf.trainer.checkpoint import PARTS_FILE, STATE_FILE, CheckpointError, latest_checkpoint, write_atomically
 
 
 HERE = Path(__file__).parent
@@ -147,7 +147,7 @@ def test_resume_with_another_run_setting_is_refused_naming_the_field(checkpointe
 
 
 def test_checkpoint_written_after_a_replan_is_refused_naming_the_failed_rank(checkpointed, tmp_path):
-    # A cs node failure re-plans the run (snake_hf.failover); its later checkpoints follow the effective plan, which a
+    # A cs node failure re-plans the run (snake_hf.engine.coordinator); its later checkpoints follow the effective plan, which a
     # relaunch does not know: resuming them is refused.
     out = _copy(checkpointed, tmp_path)
     _edit_state(latest_checkpoint(out), failures=[{"rank": 1, "stage": 3, "action": "replan"}])

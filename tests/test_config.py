@@ -110,7 +110,7 @@ def test_building_and_copying_a_config_under_a_launcher_leaves_the_environment_a
 
 def test_every_copy_of_a_config_resolves_the_same_launch_where_the_run_starts(tmp_path, monkeypatch):
     from snake_hf.launch import _forget_process_launch
-    from snake_hf.trainer_setup import resolve_launch
+    from snake_hf.trainer.setup import resolve_launch
 
     for name, value in LAUNCHED.items():
         monkeypatch.setenv(name, value)
@@ -139,7 +139,7 @@ def test_a_launch_is_read_once_per_process_and_hidden_from_trainer(tmp_path, mon
 def test_simulation_engine_never_reads_the_launcher(tmp_path, monkeypatch):
     import os
 
-    from snake_hf.trainer_setup import resolve_launch
+    from snake_hf.trainer.setup import resolve_launch
 
     for name, value in LAUNCHED.items():
         monkeypatch.setenv(name, value)
@@ -149,10 +149,38 @@ def test_simulation_engine_never_reads_the_launcher(tmp_path, monkeypatch):
 
 
 def test_num_nodes_that_differs_from_the_world_size_is_refused_where_the_run_starts(tmp_path, monkeypatch):
-    from snake_hf.trainer_setup import resolve_launch
+    from snake_hf.trainer.setup import resolve_launch
 
     for name, value in LAUNCHED.items():
         monkeypatch.setenv(name, value)
     config = SnakeConfig(output_dir=str(tmp_path), num_nodes=3, use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match=r"`num_nodes` \(3\) differs from the 2 launched processes"):
         resolve_launch(config)
+
+
+def test_a_launch_put_back_into_the_environment_is_read_again(monkeypatch):
+    # A script that runs several distributed runs in one process puts the variables back, with a new port, each time.
+    from snake_hf.launch import process_launch
+
+    for name, value in LAUNCHED.items():
+        monkeypatch.setenv(name, value)
+    first = process_launch()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "30001")
+    second = process_launch()
+    assert (first.master_port, second.master_port) == (29999, 30001)
+    assert process_launch() is second
+
+
+def test_every_snake_field_has_help_text_and_a_docstring_entry():
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    own = [f for f in dataclasses.fields(SnakeConfig) if f.name not in inherited]
+    assert own, "SnakeConfig defines no fields of its own?"
+    no_help = [f.name for f in own if not f.metadata.get("help")]
+    undocumented = [f.name for f in own if f"        {f.name} (`" not in SnakeConfig.__doc__]
+    assert no_help == [] and undocumented == [], f"no help: {no_help}; not in the docstring: {undocumented}"

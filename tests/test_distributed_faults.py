@@ -123,7 +123,7 @@ def test_replan_moves_a_failed_nodes_stages_to_the_nearest_earlier_live_node(
     nodes, position, failed, mode, new, moved, dropped
 ):
     from snake_hf import Stage
-    from snake_hf.failover import replan_after_failure
+    from snake_hf.engine.coordinator import replan_after_failure
 
     plan = [Stage(index=i, pass_index=0, node=n, group=i % 2, steps=i + 1) for i, n in enumerate(nodes)]
     effective, got_moved, got_dropped = replan_after_failure(plan, position, failed, mode, fallback=0)

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from snake_hf.distributed import DistributedTransport, hide_launch_env, launch_info, plan_hops
-from snake_hf.payload import EncodedPayload, Payload, encode_payload
+from snake_hf.engine.payload import EncodedPayload, Payload, encode_payload
+from snake_hf.engine.torch_dist import DistributedTransport, hide_launch_env, launch_info, plan_hops
+from snake_hf.engine.transport import HopTimeoutError
 from snake_hf.plan import Stage
-from snake_hf.transport import HopTimeoutError
 
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="spawned ranks and loopback gloo need Linux")

@@ -1,4 +1,4 @@
-"""cs failover protocol (`snake_hf.failover`) over a fake wire: every rank's `FailoverRelay` runs in its own thread of
+"""cs failover protocol (`snake_hf.engine.coordinator`) over a fake wire: every rank's `FailoverRelay` runs in its own thread of
 one process, joined by an in-memory store and mailboxes that behave like `DistributedTransport` (a dead rank's peers
 get `HopTimeoutError`, a wait that never ends is a deadlock). Fast: no training, only the turn and payload protocol
 and its version bookkeeping. Real processes over real sockets: tests/test_distributed_faults.py (slow)."""
@@ -14,9 +14,9 @@ from peft import LoraConfig
 
 from conftest import lm_dataset, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
-from snake_hf.failover import FailoverRelay
+from snake_hf.engine.coordinator import FailoverRelay
+from snake_hf.engine.transport import HopTimeoutError
 from snake_hf.report import SnakeReport
-from snake_hf.transport import HopTimeoutError
 
 
 WORLD = 3

@@ -14,8 +14,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
+from snake_hf.engine.payload import config_hash
 from snake_hf.identity import canonical, canonical_json
-from snake_hf.payload import config_hash
 
 
 class Color(str, enum.Enum):
@@ -82,7 +82,7 @@ _HASH_IN_A_NEW_PROCESS = """
 import json
 from peft import LoraConfig
 from snake_hf.identity import canonical_hash
-from snake_hf.payload import config_hash
+from snake_hf.engine.payload import config_hash
 config = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], use_dora=True).to_dict()
 raw = json.dumps(config, sort_keys=True, default=str)  # what the old adapter hash was made of
 print(json.dumps({"hash": config_hash(config, {"g0": {"w": ("float32", (2,))}}), "raw": raw,

@@ -1,4 +1,4 @@
-"""snake_hf.metrics: offline metric modules for `evaluate.load(path)` and `Trainer(compute_metrics=...)`."""
+"""snake_hf.recipes.metrics: offline metric modules for `evaluate.load(path)` and `Trainer(compute_metrics=...)`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
 from conftest import cls_dataset, tiny_bert
-from snake_hf.metrics import (
+from snake_hf.recipes.metrics import (
     METRICS_DIR,
     available_metrics,
     classification_compute_metrics,

@@ -8,19 +8,18 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import tiny_bert
 from snake_hf.blocks import SHARED, BlockGroups, PartMap
-from snake_hf.payload import (
+from snake_hf.engine.ledger import VersionLedger
+from snake_hf.engine.payload import (
     HEADER_NBYTES,
     EncodedPayload,
     PayloadError,
     PayloadSpec,
-    VersionLedger,
     build_payload,
     decode_payload,
     encode_payload,
     model_fingerprint,
-    round_to_wire,
-    wire_dtype,
 )
+from snake_hf.precision import round_to_wire, wire_dtype
 
 
 def _setup(seed=0, r=2):

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import tiny_bert
 from snake_hf.blocks import BlockGroups, PartMap
-from snake_hf.payload import (
+from snake_hf.engine.payload import (
     EncodedPayload,
     PayloadError,
     PayloadSpec,

@@ -15,7 +15,6 @@ from peft import get_peft_model
 from transformers import PreTrainedTokenizerFast
 
 from snake_hf import SnakeConfig
-from snake_hf.cli import parse_recipe_args
 from snake_hf.recipes import (
     LORA_TARGET_MODULES,
     TINY_CONFIGS,
@@ -35,6 +34,7 @@ from snake_hf.recipes import (
     synthetic_classification,
     tiny_config,
 )
+from snake_hf.recipes.cli import parse_recipe_args
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,11 +11,11 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import tiny_bert
 from snake_hf.blocks import BlockGroups, PartMap
-from snake_hf.payload import PayloadSpec, model_fingerprint
+from snake_hf.engine.payload import PayloadSpec, model_fingerprint
+from snake_hf.engine.relay import Relay
+from snake_hf.engine.transport import InMemoryTransport
 from snake_hf.plan import Stage
-from snake_hf.relay import Relay
 from snake_hf.report import SnakeReport
-from snake_hf.transport import InMemoryTransport
 
 
 # Both stages train group 0 (node 0, then node 1): group 1 never trains, yet the final hand-over carries every part.

@@ -4,7 +4,7 @@ import datasets
 import numpy as np
 import pytest
 
-from snake_hf.shards import (
+from snake_hf.data.shards import (
     PARTITIONERS,
     DirichletPartitioner,
     IidPartitioner,

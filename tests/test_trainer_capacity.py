@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from conftest import lm_dataset, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
 from snake_hf.blocks import BlockGroups, PartMap
-from snake_hf.memory_estimate import measure_block_costs
+from snake_hf.capacity.estimate import measure_block_costs
 
 
 def lora():

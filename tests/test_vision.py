@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import TrainerCallback, set_seed
 
-import snake_hf.relay
+import snake_hf.engine.relay
 from snake_hf import SnakeTrainer
-from snake_hf.vision import (
+from snake_hf.recipes.vision import (
     BLOCK_LIST_PATH,
     VGG11,
     AccuracyCurveCallback,
@@ -140,13 +140,13 @@ def test_full_mode_stage_changes_only_its_groups_weights_and_batchnorm_statistic
 
 def test_full_mode_hops_carry_exactly_the_groups_parameters_and_buffers(snake_args, monkeypatch):
     carried = []
-    encode = snake_hf.relay.encode_payload
+    encode = snake_hf.engine.relay.encode_payload
 
     def recording_encode(payload, part_of):
         carried.append((sorted(payload.manifest["parts"]), set(payload.tensors)))
         return encode(payload, part_of)
 
-    monkeypatch.setattr(snake_hf.relay, "encode_payload", recording_encode)
+    monkeypatch.setattr(snake_hf.engine.relay, "encode_payload", recording_encode)
     data = synthetic_image_dataset(48, num_classes=3)
     trainer = SnakeTrainer(tiny_vgg(), full_args(snake_args, num_nodes=3), train_dataset=data)
     trainer.train()

@@ -1,0 +1,424 @@
+"""What travels between nodes: adapter tensors of the parts a receiver lacks, with a manifest; and version vectors.
+
+Wire format (no pickle anywhere): three flat tensors,
+
+* `header`: int64 `[MAGIC, FORMAT_VERSION, manifest_nbytes, data_nbytes]`,
+* `manifest`: uint8, UTF-8 JSON (sender, receiver, stage, base-model fingerprint, adapter-config hash, the sender's
+  version and checksum of every part, and for each carried tensor its part, name, dtype, shape and byte offset),
+* `data`: uint8, the carried tensors' raw bytes back to back.
+
+Floating-point tensors may travel in a narrower dtype than the model trains in (`payload_dtype`, e.g. bfloat16): the
+manifest then names the wire dtype of each tensor, the checksums cover the wire bytes, and the receiver casts back
+into its model's dtype. A part is rounded to the wire dtype in the sender's model too, when its stage closes
+([`round_to_wire`]), and every part once when the relay starts, so every node holds exactly what a receiver of that
+part would hold.
+
+A receiver checks everything (sizes, checksums, fingerprint, adapter hash, part set, names, shapes, dtypes) before a
+single value is copied into its model, so a wrong payload is refused whole, never loaded half-way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..blocks import PartMap
+from ..identity import canonical_hash
+from ..precision import dtype_by_name, dtype_name, wire_dtype
+
+
+__all__ = [
+    "EncodedPayload",
+    "Payload",
+    "PayloadError",
+    "PayloadSpec",
+    "build_payload",
+    "config_hash",
+    "decode_payload",
+    "encode_payload",
+    "model_fingerprint",
+    "part_wire_nbytes",
+    "tensors_checksum",
+]
+
+MAGIC = 0x5EA4E  # "snake", near enough
+FORMAT_VERSION = 1
+HEADER_NUMEL = 4
+HEADER_NBYTES = HEADER_NUMEL * 8
+MAX_MANIFEST_NBYTES = 64 * 1024 * 1024
+
+
+class PayloadError(ValueError):
+    """A payload (or payload file) is malformed or does not match the receiving node; nothing was loaded."""
+
+
+def _raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 CPU tensor (a view where possible)."""
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+
+
+def tensors_checksum(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes of `named_tensors`, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        digest.update(f"{name}|{dtype_name(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
+        digest.update(_raw_bytes(tensor).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: nn.Module, samples: int = 64) -> str:
+    """Fingerprint of a model's weights as loaded: class, every tensor's name, dtype and shape, and a sample of values.
+
+    Hashes the first and last `samples` values of each tensor rather than all bytes, so a 7B model is fingerprinted in
+    well under a second; two different checkpoints of the same architecture still differ in their samples.
+    """
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = torch.cat([flat[:samples], flat[-samples:]]) if flat.numel() > 2 * samples else flat
+        digest.update(f"{name}|{dtype_name(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
+        digest.update(_raw_bytes(sample).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# Adapter-config fields that say where the base was loaded from, not what trains: two hosts may load the same base from
+# different folders (the base-model fingerprint checks that the weights agree).
+_LOCATION_FIELDS = ("base_model_name_or_path", "revision")
+
+
+def config_hash(config: Mapping | None, layout: Mapping[str, Mapping[str, tuple[str, tuple[int, ...]]]]) -> str:
+    """Hash of the adapter configuration (e.g. `LoraConfig.to_dict()`, or None in full mode) and the part layout.
+
+    Computed from their canonical form ([`snake_hf.identity.canonical_json`]): PEFT keeps `target_modules` as a set,
+    whose order differs between processes, so every rank and every resumed run gets the same hash.
+    """
+    config = None if config is None else {k: v for k, v in config.items() if k not in _LOCATION_FIELDS}
+    return canonical_hash({"config": config, "layout": layout}, "adapter config", length=16)
+
+
+@dataclass(frozen=True)
+class PayloadSpec:
+    """What a receiving node expects: its run identity and, per part, each tensor's dtype and shape.
+
+    Args:
+        fingerprint (`str`): base-model fingerprint ([`model_fingerprint`] at set-up).
+        adapter_hash (`str`): [`config_hash`] of the adapter config and layout.
+        layout (`dict[str, dict[str, tuple[str, tuple[int, ...]]]]`): part -> tensor name -> (dtype, shape), with
+            the dtype of the model.
+        payload_dtype (`str`, defaults to `"float32"`): the widest floating-point dtype on the wire ([`wire_dtype`]).
+    """
+
+    fingerprint: str
+    adapter_hash: str
+    layout: dict[str, dict[str, tuple[str, tuple[int, ...]]]]
+    payload_dtype: str = "float32"
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        part_map: PartMap,
+        fingerprint: str,
+        adapter_config: Mapping | None,
+        payload_dtype: str = "float32",
+    ):
+        state = _named_tensors(model)
+        layout = {
+            part: {n: (dtype_name(state[n].dtype), tuple(state[n].shape)) for n in part_map.tensor_names(part)}
+            for part in part_map.parts
+        }
+        adapter_hash = config_hash(adapter_config, layout)
+        return cls(fingerprint=fingerprint, adapter_hash=adapter_hash, layout=layout, payload_dtype=payload_dtype)
+
+    def wire_name(self, model_dtype: str) -> str:
+        """The wire dtype (as a name) of a tensor whose model dtype is named `model_dtype`."""
+        return dtype_name(wire_dtype(dtype_by_name(model_dtype), self.payload_dtype))
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(model.named_parameters()) | dict(model.named_buffers())
+
+
+@dataclass
+class Payload:
+    """A decoded (or about to be encoded) payload.
+
+    Args:
+        manifest (`dict`): everything but the tensor bytes (see module docstring).
+        tensors (`dict[str, torch.Tensor]`): carried tensors by name.
+    """
+
+    manifest: dict
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def parts(self) -> list[str]:
+        return sorted(self.manifest["parts"])
+
+    @property
+    def state(self) -> dict[str, tuple[int, str]]:
+        """The sender's (version, checksum) of every part."""
+        return {part: (int(v), str(c)) for part, (v, c) in self.manifest["state"].items()}
+
+    def load_into(self, model: nn.Module) -> None:
+        """Copies the carried tensors into `model`, cast back to its dtypes (call only on a payload returned by
+        [`decode_payload`])."""
+        targets = _named_tensors(model)
+        with torch.no_grad():
+            for name, tensor in self.tensors.items():
+                targets[name].copy_(tensor)
+
+
+@dataclass
+class EncodedPayload:
+    """A payload as it crosses the wire: header, manifest and data tensors."""
+
+    header: torch.Tensor
+    manifest: torch.Tensor
+    data: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire: header + manifest + tensor data."""
+        return HEADER_NBYTES + self.manifest.numel() + self.data.numel()
+
+    @property
+    def data_nbytes(self) -> int:
+        return self.data.numel()
+
+    def to_bytes(self) -> bytes:
+        return (
+            struct.pack("<4q", *self.header.tolist()) + self.manifest.numpy().tobytes() + self.data.numpy().tobytes()
+        )
+
+    @classmethod
+    def from_bytes(cls, buffer: bytes) -> EncodedPayload:
+        """Splits a byte string written by [`to_bytes`]; raises [`PayloadError`] when the sizes do not add up."""
+        if len(buffer) < HEADER_NBYTES:
+            raise PayloadError(f"Payload is {len(buffer)} bytes, shorter than its {HEADER_NBYTES}-byte header.")
+        header = list(struct.unpack("<4q", buffer[:HEADER_NBYTES]))
+        _check_header(header)
+        manifest_nbytes, data_nbytes = header[2], header[3]
+        if len(buffer) != HEADER_NBYTES + manifest_nbytes + data_nbytes:
+            raise PayloadError(
+                f"Payload is {len(buffer)} bytes but its header announces {HEADER_NBYTES} + {manifest_nbytes} + "
+                f"{data_nbytes}; the file or message is truncated or padded."
+            )
+        body = torch.frombuffer(bytearray(buffer[HEADER_NBYTES:]), dtype=torch.uint8)  # non-empty: manifest > 0
+        return cls(torch.tensor(header, dtype=torch.int64), body[:manifest_nbytes], body[manifest_nbytes:])
+
+
+def _check_header(header: Sequence[int]) -> None:
+    if len(header) != HEADER_NUMEL:
+        raise PayloadError(f"Payload header has {len(header)} entries; expected {HEADER_NUMEL}.")
+    magic, version, manifest_nbytes, data_nbytes = header
+    if magic != MAGIC:
+        raise PayloadError(f"Not a snake_hf payload (magic {magic:#x}, expected {MAGIC:#x}).")
+    if version != FORMAT_VERSION:
+        raise PayloadError(f"Payload format {version} is not supported by this snake_hf (format {FORMAT_VERSION}).")
+    if not 0 < manifest_nbytes <= MAX_MANIFEST_NBYTES or data_nbytes < 0:
+        raise PayloadError(f"Payload header announces impossible sizes ({manifest_nbytes}, {data_nbytes}).")
+
+
+def build_payload(
+    model: nn.Module,
+    part_map: PartMap,
+    parts: Iterable[str],
+    state: Mapping[str, tuple[int, str]],
+    spec: PayloadSpec,
+    sender: int,
+    receiver: int,
+    stage: int,
+) -> Payload:
+    """Collects the tensors of `parts` from `model`, cast to their wire dtype (`spec.payload_dtype`), with a manifest.
+
+    Args:
+        model (`nn.Module`): the sender's model.
+        part_map (`PartMap`): tensor names per part.
+        parts (`Iterable[str]`): parts to carry (those the receiver lacks).
+        state (`Mapping[str, tuple[int, str]]`): the sender's (version, checksum) of every part.
+        spec (`PayloadSpec`): the run identity stamped on the payload.
+        sender (`int`), receiver (`int`), stage (`int`): addressing, for error messages and the report.
+    """
+    named = _named_tensors(model)
+    tensors = {}
+    for part in sorted(parts):
+        for name in part_map.tensor_names(part):
+            tensor = named[name].detach()
+            tensors[name] = tensor.to(wire_dtype(tensor.dtype, spec.payload_dtype))
+    manifest = {
+        "sender": sender,
+        "receiver": receiver,
+        "stage": stage,
+        "fingerprint": spec.fingerprint,
+        "adapter_hash": spec.adapter_hash,
+        "state": {part: [int(v), str(c)] for part, (v, c) in state.items()},
+        "parts": sorted(parts),
+        "tensors": [],
+    }
+    return Payload(manifest=manifest, tensors=tensors)
+
+
+def encode_payload(payload: Payload, part_of: Mapping[str, str]) -> EncodedPayload:
+    """Lays the payload out as header, manifest and data tensors (`part_of` maps tensor name -> part)."""
+    chunks, entries, offset = [], [], 0
+    for name, tensor in payload.tensors.items():
+        raw = _raw_bytes(tensor)
+        entries.append([part_of[name], name, dtype_name(tensor.dtype), list(tensor.shape), offset, raw.numel()])
+        chunks.append(raw)
+        offset += raw.numel()
+    data = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+    manifest = dict(payload.manifest, tensors=entries)
+    manifest["data_sha256"] = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+    manifest["part_checksums"] = {
+        part: tensors_checksum((e[1], payload.tensors[e[1]]) for e in entries if e[0] == part)
+        for part in manifest["parts"]
+    }
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
+    manifest_tensor = torch.frombuffer(bytearray(manifest_bytes), dtype=torch.uint8)
+    header = torch.tensor([MAGIC, FORMAT_VERSION, manifest_tensor.numel(), data.numel()], dtype=torch.int64)
+    return EncodedPayload(header=header, manifest=manifest_tensor, data=data)
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest without its own digest (the same compact JSON the encoder writes)."""
+    return canonical_hash({k: v for k, v in manifest.items() if k != "manifest_sha256"}, "payload manifest")
+
+
+def decode_payload(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable[str] | None = None) -> Payload:
+    """Verifies an encoded payload against the receiver's `spec` and returns it decoded. Loads nothing.
+
+    Raises:
+        [`PayloadError`]: naming what differs (sizes, checksum, fingerprint, adapter hash, parts, names, shapes).
+    """
+    try:
+        return _decode(encoded, spec, expected_parts)
+    except PayloadError:
+        raise
+    except Exception as error:  # any other failure on hostile bytes is still a refused payload
+        raise PayloadError(f"Malformed payload: {type(error).__name__}: {error}") from error
+
+
+def _decode(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable[str] | None) -> Payload:
+    manifest = _verified_manifest(encoded)
+    where = f"payload from node {manifest['sender']} to node {manifest['receiver']} (stage {manifest['stage']})"
+    _check_identity(manifest, spec, expected_parts, where)
+    tensors = _checked_tensors(manifest, encoded.data, spec, where)
+    if set(manifest["state"]) != set(spec.layout):
+        raise PayloadError(f"The {where} describes parts {sorted(manifest['state'])}; expected {sorted(spec.layout)}.")
+    return Payload(manifest=manifest, tensors=tensors)
+
+
+def _verified_manifest(encoded: EncodedPayload) -> dict:
+    """The manifest, once the sizes, the JSON, its required keys and both digests (manifest, data) check out."""
+    header = [int(v) for v in encoded.header.tolist()]
+    _check_header(header)
+    if header[2] != encoded.manifest.numel() or header[3] != encoded.data.numel():
+        raise PayloadError(
+            f"Payload sizes differ from its header: manifest {encoded.manifest.numel()} vs {header[2]}, data "
+            f"{encoded.data.numel()} vs {header[3]} bytes."
+        )
+    try:
+        manifest = json.loads(encoded.manifest.numpy().tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PayloadError(f"Payload manifest is not valid JSON: {error}") from error
+    required = {"sender", "receiver", "stage", "fingerprint", "adapter_hash", "state", "parts", "tensors"}
+    if not isinstance(manifest, dict) or not required <= set(manifest):
+        raise PayloadError(f"Payload manifest lacks {sorted(required - set(manifest or {}))}.")
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise PayloadError("Payload manifest fails its checksum: it was corrupted or tampered with in transit.")
+    if hashlib.sha256(encoded.data.numpy().tobytes()).hexdigest() != manifest.get("data_sha256"):
+        raise PayloadError(
+            f"Payload from node {manifest['sender']} (stage {manifest['stage']}) fails its checksum: the data was "
+            "corrupted or tampered with in transit."
+        )
+    return manifest
+
+
+def _check_identity(manifest: dict, spec: PayloadSpec, expected_parts: Iterable[str] | None, where: str) -> None:
+    """Same base model, same adapter configuration and layout, and exactly the parts the receiver lacks."""
+    if manifest["fingerprint"] != spec.fingerprint:
+        raise PayloadError(
+            f"The {where} was made from a different base model (fingerprint {manifest['fingerprint']}, this node "
+            f"{spec.fingerprint}); every node must load the same pretrained checkpoint."
+        )
+    if manifest["adapter_hash"] != spec.adapter_hash:
+        raise PayloadError(
+            f"The {where} has a different adapter configuration or layout (hash {manifest['adapter_hash']}, this "
+            f"node {spec.adapter_hash}); every node needs the same peft_config, groups and train_mode."
+        )
+    parts = manifest["parts"]
+    unknown = set(parts) - set(spec.layout)
+    if unknown:
+        raise PayloadError(
+            f"The {where} carries unknown parts {sorted(unknown)}; this node has {sorted(spec.layout)}."
+        )
+    if expected_parts is not None and set(parts) != set(expected_parts):
+        raise PayloadError(
+            f"The {where} carries parts {sorted(parts)} but this node lacks exactly {sorted(expected_parts)}."
+        )
+
+
+def _checked_tensors(manifest: dict, data: torch.Tensor, spec: PayloadSpec, where: str) -> dict[str, torch.Tensor]:
+    """The carried tensors (copies of their bytes), once every name, wire dtype, shape, byte range and part checksum
+    matches what this node expects; every part complete."""
+    parts = manifest["parts"]
+    tensors, seen = {}, {part: set() for part in parts}
+    for part, name, dtype, shape, offset, nbytes in manifest["tensors"]:
+        expected = spec.layout.get(part, {}).get(name)
+        if expected is None or part not in seen:
+            raise PayloadError(f"The {where} carries tensor {name!r} which is not in part {part!r} here.")
+        expected = (spec.wire_name(expected[0]), expected[1])
+        if (dtype, tuple(shape)) != expected:
+            raise PayloadError(
+                f"The {where} has tensor {name!r} as {dtype}{list(shape)}; this node expects "
+                f"{expected[0]}{list(expected[1])} on the wire (payload_dtype {spec.payload_dtype!r}); every node "
+                "needs the same model dtype and payload_dtype."
+            )
+        torch_dtype = dtype_by_name(dtype)
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        if nbytes != numel * torch.empty(0, dtype=torch_dtype).element_size() or not 0 <= offset <= data.numel():
+            raise PayloadError(f"The {where} has inconsistent byte ranges for {name!r}.")
+        if offset + nbytes > data.numel():
+            raise PayloadError(f"The {where} is truncated inside tensor {name!r}.")
+        tensors[name] = data[offset : offset + nbytes].clone().view(torch_dtype).reshape(tuple(shape))
+        seen[part].add(name)
+    for part in parts:
+        missing = set(spec.layout[part]) - seen[part]
+        if missing:
+            raise PayloadError(f"The {where} misses {len(missing)} tensors of part {part!r}, e.g. {min(missing)!r}.")
+        checksum = tensors_checksum((n, tensors[n]) for n in seen[part])
+        if checksum != manifest.get("part_checksums", {}).get(part):
+            raise PayloadError(f"The {where} fails the checksum of part {part!r}.")
+    return tensors
+
+
+def part_wire_nbytes(part_map: PartMap, model: nn.Module, payload_dtype: str = "float32") -> dict[str, int]:
+    """Bytes of each part's tensors on the wire (what a payload of that part carries, manifest excluded).
+
+    Args:
+        part_map (`PartMap`): tensor names per part.
+        model (`nn.Module`): the model the parts belong to (its dtypes decide the wire dtypes).
+        payload_dtype (`str`, defaults to `"float32"`): one of [`PAYLOAD_DTYPES`].
+
+    Returns:
+        `dict[str, int]`: part -> bytes.
+
+    Example:
+        ```python
+        >>> sizes = part_wire_nbytes(part_map, model, "bfloat16")  # half the float32 figures for a float32 model
+        >>> sum(sizes.values())  # tensor bytes of a hop that carries every part
+        ```
+    """
+    state = _named_tensors(model)
+    nbytes = {name: t.numel() * wire_dtype(t.dtype, payload_dtype).itemsize for name, t in state.items()}
+    return {part: sum(nbytes[n] for n in part_map.tensor_names(part)) for part in part_map.parts}

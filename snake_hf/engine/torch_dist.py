@@ -1,0 +1,429 @@
+"""The distributed engine's wire: encoded payloads over torch.distributed (gloo), in p2p or cs topology.
+
+Only this module touches torch.distributed, and never the default process group: each rank runs an ordinary
+single-process `Trainer`, so `init_process_group` is not called here. Instead the ranks share a rendezvous store
+(`TCPStore`; under `torchrun` the agent's store) and every link gets its own two-rank gloo group, built on first use,
+so a timeout or a dead peer on one link cannot poison the others (gloo closes a group's pairs after such a failure).
+
+**Liveness is measured per hop, not from the start of a wait.** A rank may wait for its turn through many stages of
+other ranks' training, so a receive cannot simply time out after `hop_timeout`. Instead:
+
+* every rank's background thread bumps the counter `snake/alive/{rank}` every `heartbeat_interval` seconds, and
+  `close()` sets `snake/closed/{rank}`;
+* before a hop the sender sets `snake/hop/{stage}/{src}-{dst}/sent` and the receiver sets `.../ready`; each side polls
+  the store for the other's key, and gives up only when the peer's heartbeat has not moved for `heartbeat_timeout`
+  seconds (it died or never joined) or the peer closed its transport;
+* once both ends are there, the transfer itself (link set-up, header, manifest, data) must finish within
+  `hop_timeout`, which covers a sender that announced a hop and then hung.
+
+Every failure is raised as [`HopTimeoutError`] naming the stage, both ranks and the topology. A failed link is not
+reused (its gloo pairs are closed). The store lives in rank 0 (unless launched under `torchrun`), so rank 0's
+`close()` waits until every other rank has closed or died.
+
+In cs topology the coordinator also decides who trains next and survives a dead node (`snake_hf.engine.coordinator`). The
+launcher helpers (`launch_info`, `hide_launch_env`) live in `snake_hf.launch` and are re-exported here.
+
+Wire protocol per payload: the int64 header, then the uint8 manifest, then the uint8 data (skipped when empty); the
+receiver reads the header to allocate the other two. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from transformers.utils import logging
+
+from ..launch import TOPOLOGIES, HiddenLaunchEnv, LaunchInfo, hide_launch_env, launch_info
+from ..plan import Stage
+from .payload import FORMAT_VERSION, HEADER_NUMEL, MAGIC, MAX_MANIFEST_NBYTES, EncodedPayload, PayloadError
+from .transport import HopTimeoutError, Transport
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["DistributedTransport", "HiddenLaunchEnv", "LaunchInfo", "hide_launch_env", "launch_info", "plan_hops"]
+
+_STAGE_TAGS = 1 << 28  # gloo tags are int32: 3 tags per stage, then a block for the final broadcast
+_FINAL_TAG = 3 * _STAGE_TAGS
+_ALIVE, _CLOSED = "snake/alive/{}", "snake/closed/{}"  # heartbeat counter, and "closed its transport", per rank
+
+
+def plan_hops(plan: Sequence[Stage]) -> list[tuple[int, int, int]]:
+    """The hops of a plan as `(src, dst, stage)`: wherever a stage runs on another node than the one before."""
+    return [(prev.node, stage.node, stage.index) for prev, stage in zip(plan, plan[1:]) if prev.node != stage.node]
+
+
+class DistributedTransport(Transport):
+    """Carries encoded payloads between ranks over per-link gloo groups (see the module docstring for liveness).
+
+    Args:
+        rank (`int`): this process's rank (= node).
+        world_size (`int`): number of ranks.
+        topology (`str`, defaults to `"p2p"`): `"p2p"` (straight to the next stage's rank) or `"cs"` (every payload
+            through `coordinator`, which keeps the latest copy of each in `authoritative`).
+        hop_timeout (`float`, defaults to 600.0): seconds a transfer may take once both ends are at the hop.
+        store (`torch.distributed.Store`, *optional*): a rendezvous store; by default a `TCPStore` at
+            `master_addr:master_port`, served by rank 0 when `store_server` is None.
+        master_addr (`str`, *optional*), master_port (`int`, *optional*): default to `MASTER_ADDR`, `MASTER_PORT`.
+        coordinator (`int`, defaults to 0): the coordinator rank in cs topology.
+        heartbeat_interval (`float`, defaults to 1.0): seconds between heartbeats.
+        heartbeat_timeout (`float`, *optional*): a peer whose heartbeat is still that long is dead (default
+            `hop_timeout`).
+        wait_timeout (`float`, *optional*): cap on waiting for a live peer to reach a hop (default: no cap; a long
+            stage elsewhere is not a failure).
+        store_server (`bool`, *optional*): whether the store lives in this process, so that `close()` must wait for
+            the others (default: rank 0 when no `store` is given).
+
+    Example:
+        ```python
+        >>> info = launch_info()
+        >>> hide_launch_env()
+        >>> transport = DistributedTransport.from_launch(info, topology="p2p", hop_timeout=120)
+        >>> transport.send(0, 1, encoded, stage=1)  # on rank 0; rank 1 calls transport.recv(0, 1, stage=1)
+        ```
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        topology: str = "p2p",
+        hop_timeout: float = 600.0,
+        store: dist.Store | None = None,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+        coordinator: int = 0,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float | None = None,
+        wait_timeout: float | None = None,
+        store_server: bool | None = None,
+    ):
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"`topology` ({topology!r}) must be one of {TOPOLOGIES}.")
+        if not 0 <= rank < world_size or not 0 <= coordinator < world_size:
+            raise ValueError(f"`rank` ({rank}) and `coordinator` ({coordinator}) must lie in [0, {world_size}).")
+        self.rank, self.world_size, self.topology, self.coordinator = rank, world_size, topology, coordinator
+        self.hop_timeout = hop_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = hop_timeout if heartbeat_timeout is None else heartbeat_timeout
+        self.wait_timeout = wait_timeout
+        self.link_bytes: dict[tuple[int, int], int] = defaultdict(int)
+        self.authoritative: dict[int, EncodedPayload] = {}
+        self._pending: list[tuple[int, int, int]] = []  # cs coordinator: hops it still has to forward
+        self._store_server = rank == 0 and store is None if store_server is None else store_server
+        if store is None:
+            addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+            port = int(master_port or os.environ.get("MASTER_PORT", "29500"))
+            store = dist.TCPStore(
+                addr, port, None, self._store_server, timedelta(seconds=hop_timeout), wait_for_workers=False
+            )
+        self.store = store
+        self._groups: dict[tuple[int, int], dist.ProcessGroup | None] = {}
+        self._final_count = 0
+        self._barrier_count: dict[str, int] = defaultdict(int)
+        self._closed = False
+        self.store.add(_ALIVE.format(rank), 1)
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name=f"snake-heartbeat-{rank}", daemon=True)
+        self._heartbeat.start()
+
+    @classmethod
+    def from_launch(cls, info: LaunchInfo, **kwargs) -> DistributedTransport:
+        """Builds the transport from [`launch_info`]; under `torchrun` it joins the agent's store as a client."""
+        if info.use_agent_store and "store" not in kwargs:
+            client = dist.TCPStore(
+                info.master_addr, info.master_port, None, False, timedelta(seconds=kwargs.get("hop_timeout", 600.0))
+            )
+            kwargs["store"] = dist.PrefixStore(f"snake_attempt_{info.restart_count}", client)
+            kwargs.setdefault("store_server", False)
+        kwargs.setdefault("master_addr", info.master_addr)
+        kwargs.setdefault("master_port", info.master_port)
+        return cls(info.rank, info.world_size, **kwargs)
+
+    # -- the Transport interface ------------------------------------------------------------------------------------
+
+    def send(self, src: int, dst: int, encoded: EncodedPayload, stage: int) -> None:
+        self._check_self(src, "send", "src")
+        if self.topology == "cs" and self.rank == self.coordinator:
+            self.authoritative[stage] = encoded
+        self._wire_send(self.coordinator if self._via(src, dst) else dst, encoded, stage, f"stage {stage}", src, dst)
+
+    def recv(self, src: int, dst: int, stage: int) -> EncodedPayload:
+        self._check_self(dst, "recv", "dst")
+        encoded = self._wire_recv(self.coordinator if self._via(src, dst) else src, stage, f"stage {stage}", src, dst)
+        if self.topology == "cs" and self.rank == self.coordinator:
+            self.authoritative[stage] = encoded
+        return encoded
+
+    def forward(self, src: int, dst: int, stage: int) -> EncodedPayload:
+        """On the cs coordinator: receives the payload `src` sends for `stage`, keeps it, and passes it on to `dst`."""
+        if not self._via(src, dst) or self.rank != self.coordinator:
+            raise ValueError(
+                f"Only the cs coordinator forwards, and only hops between two other ranks ({src}->{dst})."
+            )
+        encoded = self._wire_recv(src, stage, f"stage {stage}", src, dst)
+        self.authoritative[stage] = encoded
+        self._wire_send(dst, encoded, stage, f"stage {stage}", src, dst)
+        return encoded
+
+    def expect(self, hops: list[tuple[int, int, int]]) -> None:
+        """Remembers the plan's hops; on the cs coordinator, those between two other ranks are forwarded in order."""
+        if self.topology == "cs" and self.rank == self.coordinator:
+            self._pending = [hop for hop in hops if self._via(hop[0], hop[1])]
+
+    def before_stage(self, stage: int) -> None:
+        """On the cs coordinator: forwards, in plan order, every pending hop into a stage before `stage`."""
+        while self._pending and self._pending[0][2] < stage:
+            self.forward(*self._pending.pop(0))
+
+    def drain(self) -> None:
+        """On the cs coordinator: forwards every hop still pending."""
+        self.before_stage(1 << 62)
+
+    def send_to(self, peer: int, encoded: EncodedPayload, hop: int | str, src: int, dst: int) -> None:
+        """Sends `encoded` straight to `peer` as hop `hop` (a stage index or a name): a failover coordinator's routing."""
+        self._wire_send(peer, encoded, hop, f"stage {hop}" if isinstance(hop, int) else hop, src, dst)
+
+    def recv_from(self, peer: int, hop: int | str, src: int, dst: int) -> EncodedPayload:
+        """Receives hop `hop` straight from `peer` (the other end of [`send_to`])."""
+        return self._wire_recv(peer, hop, f"stage {hop}" if isinstance(hop, int) else hop, src, dst)
+
+    def wait_for(self, keys: dict[int, str], describe: Callable[[str], str], drop_absent: bool = False) -> None:
+        """Waits until the store holds every key of `keys` (peer -> key) while those peers live (else
+        [`HopTimeoutError`], or with `drop_absent` a warning)."""
+        self._await(keys, describe, drop_absent)
+
+    def exchange_text(self, name: str, text: str) -> list[str]:
+        """Every rank's `text`, in rank order, on every rank (through the store; e.g. local shard sizes)."""
+        self.store.set(f"snake/exchange/{name}/{self.rank}", text)
+        keys = {r: f"snake/exchange/{name}/{r}" for r in range(self.world_size) if r != self.rank}
+        self._await(keys, lambda reason: f"exchanging {name!r}: {reason} (topology {self.topology})")
+        return [text if r == self.rank else self.store.get(keys[r]).decode() for r in range(self.world_size)]
+
+    def gather_text(self, name: str, text: str) -> list[str] | None:
+        """Collects every rank's `text` on rank 0 through the store (small JSON reports; nothing pickled)."""
+        self.store.set(f"snake/gather/{name}/{self.rank}", text)
+        if self.rank != 0:
+            return None
+        keys = {r: f"snake/gather/{name}/{r}" for r in range(1, self.world_size)}
+        self._await(keys, lambda reason: f"gathering {name!r}: {reason} (topology {self.topology})")
+        return [text] + [self.store.get(keys[r]).decode() for r in range(1, self.world_size)]
+
+    def coordinator_loop(self, hops: Sequence[tuple[int, int, int]]) -> None:
+        """On a coordinator that does not train: forwards every `(src, dst, stage)` of `hops` (see [`plan_hops`])."""
+        for src, dst, stage in hops:
+            self.forward(src, dst, stage)
+
+    def barrier(self, name: str) -> None:
+        """Waits until every rank reached the barrier `name` (over the store; no collective), while they live."""
+        generation = self._barrier_count[name]
+        self._barrier_count[name] += 1
+        prefix = f"snake/barrier/{name}/{generation}"
+        self.store.set(f"{prefix}/{self.rank}", "1")
+        keys = {r: f"{prefix}/{r}" for r in range(self.world_size) if r != self.rank}
+        self._await(keys, lambda reason: f"barrier {name!r}: {reason} (topology {self.topology})")
+
+    def broadcast_final(self, encoded: EncodedPayload | None, src: int) -> EncodedPayload:
+        """Hands `encoded` (given on rank `src`, None elsewhere) to every rank; returns it on all (cs: via coordinator)."""
+        hop = f"final/{self._final_count}"
+        self._final_count += 1
+        root = self.coordinator if self.topology == "cs" else src
+        if self.rank == src and src != root:
+            self._wire_send(root, encoded, hop, "final payload", src, root)
+        if self.rank == root:
+            if src != root:
+                encoded = self._wire_recv(src, hop, "final payload", src, root)
+            for other in range(self.world_size):
+                if other not in (root, src):
+                    self._wire_send(other, encoded, hop, "final payload", root, other)
+        elif self.rank != src:
+            encoded = self._wire_recv(root, hop, "final payload", root, self.rank)
+        return encoded
+
+    def close(self, wait: bool = True) -> None:
+        """Stops the heartbeat and drops the links; the store's server first waits for every other rank to close."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.store.set(_CLOSED.format(self.rank), "1")
+            if self._store_server and wait:  # the store dies with this process: let every live rank finish first
+                others = {r: _CLOSED.format(r) for r in range(self.world_size) if r != self.rank}
+                self._await(others, lambda reason: f"closing the store anyway: {reason}", drop_absent=True)
+        except (RuntimeError, HopTimeoutError) as error:  # the store's server is gone, or `wait_timeout` passed
+            logger.warning(f"Rank {self.rank} closes without waiting for the other ranks: {error}")
+        self._stop.set()
+        self._heartbeat.join(timeout=self.heartbeat_interval + 5)
+        self._groups.clear()
+
+    # -- the wire -----------------------------------------------------------------------------------------------------
+
+    def _wire_send(self, peer: int, encoded: EncodedPayload, hop: int | str, what: str, src: int, dst: int) -> None:
+        self.store.set(self._hop_key(hop, self.rank, peer, "sent"), "1")
+        describe = self._describe(what, src, dst, receiving=False)
+        self._await({peer: self._hop_key(hop, self.rank, peer, "ready")}, describe)
+        try:
+            deadline = time.monotonic() + self.hop_timeout
+            group, peer_in_link = self._link(peer)
+            self._push(group, peer_in_link, encoded, self._tag(hop), deadline)
+        except RuntimeError as error:
+            self._groups[self._link_key(peer)] = None
+            raise HopTimeoutError(describe(f"rank {peer} did not take it within {self.hop_timeout} s")) from error
+        self.link_bytes[(self.rank, peer)] += encoded.nbytes
+
+    def _push(self, group: dist.ProcessGroup, peer: int, encoded: EncodedPayload, tag: int, deadline: float) -> None:
+        tensors = [encoded.header, encoded.manifest] + ([encoded.data] if encoded.data.numel() else [])
+        works = [group.send([t.contiguous()], peer, tag + i) for i, t in enumerate(tensors)]
+        for work in works:
+            work.wait(_left(deadline))
+
+    def _wire_recv(self, peer: int, hop: int | str, what: str, src: int, dst: int) -> EncodedPayload:
+        self.store.set(self._hop_key(hop, peer, self.rank, "ready"), "1")
+        describe = self._describe(what, src, dst, receiving=True)
+        self._await({peer: self._hop_key(hop, peer, self.rank, "sent")}, describe)
+        deadline, tag = time.monotonic() + self.hop_timeout, self._tag(hop)
+        try:
+            group, peer_in_link = self._link(peer)
+            header = torch.empty(HEADER_NUMEL, dtype=torch.int64)
+            group.recv([header], peer_in_link, tag).wait(_left(deadline))
+            manifest_nbytes, data_nbytes = _check_header(header.tolist(), describe)
+            manifest = torch.empty(manifest_nbytes, dtype=torch.uint8)
+            data = torch.empty(data_nbytes, dtype=torch.uint8)
+            works = [group.recv([manifest], peer_in_link, tag + 1)]
+            if data_nbytes:
+                works.append(group.recv([data], peer_in_link, tag + 2))
+            for work in works:
+                work.wait(_left(deadline))
+        except (RuntimeError, PayloadError) as error:
+            self._groups[self._link_key(peer)] = None  # the stream on this link is out of step: never reuse it
+            if isinstance(error, PayloadError):
+                raise
+            reason = f"nothing arrived from rank {peer} within {self.hop_timeout} s of the hop's start"
+            raise HopTimeoutError(describe(reason)) from error
+        for kind in ("sent", "ready"):
+            self.store.delete_key(self._hop_key(hop, peer, self.rank, kind))
+        encoded = EncodedPayload(header=header, manifest=manifest, data=data)
+        self.link_bytes[(peer, self.rank)] += encoded.nbytes
+        return encoded
+
+    def _link(self, peer: int) -> tuple[dist.ProcessGroup, int]:
+        """The two-rank gloo group of the link to `peer` (built on first use, by both ends) and the peer's rank in it."""
+        key = self._link_key(peer)
+        if key in self._groups and self._groups[key] is None:
+            raise RuntimeError(f"the link {key[0]}-{key[1]} failed earlier and is not reused")
+        if key not in self._groups:
+            link_store = dist.PrefixStore(f"snake/link/{key[0]}-{key[1]}", self.store)
+            timeout = timedelta(seconds=self.hop_timeout)
+            self._groups[key] = dist.ProcessGroupGloo(link_store, key.index(self.rank), 2, timeout)
+        return self._groups[key], key.index(peer)
+
+    # -- waiting on the store, with liveness -----------------------------------------------------------------------
+
+    def _await(self, keys: dict[int, str], describe: Callable[[str], str], drop_absent: bool = False) -> None:
+        """Waits until every key of `keys` (peer -> key) is set, as long as the peers it waits for live.
+
+        A peer that closed, never joined or stopped its heartbeat raises [`HopTimeoutError`] (or, with `drop_absent`,
+        is logged and no longer waited for).
+        """
+        try:
+            self._await_keys(keys, describe, drop_absent)
+        except RuntimeError as error:  # a store operation failed: its server (rank 0's process) is gone
+            raise HopTimeoutError(describe(f"the rendezvous store is unreachable ({error})")) from error
+
+    def _await_keys(self, keys: dict[int, str], describe: Callable[[str], str], drop_absent: bool) -> None:
+        keys, start = dict(keys), time.monotonic()
+        seen = {peer: (self._beats(peer), start) for peer in keys}  # last heartbeat count, and when it moved
+        next_check, delay = start, 0.005
+        while keys and not self.store.check(list(keys.values())):
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + self.heartbeat_interval
+                pending = [peer for peer, key in keys.items() if not self.store.check([key])]
+                for peer in pending:
+                    beats = self._beats(peer)
+                    if beats != seen[peer][0]:
+                        seen[peer] = (beats, now)
+                    reason = self._absence(peer, beats, now - seen[peer][1])
+                    if reason and not self.store.check([keys[peer]]):
+                        if not drop_absent:
+                            raise HopTimeoutError(describe(reason))
+                        logger.warning(describe(reason))
+                        del keys[peer]
+                if self.wait_timeout is not None and now - start > self.wait_timeout and pending:
+                    raise HopTimeoutError(describe(f"still waiting for rank {pending[0]} after {self.wait_timeout} s"))
+            time.sleep(delay)
+            # A short cap: a waiting receiver must notice the sender within milliseconds (a 100 ms cap made the
+            # store handshake, not the payload, the cost of a hop; benchmarks/distributed_overhead.py).
+            delay = min(2 * delay, 0.005)
+
+    def _absence(self, peer: int, beats: int, still: float) -> str | None:
+        """Why `peer` will not come: it closed, never joined, or its heartbeat stopped; None while it lives."""
+        if self.store.check([_CLOSED.format(peer)]):
+            return f"rank {peer} closed its transport first"
+        if still > self.heartbeat_timeout:
+            return (
+                f"rank {peer} {'never joined' if beats == 0 else 'sent no heartbeat'} for {self.heartbeat_timeout} s"
+            )
+        return None
+
+    def _beat(self) -> None:
+        try:
+            store = self.store.clone()  # a client of its own: the main thread may block in the store
+        except (AttributeError, RuntimeError):
+            store = self.store
+        while not self._stop.wait(self.heartbeat_interval):
+            try:
+                store.add(_ALIVE.format(self.rank), 1)
+            except RuntimeError as error:  # the store's server is gone: nothing left to tell
+                logger.warning(f"Rank {self.rank} stops its heartbeat: {error}")
+                return
+
+    def _beats(self, peer: int) -> int:
+        return self.store.add(_ALIVE.format(peer), 0)
+
+    # -- names ----------------------------------------------------------------------------------------------------
+
+    def _describe(self, what: str, src: int, dst: int, receiving: bool) -> Callable[[str], str]:
+        via = f" via coordinator {self.coordinator}" if self._via(src, dst) else ""
+        hop = f"payload from rank {src} to rank {dst}{via}"
+        head = f"no {hop}" if receiving else f"{hop} not delivered"
+        return lambda reason: f"{what}: {head}: {reason} (topology {self.topology})"
+
+    def _via(self, src: int, dst: int) -> bool:
+        """Whether a payload from `src` to `dst` goes through the coordinator (cs, neither end the coordinator)."""
+        return self.topology == "cs" and self.coordinator not in (src, dst)
+
+    def _check_self(self, rank: int, method: str, name: str) -> None:
+        if rank != self.rank:
+            raise ValueError(f"`{method}` runs on the rank `{name}` names ({rank}); this is rank {self.rank}.")
+
+    def _link_key(self, peer: int) -> tuple[int, int]:
+        return (min(self.rank, peer), max(self.rank, peer))
+
+    @staticmethod
+    def _tag(hop: int | str) -> int:
+        return 3 * (hop % _STAGE_TAGS) if isinstance(hop, int) else _FINAL_TAG
+
+    @staticmethod
+    def _hop_key(hop: int | str, sender: int, receiver: int, kind: str) -> str:
+        return f"snake/hop/{hop}/{sender}-{receiver}/{kind}"
+
+
+def _left(deadline: float) -> timedelta:
+    return timedelta(seconds=max(0.001, deadline - time.monotonic()))
+
+
+def _check_header(header: list[int], describe: Callable[[str], str]) -> tuple[int, int]:
+    magic, version, manifest_nbytes, data_nbytes = header
+    if magic != MAGIC or version != FORMAT_VERSION:
+        raise PayloadError(describe(f"not a snake_hf payload of format {FORMAT_VERSION} (header {header})"))
+    if not 0 < manifest_nbytes <= MAX_MANIFEST_NBYTES or data_nbytes < 0:
+        raise PayloadError(describe(f"impossible sizes in the header ({manifest_nbytes}, {data_nbytes})"))
+    return manifest_nbytes, data_nbytes

@@ -1,0 +1,256 @@
+"""Setting up a Snake run before `Trainer` sees it: the model for the mode, groups, shards, plan, priors, transport."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import datasets
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+from transformers import default_data_collator
+from transformers.utils import logging
+
+from ..blocks import BlockGroups, PartMap, find_block_list, unwrap_model
+from ..capacity.estimate import BlockCosts, measure_block_costs
+from ..capacity.planner import (
+    Designation,
+    NodeProfile,
+    as_profiles,
+    check_plan_memory,
+    designate,
+    explain,
+    scale_steps,
+)
+from ..config import SnakeConfig
+from ..data.node_data import NodeData
+from ..data.sampler import default_stage_steps
+from ..data.shards import make_partitioner, shard_summary
+from ..engine.torch_dist import DistributedTransport
+from ..engine.transport import InMemoryTransport
+from ..launch import LaunchInfo, process_launch
+from ..losses import node_label_priors
+from ..plan import Stage, designated_plan, serpentine_plan, validate_plan
+
+
+logger = logging.get_logger(__name__)
+
+
+def resolve_launch(args: SnakeConfig) -> LaunchInfo | None:
+    """Where the run starts: this process's launch (read once per process), checked against `args`.
+
+    `engine="simulation"` never reads the launcher; `"distributed"` needs one. Under a launcher each process is one
+    node: `num_nodes` left at 1 becomes the world size (its documented meaning), any other value must equal it.
+    """
+    if args.engine == "simulation":
+        return None
+    info = process_launch()
+    if info is None:
+        if args.engine == "distributed":
+            raise ValueError(
+                "`engine` is 'distributed' but this process was not started by a launcher (no WORLD_SIZE > 1); run "
+                "`torchrun --nproc_per_node N script.py`, or use engine='simulation'."
+            )
+        return None
+    if args.num_nodes == 1:
+        args.num_nodes = info.world_size  # rank = node
+    elif args.num_nodes != info.world_size:
+        raise ValueError(
+            f"`num_nodes` ({args.num_nodes}) differs from the {info.world_size} launched processes; in distributed "
+            "mode each process is one node: launch num_nodes processes or leave num_nodes unset."
+        )
+    return info
+
+
+def make_transport(launch: LaunchInfo | None, args: SnakeConfig):
+    if launch is None:
+        return InMemoryTransport()
+    return DistributedTransport.from_launch(launch, topology=args.topology, hop_timeout=args.hop_timeout)
+
+
+def check_mode(model: nn.Module | None, args: SnakeConfig, peft_config) -> None:
+    """Refuses a model and adapter setup that does not fit `train_mode`, without touching the model."""
+    if model is None:
+        raise ValueError("`model` is None; pass the model to fine-tune.")
+    if args.train_mode == "full":
+        if isinstance(model, PeftModel) or peft_config is not None:
+            raise ValueError(
+                "`train_mode` is 'full' but a PEFT model or `peft_config` was given; use train_mode='lora' to train "
+                "adapters, or pass the plain model without peft_config."
+            )
+    elif isinstance(model, PeftModel):
+        if peft_config is not None:
+            raise ValueError("`model` is already a PeftModel and `peft_config` is also given; pass only one of them.")
+    elif peft_config is None:
+        raise ValueError(
+            "`train_mode` is 'lora' but neither a PeftModel nor `peft_config` was given; pass "
+            "peft_config=LoraConfig(...), or set train_mode='full'."
+        )
+
+
+def wrap_for_mode(model: nn.Module, args: SnakeConfig, peft_config) -> nn.Module:
+    """The model that trains: in LoRA mode a `PeftModel` (wrapping a plain model with `peft_config`)."""
+    if args.train_mode == "full" or isinstance(model, PeftModel):
+        return model
+    return get_peft_model(model, peft_config)
+
+
+def default_num_groups(model: nn.Module, args: SnakeConfig) -> int | None:
+    if args.group_boundaries is not None or args.num_block_groups is not None:
+        return args.num_block_groups
+    num_blocks = len(find_block_list(model, args.block_list_path)[1])
+    return min(args.num_nodes, num_blocks) if args.schedule != "designated" else args.num_nodes
+
+
+def class_label_column(dataset, preferred: str) -> str | None:
+    """The column holding one class id per example: `preferred`, else `label`, else `labels` (None if none)."""
+    features = getattr(dataset, "features", None) or {}
+    scalar = {c for c, f in features.items() if isinstance(f, (datasets.ClassLabel, datasets.Value))}
+    return next((c for c in (preferred, "label", "labels") if c in scalar), None)
+
+
+def summarise_shards(node_data: NodeData, label_column: str):
+    """The shard summary table, when the data is a `datasets.Dataset` (label counts where a label column exists)."""
+    dataset = node_data.dataset
+    if not isinstance(dataset, datasets.Dataset):
+        return None
+    label = class_label_column(dataset, label_column)  # None for token-level labels (causal LM): sizes only
+    return shard_summary([node_data.shard(n) for n in range(len(node_data.sizes))], label)
+
+
+def needs_priors(args: SnakeConfig) -> bool:
+    return args.logit_adjustment > 0 or args.restrict_to_node_classes
+
+
+def node_priors(node_data: NodeData, args: SnakeConfig, model: nn.Module) -> torch.Tensor:
+    """Each node's label frequencies (known to that node alone), for the label-skew-aware loss."""
+    dataset = node_data.dataset
+    label = class_label_column(dataset, args.partition_label_column)
+    if label is None:
+        raise ValueError(
+            f"`logit_adjustment`/`restrict_to_node_classes` need a label column (one class id per example), but the "
+            f"training data has {getattr(dataset, 'column_names', [])}; set `partition_label_column` to the label column, or turn these options off."
+        )
+    labels = dataset[label]
+    base = unwrap_model(model)
+    num_classes = getattr(getattr(base, "config", None), "num_labels", None) or getattr(base, "num_labels", None)
+    num_classes = num_classes or (max(labels) + 1)
+    node_labels = [[labels[i] for i in idx] for idx in node_data.node_indices]
+    return node_label_priors(node_labels, num_classes, min_share=args.node_class_min_share)
+
+
+def split_head_groups(optimizer, model: nn.Module, head_names: set[str], args: SnakeConfig) -> None:
+    """Moves the always-trainable parameters into their own param groups at `head_learning_rate`."""
+    head_ids = {id(p) for n, p in model.named_parameters() if n in head_names}
+    for group in list(optimizer.param_groups):
+        head = [p for p in group["params"] if id(p) in head_ids]
+        if head:
+            group["params"] = [p for p in group["params"] if id(p) not in head_ids]
+            optimizer.add_param_group({**group, "params": head, "lr": args.head_learning_rate})
+
+
+@dataclass
+class Capacity:
+    """What the node profiles decided: the measured block costs, the sequence length assumed, the designated cut."""
+
+    profiles: list[NodeProfile]
+    costs: BlockCosts | None = None
+    seq_len: int | None = None
+    designation: Designation | None = None
+
+    def estimate(self, boundaries: list[int], group: int, batch_size: int) -> int | None:
+        if self.costs is None:
+            return None
+        return self.costs.estimate(boundaries[group], boundaries[group + 1], batch_size, self.seq_len).total
+
+
+def measure_capacity(model: nn.Module, args: SnakeConfig, node_data: NodeData) -> Capacity | None:
+    """Reads the node profiles and, where memory matters, measures the model's block costs and designates the cut."""
+    profiles = as_profiles(args.node_profiles, args.num_nodes)
+    if profiles is None:
+        return None
+    capacity = Capacity(profiles)
+    if args.schedule != "designated" and not any(p.memory_bytes for p in profiles):
+        return capacity
+    trainable = args.always_trainable_modules or ()
+    probe_map = PartMap.build(
+        model, BlockGroups.from_model(model, 1, None, args.block_list_path), args.train_mode, trainable
+    )
+    capacity.seq_len, probe = _probe_for(node_data.dataset, args, model)
+    capacity.costs = measure_block_costs(
+        model, args.train_mode, probe_map, args.block_list_path, trainable, probe_inputs=probe
+    )
+    if args.schedule == "designated":
+        capacity.designation = designate(
+            profiles, num_nodes=args.num_nodes, batch_size=args.per_device_train_batch_size,
+            seq_len=capacity.seq_len, mode=args.train_mode, costs=capacity.costs, size_by=args.profile_size_by,
+        )  # fmt: skip
+    return capacity
+
+
+def _probe_for(dataset, args: SnakeConfig, model: nn.Module):
+    """The sequence length the estimate assumes, and probe batches for models that do not take `input_ids`."""
+    columns = getattr(dataset, "column_names", None) or list(dataset[0])
+    if "input_ids" in columns:
+        longest = args.profile_seq_len or max(len(ids) for ids in dataset["input_ids"])
+        return longest, None
+    device = next(model.parameters()).device
+
+    def probe(batch_size: int, seq_len: int | None) -> dict:
+        rows = [dataset[i] for i in range(min(batch_size, len(dataset)))]
+        batch = default_data_collator(rows)
+        return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    return None, probe
+
+
+def scaled_steps(steps: list[int], args: SnakeConfig, capacity: Capacity | None, sizes: list[int]) -> list[int]:
+    """Steps per node scaled by speed or by data (`scale_steps_by`), around the mean."""
+    if args.scale_steps_by is None:
+        return steps
+    profiles = capacity.profiles if capacity is not None else [NodeProfile() for _ in sizes]
+    if args.scale_steps_by == "data":
+        profiles = [replace(p, num_examples=p.num_examples or size) for p, size in zip(profiles, sizes)]
+    return scale_steps(steps, profiles, by=args.scale_steps_by)
+
+
+def build_plan(args: SnakeConfig, sizes: list[int], groups: BlockGroups, capacity: Capacity | None) -> list[Stage]:
+    """The plan `args` asks for over shards of `sizes` and the model's `groups`; refuses one a node cannot fit."""
+    if args.stage_steps is not None:
+        steps = [args.stage_steps] * args.num_nodes
+    else:
+        steps = [
+            default_stage_steps(
+                size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.dataloader_drop_last
+            )
+            for size in sizes
+        ]
+    steps = scaled_steps(steps, args, capacity, sizes)
+    num_groups = groups.num_groups
+    if isinstance(args.schedule, list):
+        plan = validate_plan(args.schedule, args.num_nodes, num_groups)
+    elif args.schedule == "designated":
+        if num_groups != args.num_nodes:
+            raise ValueError(
+                f"The designated schedule needs one group per node, but the model is cut into {num_groups} groups "
+                f"for {args.num_nodes} nodes; set num_block_groups={args.num_nodes} or use 'serpentine'."
+            )
+        designation = capacity.designation if capacity is not None else None
+        owners = designation.owners if designation is not None else None
+        plan = designated_plan(args.num_nodes, args.num_passes, steps, owners)
+    else:
+        plan = serpentine_plan(args.num_nodes, num_groups, args.num_passes, steps, args.group_order)
+    if capacity is not None:
+        if capacity.costs is not None:  # refuse a plan that does not fit a node, before any training
+            check_plan_memory(
+                plan, capacity.profiles, capacity.costs, groups.boundaries,
+                args.per_device_train_batch_size, capacity.seq_len,
+            )  # fmt: skip
+        logger.info(explain(plan, capacity.profiles, capacity.designation, args.scale_steps_by))
+    return plan
+
+
+def partitioner_for(args: SnakeConfig):
+    if args.num_nodes == 1:
+        return None
+    return make_partitioner(args.partition, args.num_nodes, seed=args.seed, **args.partition_kwargs())
