@@ -378,7 +378,7 @@ def run_method(method: str, s: Settings) -> dict:
     result["shard_sizes"] = [len(shard) for shard in task.shards]
     result["torch_threads"] = s.threads  # its own: a run assembled from cached methods may have timed them apart
     if s.kind == "accuracy":
-        from snake_hf.data.shards import shard_summary
+        from snake_hf.data.summary import shard_summary
 
         result["shards"] = shard_summary(task.shards, "label").to_dict()
     return result

@@ -263,11 +263,11 @@ def hop_costs(report: dict, records: list[dict], distributed: bool, topology: st
         send_call, recv_call = send["end"] - send["start"], recv["end"] - recv["start"]
         # Distributed: from the later of "sender sends" and "receiver is ready" to the bytes being there. Simulation:
         # the in-memory send and recv (between them the trainer closes one stage and opens the next). Not the recv
-        # call's start: a cs rank waits for its turn before it (failover.py `next_stage`), and its turn comes only
+        # call's start: a cs rank waits for its turn before it (engine/coordinator.py `next_stage`), and its turn comes only
         # once the coordinator holds the payload, so a forwarded hop's first leg would count as the receiver's wait.
         ready = recv["end"] - (wait - load)
         wire = recv["end"] - max(send["start"], ready) if distributed else send_call + recv_call
-        # The cs coordinator's own payload leaves in its turn loop (failover.py `_drive`), after `HopRecord.seconds`
+        # The cs coordinator's own payload leaves in its turn loop (engine/coordinator.py `_drive`), after `HopRecord.seconds`
         # stopped: that send is wire time, not the sender's encoding.
         sent_later = topology == "cs" and hop["sender"] == 0
         encode = hop["seconds"] - (0.0 if sent_later else send_call)

@@ -43,7 +43,8 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from snake_hf import SnakeConfig, SnakeTrainer
-from snake_hf.data.shards import make_partitioner, shard_summary
+from snake_hf.data.shards import make_partitioner
+from snake_hf.data.summary import shard_summary
 from snake_hf.memory import PeakMemory
 from snake_hf.recipes.assets import load_fashion_mnist
 from snake_hf.recipes.vision import (

@@ -28,7 +28,7 @@ import datasets
 from transformers import set_seed
 
 from snake_hf import SnakeConfig, SnakeTrainer
-from snake_hf.data.shards import plot_shards
+from snake_hf.data.summary import plot_shards
 from snake_hf.recipes import compare_metrics
 from snake_hf.recipes.cli import parse_recipe_args
 from snake_hf.recipes.metrics import classification_compute_metrics

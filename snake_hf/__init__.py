@@ -38,8 +38,8 @@ _PUBLIC = {
     "PathologicalPartitioner": "data.shards",
     "ShardPartitioner": "data.shards",
     "make_partitioner": "data.shards",
-    "plot_shards": "data.shards",
-    "shard_summary": "data.shards",
+    "plot_shards": "data.summary",
+    "shard_summary": "data.summary",
     "NodeProfile": "capacity.planner",
     "SnakeReport": "report",
     "CheckpointError": "trainer.checkpoint",
@@ -97,9 +97,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs read
         PathologicalPartitioner,
         ShardPartitioner,
         make_partitioner,
-        plot_shards,
-        shard_summary,
     )
+    from .data.summary import plot_shards, shard_summary
     from .engine.payload import PayloadError
     from .engine.transport import HopTimeoutError
     from .plan import (

@@ -249,6 +249,10 @@ class SnakeConfig(TrainingArguments):
             self.group_order,
             "use 'ascending' or 'alternate'",
         )
+        self._validate_modes_and_losses()
+        self._validate_profiles_wire_and_length()
+
+    def _validate_modes_and_losses(self) -> None:
         _require(self.train_mode in TRAIN_MODES, "train_mode", self.train_mode, "use 'lora' or 'full'")
         _require(self.partition in PARTITIONS, "partition", self.partition, f"use one of {list(PARTITIONS)}")
         _require(self.engine in ENGINES, "engine", self.engine, f"use one of {list(ENGINES)}")
@@ -263,6 +267,8 @@ class SnakeConfig(TrainingArguments):
                  "use 'memory', 'speed' or 'equal'")  # fmt: skip
         _require(self.scale_steps_by in (None, "speed", "data"), "scale_steps_by", self.scale_steps_by,
                  "use 'speed', 'data' or leave it unset")  # fmt: skip
+
+    def _validate_profiles_wire_and_length(self) -> None:
         if self.node_profiles is not None:
             # Values now; the count here when num_nodes is set (under a launcher num_nodes may come from the world
             # size, so the trainer checks the count again where the run starts).
@@ -326,7 +332,7 @@ class SnakeConfig(TrainingArguments):
         )
 
     def to_dict(self) -> dict:
-        # TrainingArguments.to_dict cannot serialise a list of Stage dataclasses (PITFALLS); store them as dicts.
+        # TrainingArguments.to_dict cannot serialise a list of Stage dataclasses (docs/pitfalls.md); store them as dicts.
         data = super().to_dict()
         if isinstance(self.schedule, list):
             data["schedule"] = [stage.to_dict() for stage in self.schedule]

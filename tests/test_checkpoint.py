@@ -18,8 +18,11 @@ from safetensors.torch import load_file
 from _matrix import DEFAULT, MATRIX
 from conftest import lm_dataset, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
+from snake_hf.engine.session import Session
+from snake_hf.engine.transport import InMemoryTransport
 from snake_hf.launch import LaunchInfo
 from snake_hf.trainer.checkpoint import PARTS_FILE, STATE_FILE, CheckpointError, latest_checkpoint, write_atomically
+from snake_hf.trainer.resume import StageCheckpoints
 
 
 HERE = Path(__file__).parent
@@ -180,16 +183,17 @@ AGREEMENTS = [  # what ranks 0 and 1 told each other (plan nodes 0 1 1 0) -> the
 def test_ranks_agree_on_the_resume_stage_or_all_raise_the_same_cause(tmp_path, told, expected):
     trainer = _fresh(tmp_path)
     if isinstance(expected, int):
-        assert trainer._agree_on_resume(told) == expected
+        assert trainer.checkpoints._agree_on_resume(told) == expected
     else:
         with pytest.raises(CheckpointError, match=expected):
-            trainer._agree_on_resume(told)
+            trainer.checkpoints._agree_on_resume(told)
 
 
-class _Exchange:
+class _Exchange(InMemoryTransport):
     """The store exchange of a distributed run, seen from one rank: the other ranks already told `others`."""
 
     def __init__(self, rank: int, others: dict[int, dict]):
+        super().__init__()
         self.rank, self.others, self.told = rank, others, []
 
     def exchange_text(self, name: str, text: str) -> list[str]:
@@ -203,9 +207,14 @@ def test_a_rank_that_refuses_its_checkpoint_tells_the_others_why(checkpointed, t
     shutil.copytree(latest_checkpoint(out), out / "node-1" / "checkpoint-6")
     _edit_state(out / "node-1" / "checkpoint-6", rank=1, signature__seed=7)  # rank 1's checkpoint, of another run
     trainer = _fresh(out)
-    trainer.launch = LaunchInfo(rank=1, world_size=2, local_rank=1, master_addr="127.0.0.1", master_port=0)
-    trainer.transport = _Exchange(1, {0: _told(1)})
+    launch = LaunchInfo(rank=1, world_size=2, local_rank=1, master_addr="127.0.0.1", master_port=0)
+    exchange = _Exchange(1, {0: _told(1)})
+    session = Session(launch, num_nodes=2, transport=exchange)  # rank 1 of 2, its store exchange faked
+    checkpoints = StageCheckpoints(
+        trainer.args, session, trainer.plan, trainer.part_map, trainer._spec, trainer.groups, trainer.node_data
+    )
+    relay = session.make_relay(trainer.model, trainer.part_map, trainer._spec, trainer.plan, 0, trainer.snake_report)
     with pytest.raises(CheckpointError, match=r"`seed` = 7; this run has 0"):
-        trainer._resume(True)
-    [(name, text)] = trainer.transport.told
+        checkpoints.resume(True, trainer.model, relay, trainer.snake_report)
+    [(name, text)] = exchange.told
     assert name == "resume" and "`seed` = 7; this run has 0" in json.loads(text)["error"]  # the others raise it too

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from snake_hf.engine.payload import EncodedPayload, Payload, encode_payload
-from snake_hf.engine.torch_dist import DistributedTransport, hide_launch_env, launch_info, plan_hops
+from snake_hf.engine.torch_dist import DistributedTransport, hide_launch_env, launch_info
 from snake_hf.engine.transport import HopTimeoutError
 from snake_hf.plan import Stage
 
@@ -162,56 +162,29 @@ def test_p2p_chain_arrives_bit_identical_with_link_byte_counts(tmp_path, world_s
         assert _links(result) == {link: n for link, n in expected.items() if rank in link}
 
 
-def _cs_coordinator(transport, hops):
-    transport.coordinator_loop(hops)
-    return {"kept": {s: _same(p, _payload(s)) for s, p in transport.authoritative.items()}}
-
-
-def _cs_node(transport, hops):
+def _cs_training_coordinator_target(transport, hops):
     arrived = {}
     for src, dst, stage in hops:
-        if transport.rank == src:
+        if transport.rank == transport.coordinator and transport.coordinator not in (src, dst):
+            # as `FailoverRelay`'s coordinator passes on a hop between two other ranks: in with recv_from, on with send_to
+            transport.send_to(dst, transport.recv_from(src, stage, src, dst), stage, src, dst)
+        elif transport.rank == src:
             transport.send(src, dst, _payload(stage), stage)
         elif transport.rank == dst:
             arrived[stage] = _same(transport.recv(src, dst, stage), _payload(stage))
     return {"arrived": arrived}
 
 
-def test_cs_routes_through_idle_coordinator_and_keeps_authoritative_copies(tmp_path):
-    hops = [(1, 2, 1), (2, 1, 2), (1, 2, 3)]
-    coordinator = functools.partial(_cs_coordinator, hops=hops)
-    node = functools.partial(_cs_node, hops=hops)
-    results = _run({0: coordinator, 1: node, 2: node}, 3, tmp_path, topology="cs")
-    _assert_ok(results)
-    n = _payload(1).nbytes
-    assert results[0]["kept"] == {"1": True, "2": True, "3": True}
-    assert results[1]["arrived"] == {"2": True} and results[2]["arrived"] == {"1": True, "3": True}
-    assert _links(results[0]) == {(1, 0): 2 * n, (0, 2): 2 * n, (2, 0): n, (0, 1): n}
-    assert _links(results[1]) == {(1, 0): 2 * n, (0, 1): n}
-    assert _links(results[2]) == {(0, 2): 2 * n, (2, 0): n}
-
-
-def _cs_training_coordinator_target(transport, hops):
-    arrived = {}
-    for src, dst, stage in hops:
-        if transport.rank == transport.coordinator and transport.coordinator not in (src, dst):
-            transport.forward(src, dst, stage)
-        elif transport.rank == src:
-            transport.send(src, dst, _payload(stage), stage)
-        elif transport.rank == dst:
-            arrived[stage] = _same(transport.recv(src, dst, stage), _payload(stage))
-    return {"arrived": arrived, "kept": sorted(transport.authoritative)}
-
-
 def test_cs_hops_touching_a_training_coordinator_take_one_leg(tmp_path):
+    """In cs a hop to or from the coordinator is one leg; `send` and `recv` between two other ranks go through it."""
     plan = [Stage(index=i, pass_index=0, node=n, group=0, steps=1) for i, n in enumerate([0, 1, 2, 0])]
-    hops = plan_hops(plan)
+    hops = [(a.node, b.node, b.index) for a, b in zip(plan, plan[1:]) if a.node != b.node]
     assert hops == [(0, 1, 1), (1, 2, 2), (2, 0, 3)]
     target = functools.partial(_cs_training_coordinator_target, hops=hops)
     results = _run(dict.fromkeys(range(3), target), 3, tmp_path, topology="cs")
     _assert_ok(results)
     n = _payload(1).nbytes
-    assert results[0] | {"link_bytes": None} == {"arrived": {"3": True}, "kept": [1, 2, 3], "link_bytes": None}
+    assert results[0] | {"link_bytes": None} == {"arrived": {"3": True}, "link_bytes": None}
     assert _links(results[0]) == {(0, 1): n, (1, 0): n, (0, 2): n, (2, 0): n}
     assert results[1]["arrived"] == {"1": True} and results[2]["arrived"] == {"2": True}
 

@@ -15,7 +15,7 @@ from peft import LoraConfig
 from conftest import lm_dataset, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
 from snake_hf.engine.coordinator import FailoverRelay
-from snake_hf.engine.transport import HopTimeoutError
+from snake_hf.engine.transport import CoordinatedTransport, HopTimeoutError
 from snake_hf.report import SnakeReport
 
 
@@ -74,16 +74,13 @@ class FakeStore:
         return all(k in self.wire.keys for k in keys)
 
 
-class FakeTransport:
+class FakeTransport(CoordinatedTransport):
     """One rank's end, with the routing of `DistributedTransport` in cs topology (hop keys by (sender, receiver, hop))."""
 
     coordinator = COORDINATOR
 
     def __init__(self, wire: FakeWire, rank: int):
         self.wire, self.rank, self.store = wire, rank, FakeStore(wire)
-
-    def expect(self, hops) -> None:
-        pass
 
     def _put(self, peer: int, hop, encoded) -> None:
         with self.wire.cond:

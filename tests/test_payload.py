@@ -10,11 +10,14 @@ from conftest import tiny_bert
 from snake_hf.blocks import SHARED, BlockGroups, PartMap
 from snake_hf.engine.ledger import VersionLedger
 from snake_hf.engine.payload import (
+    FORMAT_VERSION,
     HEADER_NBYTES,
+    MAGIC,
     EncodedPayload,
     PayloadError,
     PayloadSpec,
     build_payload,
+    check_header,
     decode_payload,
     encode_payload,
     model_fingerprint,
@@ -96,6 +99,32 @@ def test_decode_refuses_corrupt_payloads(mutate, message):
     model, parts, spec, part_of = _setup()
     with pytest.raises(PayloadError, match=message):
         decode_payload(mutate(_encode(model, parts, spec, part_of)), spec)
+
+
+BAD_HEADERS = {
+    "too-short": ([MAGIC, FORMAT_VERSION, 10], "Payload header has 3 entries; expected 4."),
+    "bad-magic": ([1, FORMAT_VERSION, 10, 0], f"Not a snake_hf payload (magic 0x1, expected {MAGIC:#x})."),
+    "other-format": ([MAGIC, 99, 10, 0], "Payload format 99 is not supported by this snake_hf"),
+    "empty-manifest": ([MAGIC, FORMAT_VERSION, 0, 0], "Payload header announces impossible sizes (0, 0)."),
+    "negative-data": ([MAGIC, FORMAT_VERSION, 10, -1], "Payload header announces impossible sizes (10, -1)."),
+}
+
+
+@pytest.mark.parametrize("header,message", BAD_HEADERS.values(), ids=BAD_HEADERS.keys())
+def test_check_header_refuses_bad_headers_with_a_sentence_or_the_callers_description(header, message):
+    with pytest.raises(PayloadError) as caught:
+        check_header(header)
+    assert str(caught.value).startswith(message)
+    with pytest.raises(PayloadError) as caught:  # a wire receiver names the hop the header came on
+        check_header(header, lambda reason: f"stage 3: no payload from rank 1 to rank 2: {reason} (topology p2p)")
+    assert str(caught.value).startswith("stage 3: no payload from rank 1 to rank 2: ")
+    assert message[1:].rstrip(".") in str(caught.value) and str(caught.value).endswith("(topology p2p)")
+
+
+def test_check_header_returns_the_announced_sizes():
+    model, parts, spec, part_of = _setup()
+    encoded = _encode(model, parts, spec, part_of)
+    assert check_header(encoded.header.tolist()) == (encoded.manifest.numel(), encoded.data_nbytes)
 
 
 def test_decode_refuses_other_base_model():

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM, set_seed
 
 from conftest import lm_dataset, tiny_gpt2
 from snake_hf import SnakeTrainer
-from snake_hf.blocks import BlockGroups, PartMap, find_block_list, set_recompute, set_trainable
+from snake_hf.blocks import BlockGroups, PartMap, find_block_list, set_trainable
 from snake_hf.recipes import tiny_config
+from snake_hf.recompute import set_recompute
 
 
 def _saved_bytes_and_grads(model, groups, recompute: bool):

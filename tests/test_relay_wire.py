@@ -64,7 +64,8 @@ def _run(relays):
         relay = next(r for r in relays if stage.node in r.local_nodes)
         relay.enter(stage)
         _train(relay, stage)
-        relay.leave(stage)
+        relay.close_stage(stage)
+        relay.hand_on(stage)
     for relay in sorted(relays, key=lambda r: PLAN[-1].node not in r.local_nodes):
         relay.finish()
 

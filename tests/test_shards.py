@@ -11,11 +11,9 @@ from snake_hf.data.shards import (
     LengthPartitioner,
     PathologicalPartitioner,
     ShardPartitioner,
-    ShardSummary,
     make_partitioner,
-    plot_shards,
-    shard_summary,
 )
+from snake_hf.data.summary import ShardSummary, plot_shards, shard_summary
 
 
 NUM_LABELS = 10

@@ -94,7 +94,7 @@ class _Snapshots(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         ids = {id(p) for group in self.trainer.optimizer.param_groups for p in group["params"]}
         names = {n for n, p in self.trainer.model.named_parameters() if id(p) in ids}
-        self.optimized.append((self.trainer._stage_index, names))
+        self.optimized.append((self.trainer._current.stage.index, names))
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in self.ends:

@@ -10,6 +10,8 @@ estimate is then a sum, so a planner can try every cut.
 Assumptions: activations grow linearly with the batch and at most quadratically with the length; the first block of
 a group is costed as if its input required grad (a small over-estimate); the activation peak, all gradients and the
 optimizer state are added although the optimizer step runs after most activations are freed (errs high).
+
+(About 420 lines: the probe, the fit and the estimate share their bookkeeping; split, each would need the others.)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode  # private module, public class; checked on torch 2.13
 from transformers.utils import logging
 
 from ..blocks import SHARED, BlockGroups, PartMap, find_block_list, set_trainable, unwrap_model

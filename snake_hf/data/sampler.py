@@ -10,16 +10,27 @@ stream, so a node's epochs follow from the plan alone — the same in simulation
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
+from transformers import TrainingArguments
+from transformers.trainer_utils import seed_worker
 
 from ..plan import Stage
 
 
-__all__ = ["NODE_SEED_STRIDE", "PlanBatchSampler", "batches_per_epoch", "default_stage_steps"]
+__all__ = [
+    "NODE_SEED_STRIDE",
+    "PlanBatchSampler",
+    "SkipBatches",
+    "batches_per_epoch",
+    "default_stage_steps",
+    "plan_dataloader",
+]
 
 NODE_SEED_STRIDE = 1 << 20
 
@@ -93,3 +104,64 @@ class PlanBatchSampler(Sampler[list[int]]):
                 yield batches[position]
                 position += 1
             cursors[stage.node] = (epoch, position)
+
+
+class SkipBatches(Sampler[list[int]]):
+    """A batch sampler without its first `skip` batches (a resumed distributed rank's stages already trained).
+
+    Args:
+        sampler (`Sampler[list[int]]`): the batch sampler of the whole run (e.g. [`PlanBatchSampler`]).
+        skip (`int`): number of batches (micro-batches, not optimizer steps) to leave out from its start.
+
+    Example:
+        ```python
+        >>> list(SkipBatches([[0, 1], [2, 3], [4, 5]], 2))
+        [[4, 5]]
+        ```
+    """
+
+    def __init__(self, sampler: Sampler[list[int]], skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+
+def plan_dataloader(
+    dataset,
+    collate_fn: Callable | None,
+    node_indices: Sequence[Sequence[int]],
+    stages: Sequence[Stage],
+    args: TrainingArguments,
+    skip_steps: int = 0,
+) -> DataLoader:
+    """The training dataloader of a Snake run: `stages`' batches, each from its node's shard ([`PlanBatchSampler`]),
+    less the first `skip_steps` optimizer steps' (a resumed distributed rank). Never sharded across processes, and
+    worker seeds do not mix in a rank (ranks must draw what the simulation draws).
+
+    Args:
+        dataset: the dataset holding every node's examples (`NodeData.dataset`).
+        collate_fn (`Callable`, *optional*): the collator.
+        node_indices (`Sequence[Sequence[int]]`): every node's indices into `dataset`.
+        stages (`Sequence[Stage]`): the stages this process trains, in order.
+        args (`TrainingArguments`): batch size, accumulation, seeds, `dataloader_*` settings.
+        skip_steps (`int`, defaults to 0): optimizer steps to leave out from the start.
+    """
+    sampler = PlanBatchSampler(
+        node_indices, stages, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+        args.data_seed if args.data_seed is not None else args.seed, args.dataloader_drop_last,
+    )  # fmt: skip
+    if skip_steps:
+        sampler = SkipBatches(sampler, skip_steps * args.gradient_accumulation_steps)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=args.dataloader_pin_memory,
+        persistent_workers=args.dataloader_persistent_workers,
+        worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=0),
+    )

@@ -47,7 +47,6 @@ import time
 from collections.abc import Sequence
 
 from torch import nn
-from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ..blocks import PartMap
@@ -55,26 +54,15 @@ from ..plan import Stage, replan_after_failure
 from ..report import HopRecord, SnakeReport
 from .payload import EncodedPayload, PayloadSpec, build_payload, decode_payload, encode_payload
 from .relay import Relay
-from .transport import HopTimeoutError, Transport
+from .transport import CoordinatedTransport, HopTimeoutError
 
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["FailoverRelay", "StageBoundaryCallback"]
+__all__ = ["FailoverRelay"]
 
 _FINAL = "final/cs"
 _TURN, _PLAN, _REPORT = "snake/cs/turn/{}/{}", "snake/cs/plan/{}", "snake/cs/report/{}"
-
-
-class StageBoundaryCallback(TrainerCallback):
-    """Closes a stage at its last optimizer step and asks the relay for the next (or stops the loop when done)."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._failover_boundary(control)
-        return control
 
 
 class FailoverRelay(Relay):
@@ -83,7 +71,8 @@ class FailoverRelay(Relay):
     Args:
         model (`nn.Module`), part_map (`PartMap`), spec (`PayloadSpec`), plan (`Sequence[Stage]`), num_nodes (`int`),
             seed (`int`), report (`SnakeReport`): as for [`Relay`].
-        transport (`Transport`): a [`DistributedTransport`] in cs topology (its `coordinator` drives the plan).
+        transport (`CoordinatedTransport`): e.g. a [`DistributedTransport`] in cs topology (its `coordinator`
+            drives the plan; turns and plans go through its `store`).
         local_nodes (`set[int]`): this process's one node (its rank).
         on_node_failure (`str`, defaults to `"replan"`): `"replan"` a dead node's stages or `"drop"` them (see the
             module docstring).
@@ -95,6 +84,8 @@ class FailoverRelay(Relay):
         ```
     """
 
+    transport: CoordinatedTransport  # narrower than a `Relay`'s: turns, plans and the coordinator's own routing
+
     def __init__(
         self,
         model: nn.Module,
@@ -103,7 +94,7 @@ class FailoverRelay(Relay):
         plan: Sequence[Stage],
         num_nodes: int,
         seed: int,
-        transport: Transport,
+        transport: CoordinatedTransport,
         report: SnakeReport,
         local_nodes: set[int],
         on_node_failure: str = "replan",

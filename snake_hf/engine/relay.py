@@ -88,7 +88,6 @@ class Relay:
         self.applied = 0  # events applied: 2s = "stage s trained", 2s+1 = "the hop after stage s arrived"
         self._active_rng: int | None = None
         self.last_load_seconds = 0.0  # of the last receive: decode + verify + load, without the wait
-        self.transport.expect(self._hops())
 
     def checksum(self, part: str) -> str:
         named = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
@@ -125,7 +124,6 @@ class Relay:
         Returns:
             `tuple[int, float]`: bytes received and seconds spent waiting for and loading them.
         """
-        self.transport.before_stage(stage.index)
         self._apply_until(2 * stage.index - 1 if stage.index > 0 else 0)
         nbytes, seconds, self.last_load_seconds = 0, 0.0, 0.0
         previous = self.plan[stage.index - 1] if stage.index > 0 else None
@@ -133,15 +131,6 @@ class Relay:
             nbytes, seconds = self._receive(previous, stage)
         self.applied = 2 * stage.index
         return nbytes, seconds
-
-    def leave(self, stage: Stage) -> int:
-        """Closes `stage` on its node (new versions, with checksums) and sends the next stage what it lacks.
-
-        Returns:
-            `int`: bytes sent (0 when the next stage runs on the same node, or there is none).
-        """
-        self.close_stage(stage)
-        return self.hand_on(stage)
 
     def close_stage(self, stage: Stage) -> None:
         """Records that `stage` trained: its node holds new versions of the group and the shared part."""
@@ -167,8 +156,8 @@ class Relay:
         return self._send(stage, following, deliver)
 
     def finish(self) -> None:
-        """After this process's last stage: forwards what is still due (cs), and hands every process the final state."""
-        self.transport.drain()
+        """After this process's last stage: catches up on the version bookkeeping and hands every process the final
+        state."""
         self._apply_until(2 * len(self.plan))
         if len(self.local_nodes) == self.ledger.num_nodes:
             return  # simulation: every node's tensors are in this model already
@@ -193,12 +182,8 @@ class Relay:
         self.applied = 2 * (next_stage - 1) + 1
 
     def resume_at(self, stage: int) -> None:
-        """A resumed distributed run goes on at `stage`: the hops into earlier stages are done (a cs coordinator
-        forwards only the later ones)."""
-        self.transport.expect([hop for hop in self._hops() if hop[2] >= stage])
-
-    def _hops(self) -> list[tuple[int, int, int]]:
-        return [(a.node, b.node, b.index) for a, b in zip(self.plan, self.plan[1:]) if a.node != b.node]
+        """A resumed run goes on at `stage`. Nothing to do here: each rank receives its hops into later stages as they
+        come, and `restore` put back the bookkeeping."""
 
     @property
     def _timeline(self) -> list[Stage]:

@@ -20,8 +20,10 @@ Every failure is raised as [`HopTimeoutError`] naming the stage, both ranks and 
 reused (its gloo pairs are closed). The store lives in rank 0 (unless launched under `torchrun`), so rank 0's
 `close()` waits until every other rank has closed or died.
 
-In cs topology the coordinator also decides who trains next and survives a dead node (`snake_hf.engine.coordinator`). The
-launcher helpers (`launch_info`, `hide_launch_env`) live in `snake_hf.launch` and are re-exported here.
+In cs topology `send` and `recv` between two ranks other than the coordinator go to or come from the coordinator; the
+coordinator itself routes with `send_to` / `recv_from` and decides who trains next, surviving a dead node
+([`FailoverRelay`] in `snake_hf.engine.coordinator`; this class is its [`CoordinatedTransport`]). The launcher helpers
+(`launch_info`, `hide_launch_env`) live in `snake_hf.launch` and are re-exported here.
 
 Wire protocol per payload: the int64 header, then the uint8 manifest, then the uint8 data (skipped when empty); the
 receiver reads the header to allocate the other two. Nothing is pickled.
@@ -33,7 +35,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -41,33 +43,29 @@ import torch.distributed as dist
 from transformers.utils import logging
 
 from ..launch import TOPOLOGIES, HiddenLaunchEnv, LaunchInfo, hide_launch_env, launch_info
-from ..plan import Stage
-from .payload import FORMAT_VERSION, HEADER_NUMEL, MAGIC, MAX_MANIFEST_NBYTES, EncodedPayload, PayloadError
-from .transport import HopTimeoutError, Transport
+from .payload import HEADER_NUMEL, EncodedPayload, PayloadError, check_header
+from .transport import CoordinatedTransport, HopTimeoutError
 
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DistributedTransport", "HiddenLaunchEnv", "LaunchInfo", "hide_launch_env", "launch_info", "plan_hops"]
+__all__ = ["DistributedTransport", "HiddenLaunchEnv", "LaunchInfo", "hide_launch_env", "launch_info"]
 
 _STAGE_TAGS = 1 << 28  # gloo tags are int32: 3 tags per stage, then a block for the final broadcast
 _FINAL_TAG = 3 * _STAGE_TAGS
 _ALIVE, _CLOSED = "snake/alive/{}", "snake/closed/{}"  # heartbeat counter, and "closed its transport", per rank
+# Polling the store while a peer is not there yet: from _MIN_POLL, doubling up to _MAX_POLL (see `_await_keys`).
+_MIN_POLL, _MAX_POLL = 0.001, 0.005
 
 
-def plan_hops(plan: Sequence[Stage]) -> list[tuple[int, int, int]]:
-    """The hops of a plan as `(src, dst, stage)`: wherever a stage runs on another node than the one before."""
-    return [(prev.node, stage.node, stage.index) for prev, stage in zip(plan, plan[1:]) if prev.node != stage.node]
-
-
-class DistributedTransport(Transport):
+class DistributedTransport(CoordinatedTransport):
     """Carries encoded payloads between ranks over per-link gloo groups (see the module docstring for liveness).
 
     Args:
         rank (`int`): this process's rank (= node).
         world_size (`int`): number of ranks.
-        topology (`str`, defaults to `"p2p"`): `"p2p"` (straight to the next stage's rank) or `"cs"` (every payload
-            through `coordinator`, which keeps the latest copy of each in `authoritative`).
+        topology (`str`, defaults to `"p2p"`): `"p2p"` (straight to the next stage's rank) or `"cs"` (a payload
+            between two other ranks goes to `coordinator`, which passes it on with `send_to`).
         hop_timeout (`float`, defaults to 600.0): seconds a transfer may take once both ends are at the hop.
         store (`torch.distributed.Store`, *optional*): a rendezvous store; by default a `TCPStore` at
             `master_addr:master_port`, served by rank 0 when `store_server` is None.
@@ -76,8 +74,6 @@ class DistributedTransport(Transport):
         heartbeat_interval (`float`, defaults to 1.0): seconds between heartbeats.
         heartbeat_timeout (`float`, *optional*): a peer whose heartbeat is still that long is dead (default
             `hop_timeout`).
-        wait_timeout (`float`, *optional*): cap on waiting for a live peer to reach a hop (default: no cap; a long
-            stage elsewhere is not a failure).
         store_server (`bool`, *optional*): whether the store lives in this process, so that `close()` must wait for
             the others (default: rank 0 when no `store` is given).
 
@@ -102,7 +98,6 @@ class DistributedTransport(Transport):
         coordinator: int = 0,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float | None = None,
-        wait_timeout: float | None = None,
         store_server: bool | None = None,
     ):
         if topology not in TOPOLOGIES:
@@ -113,10 +108,7 @@ class DistributedTransport(Transport):
         self.hop_timeout = hop_timeout
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = hop_timeout if heartbeat_timeout is None else heartbeat_timeout
-        self.wait_timeout = wait_timeout
         self.link_bytes: dict[tuple[int, int], int] = defaultdict(int)
-        self.authoritative: dict[int, EncodedPayload] = {}
-        self._pending: list[tuple[int, int, int]] = []  # cs coordinator: hops it still has to forward
         self._store_server = rank == 0 and store is None if store_server is None else store_server
         if store is None:
             addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
@@ -151,60 +143,27 @@ class DistributedTransport(Transport):
 
     def send(self, src: int, dst: int, encoded: EncodedPayload, stage: int) -> None:
         self._check_self(src, "send", "src")
-        if self.topology == "cs" and self.rank == self.coordinator:
-            self.authoritative[stage] = encoded
         self._wire_send(self.coordinator if self._via(src, dst) else dst, encoded, stage, f"stage {stage}", src, dst)
 
     def recv(self, src: int, dst: int, stage: int) -> EncodedPayload:
         self._check_self(dst, "recv", "dst")
-        encoded = self._wire_recv(self.coordinator if self._via(src, dst) else src, stage, f"stage {stage}", src, dst)
-        if self.topology == "cs" and self.rank == self.coordinator:
-            self.authoritative[stage] = encoded
-        return encoded
+        return self._wire_recv(self.coordinator if self._via(src, dst) else src, stage, f"stage {stage}", src, dst)
 
-    def forward(self, src: int, dst: int, stage: int) -> EncodedPayload:
-        """On the cs coordinator: receives the payload `src` sends for `stage`, keeps it, and passes it on to `dst`."""
-        if not self._via(src, dst) or self.rank != self.coordinator:
-            raise ValueError(
-                f"Only the cs coordinator forwards, and only hops between two other ranks ({src}->{dst})."
-            )
-        encoded = self._wire_recv(src, stage, f"stage {stage}", src, dst)
-        self.authoritative[stage] = encoded
-        self._wire_send(dst, encoded, stage, f"stage {stage}", src, dst)
-        return encoded
-
-    def expect(self, hops: list[tuple[int, int, int]]) -> None:
-        """Remembers the plan's hops; on the cs coordinator, those between two other ranks are forwarded in order."""
-        if self.topology == "cs" and self.rank == self.coordinator:
-            self._pending = [hop for hop in hops if self._via(hop[0], hop[1])]
-
-    def before_stage(self, stage: int) -> None:
-        """On the cs coordinator: forwards, in plan order, every pending hop into a stage before `stage`."""
-        while self._pending and self._pending[0][2] < stage:
-            self.forward(*self._pending.pop(0))
-
-    def drain(self) -> None:
-        """On the cs coordinator: forwards every hop still pending."""
-        self.before_stage(1 << 62)
+    # -- the CoordinatedTransport interface (the cs coordinator's own routing) ---------------------------------------
 
     def send_to(self, peer: int, encoded: EncodedPayload, hop: int | str, src: int, dst: int) -> None:
-        """Sends `encoded` straight to `peer` as hop `hop` (a stage index or a name): a failover coordinator's routing."""
         self._wire_send(peer, encoded, hop, f"stage {hop}" if isinstance(hop, int) else hop, src, dst)
 
     def recv_from(self, peer: int, hop: int | str, src: int, dst: int) -> EncodedPayload:
-        """Receives hop `hop` straight from `peer` (the other end of [`send_to`])."""
         return self._wire_recv(peer, hop, f"stage {hop}" if isinstance(hop, int) else hop, src, dst)
 
-    def wait_for(self, keys: dict[int, str], describe: Callable[[str], str], drop_absent: bool = False) -> None:
-        """Waits until the store holds every key of `keys` (peer -> key) while those peers live (else
-        [`HopTimeoutError`], or with `drop_absent` a warning)."""
-        self._await(keys, describe, drop_absent)
+    # -- texts, barriers and the final state --------------------------------------------------------------------------
 
     def exchange_text(self, name: str, text: str) -> list[str]:
         """Every rank's `text`, in rank order, on every rank (through the store; e.g. local shard sizes)."""
         self.store.set(f"snake/exchange/{name}/{self.rank}", text)
         keys = {r: f"snake/exchange/{name}/{r}" for r in range(self.world_size) if r != self.rank}
-        self._await(keys, lambda reason: f"exchanging {name!r}: {reason} (topology {self.topology})")
+        self.wait_for(keys, lambda reason: f"exchanging {name!r}: {reason} (topology {self.topology})")
         return [text if r == self.rank else self.store.get(keys[r]).decode() for r in range(self.world_size)]
 
     def gather_text(self, name: str, text: str) -> list[str] | None:
@@ -213,13 +172,8 @@ class DistributedTransport(Transport):
         if self.rank != 0:
             return None
         keys = {r: f"snake/gather/{name}/{r}" for r in range(1, self.world_size)}
-        self._await(keys, lambda reason: f"gathering {name!r}: {reason} (topology {self.topology})")
+        self.wait_for(keys, lambda reason: f"gathering {name!r}: {reason} (topology {self.topology})")
         return [text] + [self.store.get(keys[r]).decode() for r in range(1, self.world_size)]
-
-    def coordinator_loop(self, hops: Sequence[tuple[int, int, int]]) -> None:
-        """On a coordinator that does not train: forwards every `(src, dst, stage)` of `hops` (see [`plan_hops`])."""
-        for src, dst, stage in hops:
-            self.forward(src, dst, stage)
 
     def barrier(self, name: str) -> None:
         """Waits until every rank reached the barrier `name` (over the store; no collective), while they live."""
@@ -228,7 +182,7 @@ class DistributedTransport(Transport):
         prefix = f"snake/barrier/{name}/{generation}"
         self.store.set(f"{prefix}/{self.rank}", "1")
         keys = {r: f"{prefix}/{r}" for r in range(self.world_size) if r != self.rank}
-        self._await(keys, lambda reason: f"barrier {name!r}: {reason} (topology {self.topology})")
+        self.wait_for(keys, lambda reason: f"barrier {name!r}: {reason} (topology {self.topology})")
 
     def broadcast_final(self, encoded: EncodedPayload | None, src: int) -> EncodedPayload:
         """Hands `encoded` (given on rank `src`, None elsewhere) to every rank; returns it on all (cs: via coordinator)."""
@@ -256,8 +210,8 @@ class DistributedTransport(Transport):
             self.store.set(_CLOSED.format(self.rank), "1")
             if self._store_server and wait:  # the store dies with this process: let every live rank finish first
                 others = {r: _CLOSED.format(r) for r in range(self.world_size) if r != self.rank}
-                self._await(others, lambda reason: f"closing the store anyway: {reason}", drop_absent=True)
-        except (RuntimeError, HopTimeoutError) as error:  # the store's server is gone, or `wait_timeout` passed
+                self.wait_for(others, lambda reason: f"closing the store anyway: {reason}", drop_absent=True)
+        except (RuntimeError, HopTimeoutError) as error:  # the store's server is gone
             logger.warning(f"Rank {self.rank} closes without waiting for the other ranks: {error}")
         self._stop.set()
         self._heartbeat.join(timeout=self.heartbeat_interval + 5)
@@ -268,7 +222,7 @@ class DistributedTransport(Transport):
     def _wire_send(self, peer: int, encoded: EncodedPayload, hop: int | str, what: str, src: int, dst: int) -> None:
         self.store.set(self._hop_key(hop, self.rank, peer, "sent"), "1")
         describe = self._describe(what, src, dst, receiving=False)
-        self._await({peer: self._hop_key(hop, self.rank, peer, "ready")}, describe)
+        self.wait_for({peer: self._hop_key(hop, self.rank, peer, "ready")}, describe)
         try:
             deadline = time.monotonic() + self.hop_timeout
             group, peer_in_link = self._link(peer)
@@ -287,13 +241,13 @@ class DistributedTransport(Transport):
     def _wire_recv(self, peer: int, hop: int | str, what: str, src: int, dst: int) -> EncodedPayload:
         self.store.set(self._hop_key(hop, peer, self.rank, "ready"), "1")
         describe = self._describe(what, src, dst, receiving=True)
-        self._await({peer: self._hop_key(hop, peer, self.rank, "sent")}, describe)
+        self.wait_for({peer: self._hop_key(hop, peer, self.rank, "sent")}, describe)
         deadline, tag = time.monotonic() + self.hop_timeout, self._tag(hop)
         try:
             group, peer_in_link = self._link(peer)
             header = torch.empty(HEADER_NUMEL, dtype=torch.int64)
             group.recv([header], peer_in_link, tag).wait(_left(deadline))
-            manifest_nbytes, data_nbytes = _check_header(header.tolist(), describe)
+            manifest_nbytes, data_nbytes = check_header(header.tolist(), describe)
             manifest = torch.empty(manifest_nbytes, dtype=torch.uint8)
             data = torch.empty(data_nbytes, dtype=torch.uint8)
             works = [group.recv([manifest], peer_in_link, tag + 1)]
@@ -326,7 +280,7 @@ class DistributedTransport(Transport):
 
     # -- waiting on the store, with liveness -----------------------------------------------------------------------
 
-    def _await(self, keys: dict[int, str], describe: Callable[[str], str], drop_absent: bool = False) -> None:
+    def wait_for(self, keys: dict[int, str], describe: Callable[[str], str], drop_absent: bool = False) -> None:
         """Waits until every key of `keys` (peer -> key) is set, as long as the peers it waits for live.
 
         A peer that closed, never joined or stopped its heartbeat raises [`HopTimeoutError`] (or, with `drop_absent`,
@@ -340,7 +294,12 @@ class DistributedTransport(Transport):
     def _await_keys(self, keys: dict[int, str], describe: Callable[[str], str], drop_absent: bool) -> None:
         keys, start = dict(keys), time.monotonic()
         seen = {peer: (self._beats(peer), start) for peer in keys}  # last heartbeat count, and when it moved
-        next_check, delay = start, 0.005
+        next_check, delay = start, _MIN_POLL
+        # The poll backs off from 1 ms (a peer a moment away is seen within a millisecond or two) to a 5 ms cap. The
+        # cap bounds how late a receiver that waited through other ranks' stages notices its sender, since nothing
+        # announces that a hop is near: a 100 ms cap made the store handshake, not the payload, the cost of a hop
+        # (benchmarks/distributed_overhead.py, whose 6-17 ms wire times were measured with 5 ms polls). 5 ms adds at
+        # most 5 ms to a hop, for 200 store checks a second per waiting rank: cheap for a few dozen ranks.
         while keys and not self.store.check(list(keys.values())):
             now = time.monotonic()
             if now >= next_check:
@@ -356,12 +315,8 @@ class DistributedTransport(Transport):
                             raise HopTimeoutError(describe(reason))
                         logger.warning(describe(reason))
                         del keys[peer]
-                if self.wait_timeout is not None and now - start > self.wait_timeout and pending:
-                    raise HopTimeoutError(describe(f"still waiting for rank {pending[0]} after {self.wait_timeout} s"))
             time.sleep(delay)
-            # A short cap: a waiting receiver must notice the sender within milliseconds (a 100 ms cap made the
-            # store handshake, not the payload, the cost of a hop; benchmarks/distributed_overhead.py).
-            delay = min(2 * delay, 0.005)
+            delay = min(2 * delay, _MAX_POLL)
 
     def _absence(self, peer: int, beats: int, still: float) -> str | None:
         """Why `peer` will not come: it closed, never joined, or its heartbeat stopped; None while it lives."""
@@ -418,12 +373,3 @@ class DistributedTransport(Transport):
 
 def _left(deadline: float) -> timedelta:
     return timedelta(seconds=max(0.001, deadline - time.monotonic()))
-
-
-def _check_header(header: list[int], describe: Callable[[str], str]) -> tuple[int, int]:
-    magic, version, manifest_nbytes, data_nbytes = header
-    if magic != MAGIC or version != FORMAT_VERSION:
-        raise PayloadError(describe(f"not a snake_hf payload of format {FORMAT_VERSION} (header {header})"))
-    if not 0 < manifest_nbytes <= MAX_MANIFEST_NBYTES or data_nbytes < 0:
-        raise PayloadError(describe(f"impossible sizes in the header ({manifest_nbytes}, {data_nbytes})"))
-    return manifest_nbytes, data_nbytes

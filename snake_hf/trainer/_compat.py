@@ -28,7 +28,7 @@ def replace_optimizer(trainer: Trainer, old, optimizer: torch.optim.Optimizer) -
     """Swaps the trainer's optimizer mid-run, dropping every reference to the old one.
 
     The old optimizer stays in `Accelerator._optimizers` (and its Adam state in memory) unless removed there; the
-    LR scheduler keeps stepping and must drive the new optimizer (PITFALLS.md).
+    LR scheduler keeps stepping and must drive the new optimizer (docs/pitfalls.md, "Trainer").
     """
     accelerator = trainer.accelerator
     accelerator._optimizers = [opt for opt in accelerator._optimizers if opt is not old]
@@ -78,3 +78,12 @@ def advance_scheduler(scheduler, steps: int) -> None:
 def push_checkpoint(trainer: Trainer, folder: str) -> None:
     """`Trainer._push_from_checkpoint`: uploads a checkpoint according to `hub_strategy`."""
     trainer._push_from_checkpoint(folder)
+
+
+def plan_training_values(values: tuple, own_steps: int, total_steps: int) -> tuple:
+    """The length of a Snake run in the terms of `Trainer.set_initial_training_values` (checked on transformers
+    5.23-5.24, whose tuple is `(num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples,
+    total_train_batch_size, steps_in_epoch, max_steps)`): one "epoch" of `own_steps` optimizer steps (this process's
+    stages), over a schedule of `total_steps` (the whole plan's)."""
+    epochs, _, examples, _, batch_size, steps_in_epoch, _ = values
+    return (1, own_steps, examples, own_steps * batch_size, batch_size, steps_in_epoch, total_steps)

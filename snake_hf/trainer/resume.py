@@ -25,20 +25,25 @@ error at once instead of waiting for a payload that will not come.
 
 from __future__ import annotations
 
-import itertools
 import json
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Sampler
-from transformers import Trainer
+from torch import nn
 from transformers.utils import logging
 
+from ..blocks import BlockGroups, PartMap
+from ..config import SnakeConfig
+from ..data.node_data import NodeData
+from ..engine.payload import PayloadSpec
+from ..engine.relay import Relay
+from ..engine.session import Session
 from ..identity import canonical, canonical_hash
 from ..plan import Stage
-from ..report import HopRecord, StageRecord
-from . import _compat
+from ..report import HopRecord, SnakeReport, StageRecord
 from .checkpoint import (
     CheckpointError,
     StageCheckpoint,
@@ -50,7 +55,7 @@ from .checkpoint import (
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["SkipBatches", "StageCheckpointing"]
+__all__ = ["ResumePoint", "StageCheckpoints"]
 
 # `SnakeConfig` (`TrainingArguments`) fields that change what a run computes, beyond its plan: a checkpoint written
 # with other values would resume into a run that neither setting gives. (Output, logging, topology and timeout
@@ -72,101 +77,107 @@ _SIGNATURE_FIXES = {
 }
 
 
-class SkipBatches(Sampler[list[int]]):
-    """A batch sampler without its first `skip` batches (a resumed distributed rank's stages already trained).
+@dataclass
+class ResumePoint:
+    """Where a run goes on, and what the trainer must do for it.
 
     Args:
-        sampler (`Sampler[list[int]]`): the batch sampler of the whole run (e.g. [`PlanBatchSampler`]).
-        skip (`int`): number of batches (micro-batches, not optimizer steps) to leave out from its start.
-
-    Example:
-        ```python
-        >>> list(SkipBatches([[0, 1], [2, 3], [4, 5]], 2))
-        [[4, 5]]
-        ```
+        checkpoint (`Path`, *optional*): the checkpoint this process restored (`None`: a fresh run, or a distributed
+            rank with no checkpoint of its own yet).
+        next_stage (`int`): the plan stage the run goes on at.
+        schedule_step (`int`): simulation: the global step whose learning rate the schedule resumes at.
+        skip_own_steps (`int`): distributed: optimizer steps of this rank's stages already trained (their batches are
+            skipped; each later stage seeks its own plan step).
     """
 
-    def __init__(self, sampler: Sampler[list[int]], skip: int):
-        self.sampler, self.skip = sampler, skip
-
-    def __len__(self) -> int:
-        return len(self.sampler) - self.skip
-
-    def __iter__(self):
-        return itertools.islice(iter(self.sampler), self.skip, None)
+    checkpoint: Path | None = None
+    next_stage: int = 0
+    schedule_step: int = 0
+    skip_own_steps: int = 0
 
 
-class StageCheckpointing:
-    """Mixin of [`SnakeTrainer`]: checkpoints at stage boundaries, atomic, and resume (simulation and distributed)."""
+class StageCheckpoints:
+    """Stage checkpoints of one run: when to take one, how to write it atomically, and how to resume from it.
 
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        # A resumed run's schedule continues at the checkpoint's step (a schedule is a function of the step count).
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if getattr(self, "_resume_step", 0):
-            _compat.advance_scheduler(scheduler, self._resume_step)
-            self._resume_step = 0
-        return scheduler
+    Args:
+        args ([`SnakeConfig`]): the run's settings (output folder, `save_strategy`, `save_stages`, the signature).
+        session ([`Session`]): which process this is, and how ranks agree on a resume point.
+        plan (`list[Stage]`), part_map (`PartMap`), spec (`PayloadSpec`), groups (`BlockGroups`),
+        node_data (`NodeData`): what the run trains, as the trainer set it up.
+    """
 
-    def _save_checkpoint(self, model, trial) -> None:
-        # Trainer._save_checkpoint (private, transformers 5.23) would checkpoint mid-stage; Snake checkpoints at
-        # stage boundaries instead (`save_stages`), see _save_stage_checkpoint.
-        return
+    def __init__(
+        self,
+        args: SnakeConfig,
+        session: Session,
+        plan: list[Stage],
+        part_map: PartMap,
+        spec: PayloadSpec,
+        groups: BlockGroups,
+        node_data: NodeData,
+    ):
+        self.args, self.session, self.plan = args, session, plan
+        self.part_map, self.spec, self.groups, self.node_data = part_map, spec, groups, node_data
+        self.run_id: str | None = None
 
     @property
-    def _checkpoint_root(self) -> Path:
+    def root(self) -> Path:
         """Where this process's stage checkpoints live: `output_dir`, or `output_dir/node-<rank>` when distributed."""
         root = Path(self.args.output_dir)
-        return root if self.launch is None else root / f"node-{self.launch.rank}"
+        return root if self.session.rank is None else root / f"node-{self.session.rank}"
 
-    def _checkpoint_due(self, stage: Stage) -> bool:
+    def due(self, stage: Stage) -> bool:
         if self.args.save_strategy == "no" or stage.index + 1 >= len(self.plan):
             return False
         # Distributed: after every own stage, so that a resume finds every rank at its last completed stage.
-        return self.launch is not None or (stage.index + 1) % self.args.save_stages == 0
+        return self.session.distributed or (stage.index + 1) % self.args.save_stages == 0
 
-    def _save_stage_checkpoint(self, stage: Stage) -> Path:
-        """Writes `checkpoint-<step>` atomically, before the stage's payload is handed on."""
-        named = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
-        ledger = self._relay.ledger
+    def save(
+        self,
+        stage: Stage,
+        model: nn.Module,
+        relay: Relay,
+        report: SnakeReport,
+        global_step: int,
+        write_outputs: Callable[[Path], None],
+    ) -> Path:
+        """Writes `checkpoint-<global_step>` atomically, before the stage's payload is handed on.
+
+        `write_outputs(folder)` writes what users load from a checkpoint (a standard adapter or model folder and
+        `trainer_state.json`); the Snake state (`snake_state.json`, written last) is what resume trusts.
+        """
+        named = dict(model.named_parameters()) | dict(model.named_buffers())
         state = {
             "next_stage": stage.index + 1,
-            "global_step": self.state.global_step,
+            "global_step": global_step,
             "plan": [s.to_dict() for s in self.plan],
-            "fingerprint": self._spec.fingerprint,
-            "versions": ledger.versions,
-            "checksums": ledger.checksums,
-            "report": self.snake_report.to_dict(),
-            "rank": None if self.launch is None else self.launch.rank,
-            "failures": getattr(self._relay, "failures", []),  # cs: node failures that re-planned the run
-            "run_id": self._run_id,
-            "signature": self._run_signature(),
+            "fingerprint": self.spec.fingerprint,
+            "versions": relay.ledger.versions,
+            "checksums": relay.ledger.checksums,
+            "report": report.to_dict(),
+            "rank": self.session.rank,
+            "failures": getattr(relay, "failures", []),  # cs: node failures that re-planned the run
+            "run_id": self.run_id,
+            "signature": self.signature(),
         }
         names = [name for part in self.part_map.parts for name in self.part_map.tensor_names(part)]
-        checkpoint = StageCheckpoint(state, {n: named[n] for n in names}, dict(self._relay.rng))
+        checkpoint = StageCheckpoint(state, {n: named[n] for n in names}, dict(relay.rng))
 
         def write(folder: Path) -> None:
-            # A standard adapter folder, for users (SnakeTrainer.save_model writes on the first rank only).
-            if self.launch is None or self.launch.rank == 0:
-                self.save_model(str(folder), _internal_call=True)
-            else:
-                Trainer.save_model(self, str(folder), _internal_call=True)
-            self.state.save_to_json(str(folder / "trainer_state.json"))
+            write_outputs(folder)
             checkpoint.save(folder)  # snake_state.json last: a folder without it is never trusted
 
-        root = self._checkpoint_root
-        path = write_atomically(root, self.state.global_step, write)
-        rotate_checkpoints(root, self.args.save_total_limit)
-        if self.args.push_to_hub and (self.launch is None or self.launch.rank == 0):
-            _compat.push_checkpoint(self, str(path))  # hub_strategy every_save / checkpoint / all_checkpoints
+        path = write_atomically(self.root, global_step, write)
+        rotate_checkpoints(self.root, self.args.save_total_limit)
         logger.info(f"Saved stage checkpoint {path} (next stage {stage.index + 1}).")
         return path
 
-    def _run_signature(self) -> dict:
+    def signature(self) -> dict:
         """Every setting besides the plan, the base model and the rank that decides what this run computes (as JSON
         gives it back, so that a saved signature compares equal in any later process)."""
-        members = [self.node_data.node_indices[node] for node in sorted(self.local_nodes)]
+        members = [self.node_data.node_indices[node] for node in sorted(self.session.local_nodes)]
         signature = {name: getattr(self.args, name) for name in _SIGNATURE_FIELDS} | {
-            "adapter": self._spec.adapter_hash,
+            "adapter": self.spec.adapter_hash,
             "group_boundaries": list(self.groups.boundaries),
             "shard_sizes": list(self.node_data.sizes),
             "shard_members": canonical_hash(members, "shard members", length=16),  # this process's nodes' examples
@@ -174,7 +185,7 @@ class StageCheckpointing:
         return canonical(signature, "run signature")  # sets sorted: the same in a new process (snake_hf.identity)
 
     def _check_signature(self, path: Path, saved: dict) -> None:
-        for field, value in self._run_signature().items():
+        for field, value in self.signature().items():
             if saved.get(field) != value:
                 fix = _SIGNATURE_FIXES.get(field, f"the same `{field}`")
                 raise CheckpointError(
@@ -187,51 +198,52 @@ class StageCheckpointing:
         run_id = uuid.uuid4().hex[:16]
         if self.args.save_strategy == "no":
             return run_id  # no checkpoint will carry it: no need for the ranks to agree (nor to wait for each other)
-        if self.launch is not None:
-            run_id = self.transport.exchange_text("run_id", run_id)[0]
-        if latest_checkpoint(self._checkpoint_root) is not None:
+        if self.session.distributed:
+            run_id = self.session.exchange_text("run_id", run_id)[0]
+        if latest_checkpoint(self.root) is not None:
             logger.warning(
-                f"{self._checkpoint_root} already holds stage checkpoints of another run; a later "
+                f"{self.root} already holds stage checkpoints of another run; a later "
                 "resume_from_checkpoint=True picks the newest checkpoint there and refuses one of another run id. "
                 "Start each run in its own output_dir."
             )
         return run_id
 
-    def _resume_point(self, resume_from_checkpoint) -> Path | None:
-        """This process's checkpoint to resume from (None: none asked for, or none of this rank's yet)."""
-        if resume_from_checkpoint in (None, False):
-            return None
+    def _resume_path(self, resume_from_checkpoint) -> Path | None:
+        """This process's checkpoint to resume from (None: none of this rank's yet)."""
         if resume_from_checkpoint is not True:
             return Path(resume_from_checkpoint)
-        path = latest_checkpoint(self._checkpoint_root)
-        if path is None and self.launch is None:
+        path = latest_checkpoint(self.root)
+        if path is None and not self.session.distributed:
             raise CheckpointError(
                 f"No complete stage checkpoint in {self.args.output_dir}; train without resume_from_checkpoint, "
                 "or pass the path of a checkpoint-N folder."
             )
         return path
 
-    def _resume(self, resume_from_checkpoint) -> tuple[Path | None, int]:
-        """Restores this process's checkpoint (if any); returns it and the stage at which the run goes on."""
+    def resume(self, resume_from_checkpoint, model: nn.Module, relay: Relay, report: SnakeReport) -> ResumePoint:
+        """Starts the run fresh (`resume_from_checkpoint` None or False: a new run id), or restores this process's
+        checkpoint into `model`, `relay` and `report` and returns where the run goes on (distributed: the stage all
+        ranks agree on, or the same [`CheckpointError`] on every rank)."""
         if resume_from_checkpoint in (None, False):
-            self._run_id = self._new_run_id()
-            return None, 0
-        path = self._resume_point(resume_from_checkpoint)
-        if self.launch is None:
-            return path, self._restore(path)
+            self.run_id = self._new_run_id()
+            return ResumePoint()
+        path = self._resume_path(resume_from_checkpoint)
+        if not self.session.distributed:
+            return self._restore(path, model, relay, report)
         # Distributed: every rank tells the others where its checkpoint resumes, or why it cannot, so that all stop
         # on the same error (a rank that stopped alone would leave the others waiting for its payloads).
         try:
-            mine = {"next_stage": self._restore(path) if path is not None else 0, "path": str(path or "")}
-            mine["run_id"] = self._run_id if path is not None else None
+            point = self._restore(path, model, relay, report) if path is not None else ResumePoint()
+            mine = {"next_stage": point.next_stage, "path": str(path or "")}
+            mine["run_id"] = self.run_id if path is not None else None
         except CheckpointError as error:
-            self.transport.exchange_text("resume", json.dumps({"error": str(error)}))
+            self.session.exchange_text("resume", json.dumps({"error": str(error)}))
             raise
-        told = [json.loads(text) for text in self.transport.exchange_text("resume", json.dumps(mine))]
-        resume_stage = self._agree_on_resume(told)
-        self._run_id = next(t["run_id"] for t in told if t["run_id"] is not None)
-        self._relay.resume_at(resume_stage)
-        return path, resume_stage
+        told = [json.loads(text) for text in self.session.exchange_text("resume", json.dumps(mine))]
+        point.next_stage = self._agree_on_resume(told)
+        self.run_id = next(t["run_id"] for t in told if t["run_id"] is not None)
+        relay.resume_at(point.next_stage)
+        return point
 
     def _agree_on_resume(self, told: list[dict]) -> int:
         """Distributed: the stage the run goes on at, from what every rank told (the same answer, or the same
@@ -267,15 +279,15 @@ class StageCheckpointing:
                 )
         return resume_stage
 
-    def _restore(self, path: Path) -> int:
-        """Loads a stage checkpoint into the model, the relay and the report; returns the next stage's index."""
+    def _restore(self, path: Path, model: nn.Module, relay: Relay, report: SnakeReport) -> ResumePoint:
+        """Loads a stage checkpoint into the model, the relay and the report, once every check passed."""
         checkpoint = StageCheckpoint.load(path)
         state = checkpoint.state
         if state["plan"] != [s.to_dict() for s in self.plan]:
             raise CheckpointError(f"Checkpoint {path} was written for another plan; resume with the same settings.")
-        if state["fingerprint"] != self._spec.fingerprint:
+        if state["fingerprint"] != self.spec.fingerprint:
             raise CheckpointError(f"Checkpoint {path} was written from another base model; load the same base.")
-        rank = None if self.launch is None else self.launch.rank
+        rank = self.session.rank
         if state.get("rank") != rank:
             raise CheckpointError(
                 f"Checkpoint {path} was written by rank {state.get('rank')}, not by this process (rank {rank}); "
@@ -288,31 +300,28 @@ class StageCheckpointing:
                 "it again."
             )
         self._check_signature(path, state["signature"])
-        expected = {name: meta for layout in self._spec.layout.values() for name, meta in layout.items()}
+        expected = {name: meta for layout in self.spec.layout.values() for name, meta in layout.items()}
         if set(checkpoint.parts) != set(expected) or any(
             (str(t.dtype).removeprefix("torch."), tuple(t.shape)) != expected[n] for n, t in checkpoint.parts.items()
         ):
             raise CheckpointError(f"Checkpoint {path} holds other tensors than this run trains (names or shapes).")
-        named = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        named = dict(model.named_parameters()) | dict(model.named_buffers())
         with torch.no_grad():
             for name, tensor in checkpoint.parts.items():
                 named[name].copy_(tensor)
         next_stage = int(state["next_stage"])
-        self._relay.restore(state["versions"], state["checksums"], checkpoint.rng, next_stage)
+        relay.restore(state["versions"], state["checksums"], checkpoint.rng, next_stage)
         holder = self.plan[next_stage - 1].node
-        damaged = [
-            p for p in self.part_map.parts if self._relay.checksum(p) != self._relay.ledger.checksums[holder][p]
-        ]
+        damaged = [p for p in self.part_map.parts if relay.checksum(p) != relay.ledger.checksums[holder][p]]
         if damaged:
             raise CheckpointError(f"Checkpoint {path}: parts {damaged} do not match their recorded checksums.")
-        report = state["report"]
-        self.snake_report.stages = [StageRecord(**record) for record in report["stages"]]
-        self.snake_report.hops = [HopRecord(**hop) for hop in report["hops"]]
-        self._run_id = state["run_id"]
-        if self.launch is None:
-            self._resume_step = int(state["global_step"])  # distributed: each stage seeks its own plan step
-        else:
-            own_steps = sum(s.steps for s in self.plan if s.node == self.launch.rank and s.index < next_stage)
-            self._skip_own_steps = own_steps  # the sampler skips their batches (see SkipBatches)
+        report.stages = [StageRecord(**record) for record in state["report"]["stages"]]
+        report.hops = [HopRecord(**hop) for hop in state["report"]["hops"]]
+        self.run_id = state["run_id"]
+        point = ResumePoint(checkpoint=path, next_stage=next_stage)
+        if not self.session.distributed:
+            point.schedule_step = int(state["global_step"])  # distributed: each stage seeks its own plan step
+        else:  # the sampler skips the batches of this rank's stages already trained (see SkipBatches)
+            point.skip_own_steps = sum(s.steps for s in self.plan if s.node == rank and s.index < next_stage)
         logger.info(f"Resuming from {path} at stage {next_stage} (global step {state['global_step']}).")
-        return next_stage
+        return point

@@ -1,4 +1,7 @@
-"""Setting up a Snake run before `Trainer` sees it: the model for the mode, groups, shards, plan, priors, transport."""
+"""Setting up a Snake run before `Trainer` sees it: the launch, the model for the mode, groups, shards, plan, priors.
+
+Nothing here touches the network: the engine's [`Session`] tells the shard sizes of other ranks.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from torch import nn
 from transformers import default_data_collator
 from transformers.utils import logging
 
-from ..blocks import BlockGroups, PartMap, find_block_list, unwrap_model
+from ..blocks import SHARED, BlockGroups, PartMap, find_block_list, part_name, unwrap_model
 from ..capacity.estimate import BlockCosts, measure_block_costs
 from ..capacity.planner import (
     Designation,
@@ -25,11 +28,13 @@ from ..capacity.planner import (
 from ..config import SnakeConfig
 from ..data.node_data import NodeData
 from ..data.sampler import default_stage_steps
-from ..data.shards import make_partitioner, shard_summary
-from ..engine.torch_dist import DistributedTransport
-from ..engine.transport import InMemoryTransport
+from ..data.shards import make_partitioner
+from ..data.summary import shard_summary
+from ..engine.payload import PayloadSpec, model_fingerprint
+from ..engine.session import Session
 from ..launch import LaunchInfo, process_launch
-from ..losses import node_label_priors
+from ..lm_loss import check_chunkable
+from ..losses import StageObjective, TeacherForward, node_label_priors
 from ..plan import Stage, designated_plan, serpentine_plan, validate_plan
 
 
@@ -60,12 +65,6 @@ def resolve_launch(args: SnakeConfig) -> LaunchInfo | None:
             "mode each process is one node: launch num_nodes processes or leave num_nodes unset."
         )
     return info
-
-
-def make_transport(launch: LaunchInfo | None, args: SnakeConfig):
-    if launch is None:
-        return InMemoryTransport()
-    return DistributedTransport.from_launch(launch, topology=args.topology, hop_timeout=args.hop_timeout)
 
 
 def check_mode(model: nn.Module | None, args: SnakeConfig, peft_config) -> None:
@@ -254,3 +253,70 @@ def partitioner_for(args: SnakeConfig):
     if args.num_nodes == 1:
         return None
     return make_partitioner(args.partition, args.num_nodes, seed=args.seed, **args.partition_kwargs())
+
+
+def split_data(train_dataset, args: SnakeConfig, partitioner, session: Session) -> NodeData:
+    """Every node's shard: `train_dataset` split by `partitioner` (or one dataset per node), or, with `local_shard` in
+    distributed mode, this rank's own dataset with every rank's size (the plan needs them all)."""
+    if args.local_shard and session.distributed:
+        return NodeData.local(train_dataset, session.rank, session.shard_sizes(len(train_dataset)))
+    return NodeData.build(train_dataset, args.num_nodes, partitioner or partitioner_for(args))
+
+
+@dataclass
+class Prepared:
+    """What a run trains, decided before `Trainer` sees the model (see [`prepare_run`])."""
+
+    model: nn.Module
+    groups: BlockGroups
+    node_data: NodeData
+    capacity: Capacity | None
+    plan: list[Stage]
+    part_map: PartMap
+    spec: PayloadSpec
+
+
+def prepare_run(model: nn.Module, args: SnakeConfig, train_dataset, peft_config, partitioner, session: Session):
+    """Groups, shards, node capacity, plan, the model for the mode (a `PeftModel` in LoRA mode), its parts and the
+    payload spec. Everything that can refuse the input runs before the model is wrapped (`get_peft_model` edits it
+    in place)."""
+    check_mode(model, args, peft_config)
+    if args.lm_loss_chunk_tokens:
+        check_chunkable(model, args.lm_loss_chunk_tokens)
+    designated_by_profiles = args.node_profiles is not None and args.schedule == "designated"
+    if not designated_by_profiles:
+        groups = BlockGroups.from_model(model, default_num_groups(model, args), args.group_boundaries,
+                                        args.block_list_path)  # fmt: skip
+    node_data = split_data(train_dataset, args, partitioner, session)
+    capacity = None
+    if args.node_profiles is not None:  # the estimate measures the model that trains
+        model = wrap_for_mode(model, args, peft_config)
+        capacity = measure_capacity(model, args, node_data)
+    if designated_by_profiles:
+        groups = BlockGroups.from_model(model, None, capacity.designation.boundaries, args.block_list_path)
+    plan = build_plan(args, node_data.sizes, groups, capacity)
+    model = wrap_for_mode(model, args, peft_config)
+    part_map = PartMap.build(model, groups, args.train_mode, args.always_trainable_modules or ())
+    # Fingerprint the base as loaded, before training changes anything.
+    adapter_config = model.peft_config[model.active_adapter].to_dict() if isinstance(model, PeftModel) else None
+    spec = PayloadSpec.from_model(model, part_map, model_fingerprint(model), adapter_config, args.payload_dtype)
+    return Prepared(model, groups, node_data, capacity, plan, part_map, spec)
+
+
+def stage_objective(
+    args: SnakeConfig, model: nn.Module, part_map: PartMap, groups: BlockGroups, stage: Stage, priors
+) -> StageObjective | None:
+    """The stage's loss when it is not the model's own: distillation from the model as it arrived at the stage,
+    and/or the label-skew losses with the node's label prior (None: the plain task loss)."""
+    if not (args.distill_alpha > 0 or args.logit_adjustment > 0 or args.restrict_to_node_classes):
+        return None
+    teacher = None
+    if args.distill_alpha > 0:
+        names = part_map.tensor_names(part_name(stage.group)) + part_map.tensor_names(SHARED)
+        blocks = find_block_list(model, groups.path)[1]
+        teacher = TeacherForward(model, blocks, groups.boundaries[stage.group], names)
+    prior = priors[stage.node] if priors is not None else None
+    return StageObjective(
+        args.distill_alpha, args.distill_temperature, teacher, prior, args.logit_adjustment,
+        args.restrict_to_node_classes,
+    )  # fmt: skip

@@ -5,60 +5,54 @@ one log history. The training dataloader yields the plan's batches stage after s
 at every stage boundary (an optimizer-step boundary) the trainer closes the stage, lets the relay hand the
 trainable state to the next node, makes exactly the next group trainable and builds a fresh optimizer for it.
 
-Set-up helpers live in `trainer_setup.py`; stage checkpoints and resume in `trainer_checkpoint.py`; what changes when
-each process runs one node (shard sizes, the relay per topology, cs turns, merged reports) in `trainer_distributed.py`.
+The trainer decides what trains. Its collaborators, each given what it needs when it is built: the engine's
+[`Session`] (which process, which transport, which relay; `snake_hf.engine.session`), [`StageCheckpoints`] (stage
+checkpoints and resume; `resume.py`), and the set-up functions that run before `Trainer` sees the model (`setup.py`).
+What one stage in training tracks lives in one small [`StageRun`].
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import PeftModel
+from datasets import Dataset
+from peft import PeftConfig
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import Trainer
-from transformers.trainer_utils import TrainOutput, seed_worker
+from transformers import EvalPrediction, Trainer
+from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
-from ..blocks import (
-    SHARED,
-    BlockGroups,
-    PartMap,
-    find_block_list,
-    frozen_batchnorms,
-    part_name,
-    set_recompute,
-    set_trainable,
-    unwrap_model,
-)
+from ..blocks import SHARED, frozen_batchnorms, set_trainable, unwrap_model
 from ..config import SnakeConfig
-from ..data.sampler import PlanBatchSampler
-from ..engine.coordinator import StageBoundaryCallback
-from ..engine.payload import PayloadSpec, model_fingerprint, part_wire_nbytes
-from ..lm_loss import check_chunkable, chunked_causal_lm_loss
-from ..losses import StageObjective, TeacherForward
+from ..data.sampler import plan_dataloader
+from ..data.shards import Partitioner
+from ..engine.payload import part_wire_nbytes
+from ..engine.relay import Relay
+from ..engine.session import Session
+from ..launch import LaunchInfo
+from ..lm_loss import chunked_causal_lm_loss
 from ..memory import PeakMemory
 from ..plan import PLAN_FILE, Stage, format_plan, save_plan
+from ..recompute import set_recompute
 from ..report import SnakeReport, StageRecord
 from . import _compat
-from .ranks import DistributedRun
-from .resume import SkipBatches, StageCheckpointing
+from .resume import ResumePoint, StageCheckpoints
 from .setup import (
-    build_plan,
-    check_mode,
-    default_num_groups,
-    make_transport,
-    measure_capacity,
     needs_priors,
     node_priors,
+    prepare_run,
     resolve_launch,
     split_head_groups,
+    stage_objective,
     summarise_shards,
-    wrap_for_mode,
 )
+from .stage import StageBoundary, StageRun
 
 
 logger = logging.get_logger(__name__)
@@ -66,7 +60,7 @@ logger = logging.get_logger(__name__)
 __all__ = ["SnakeTrainer"]
 
 
-class SnakeTrainer(StageCheckpointing, DistributedRun, Trainer):
+class SnakeTrainer(Trainer):
     """Snake Learning on the Hugging Face `Trainer`.
 
     Cuts the model's blocks into groups and trains them one group and one node at a time along a plan, handing only
@@ -76,7 +70,7 @@ class SnakeTrainer(StageCheckpointing, DistributedRun, Trainer):
     Args:
         model (`PreTrainedModel`, `PeftModel` or `nn.Module`):
             The model. In LoRA mode, a plain model plus `peft_config`, or a `PeftModel`.
-        args ([`SnakeConfig`]): training and Snake settings.
+        args ([`SnakeConfig`], *optional*): training and Snake settings (default: `SnakeConfig("snake_output")`).
         train_dataset (`datasets.Dataset` or `list`):
             One dataset, split over `args.num_nodes` nodes by `partitioner` or `args.partition`, or one dataset per
             node.
@@ -103,15 +97,14 @@ class SnakeTrainer(StageCheckpointing, DistributedRun, Trainer):
         self,
         model: nn.Module | None = None,
         args: SnakeConfig | None = None,
-        train_dataset=None,
-        eval_dataset=None,
-        peft_config=None,
-        compute_metrics=None,
-        partitioner=None,
-        **kwargs,
+        train_dataset: Dataset | Sequence[Dataset] | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        peft_config: PeftConfig | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        partitioner: Partitioner | None = None,
+        **kwargs: Any,
     ):
-        if args is None:
-            args = SnakeConfig(output_dir="snake_output")
+        args = SnakeConfig(output_dir="snake_output") if args is None else args
         if not isinstance(args, SnakeConfig):
             raise TypeError(
                 f"`args` is a {type(args).__name__}; SnakeTrainer needs a SnakeConfig (it subclasses "
@@ -119,173 +112,182 @@ class SnakeTrainer(StageCheckpointing, DistributedRun, Trainer):
             )
         if kwargs.get("model_init") is not None:
             raise ValueError("`model_init` is not supported by SnakeTrainer; pass the model itself.")
-        # Everything that can refuse the input runs before the model is touched (get_peft_model edits it in place).
-        self.launch = resolve_launch(args)
-        check_mode(model, args, peft_config)
-        if args.lm_loss_chunk_tokens:
-            check_chunkable(model, args.lm_loss_chunk_tokens)
-        designated_by_profiles = args.node_profiles is not None and args.schedule == "designated"
-        if not designated_by_profiles:
-            self.groups = BlockGroups.from_model(
-                model, default_num_groups(model, args), args.group_boundaries, args.block_list_path
-            )
-        self.transport = make_transport(self.launch, args)
-        self.local_nodes = {self.launch.rank} if self.launch is not None else set(range(args.num_nodes))
-        self.node_data = self._split_data(train_dataset, args, partitioner)
-        self.capacity = None
-        if args.node_profiles is not None:  # the estimate measures the model that trains
-            model = wrap_for_mode(model, args, peft_config)
-            self.capacity = measure_capacity(model, args, self.node_data)
-        if designated_by_profiles:
-            self.groups = BlockGroups.from_model(
-                model, None, self.capacity.designation.boundaries, args.block_list_path
-            )
-        self.plan = build_plan(args, self.node_data.sizes, self.groups, self.capacity)
-        model = wrap_for_mode(model, args, peft_config)
-        _tag_model(model)
-        self.part_map = PartMap.build(model, self.groups, args.train_mode, args.always_trainable_modules or ())
-        # Fingerprint the base as loaded, before training changes anything.
-        adapter_config = model.peft_config[model.active_adapter].to_dict() if isinstance(model, PeftModel) else None
-        self._spec = PayloadSpec.from_model(
-            model, self.part_map, model_fingerprint(model), adapter_config, args.payload_dtype
-        )
+        self.session = Session(resolve_launch(args), args.num_nodes, args.topology, args.hop_timeout)
+        prepared = prepare_run(model, args, train_dataset, peft_config, partitioner, self.session)
+        self.groups, self.node_data, self.capacity = prepared.groups, prepared.node_data, prepared.capacity
+        self.plan, self.part_map, self._spec = prepared.plan, prepared.part_map, prepared.spec
+        _tag_model(prepared.model)
         super().__init__(
-            model=model,
-            args=args,
-            train_dataset=self.node_data.dataset,
-            eval_dataset=eval_dataset,
-            compute_metrics=compute_metrics,
-            **kwargs,
+            model=prepared.model, args=args, train_dataset=self.node_data.dataset, eval_dataset=eval_dataset,
+            compute_metrics=compute_metrics, **kwargs,
+        )  # fmt: skip
+        if self.session.failover:  # the coordinator decides each rank's next stage when the last one ends
+            self.add_callback(StageBoundary(self))
+        self.checkpoints = StageCheckpoints(
+            args, self.session, self.plan, self.part_map, self._spec, self.groups, self.node_data
         )
-        self._failover = self.launch is not None and args.topology == "cs"
-        if self._failover:  # the coordinator decides each rank's next stage when the last one ends
-            self.add_callback(StageBoundaryCallback(self))
         self.shard_summary = summarise_shards(self.node_data, args.partition_label_column)
-        self._node_priors = node_priors(self.node_data, args, model) if needs_priors(args) else None
+        self._node_priors = node_priors(self.node_data, args, self.model) if needs_priors(args) else None
         self.snake_report = self._new_report()
+        self._own_stages = [stage for stage in self.plan if stage.node in self.session.local_nodes]
+        self._current: StageRun | None = None  # the stage in training
+        self._relay: Relay | None = None  # the run's relay (built by train())
+        self._resume_point = ResumePoint()
         logger.info(f"Snake plan ({len(self.plan)} stages, {self.total_steps} steps):\n{format_plan(self.plan)}")
 
     # ---- set-up ----
+
+    @property
+    def launch(self) -> LaunchInfo | None:
+        """This process's launch (`None` in simulation); the session's."""
+        return self.session.launch
+
+    @property
+    def transport(self):
+        """The session's transport (in-memory in simulation, gloo links in distributed mode)."""
+        return self.session.transport
 
     @property
     def total_steps(self) -> int:
         return sum(stage.steps for stage in self.plan)
 
     def _new_report(self) -> SnakeReport:
+        designation = self.capacity.designation if self.capacity is not None else None
         return SnakeReport(
             num_nodes=self.args.num_nodes,
             num_groups=self.groups.num_groups,
             train_mode=self.args.train_mode,
-            engine="distributed" if self.launch is not None else "simulation",
+            engine="distributed" if self.session.distributed else "simulation",
             group_boundaries=list(self.groups.boundaries),
             part_nbytes=part_wire_nbytes(self.part_map, self.model, self.args.payload_dtype),
             shard_sizes=self.node_data.sizes,
             shard_summary=self.shard_summary.to_dict() if self.shard_summary is not None else None,
             memory_kind=PeakMemory(self.args.device).kind,
-            designation=designation.to_dict()
-            if (designation := getattr(self.capacity, "designation", None))
-            else None,
+            designation=designation.to_dict() if designation is not None else None,
         )
 
     # ---- the plan inside one Trainer.train() ----
 
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs
+    ) -> TrainOutput:
         """Runs the whole plan inside one `Trainer.train()`; returns its `TrainOutput`.
 
         In distributed mode this process runs its own node's stages (waiting for the payload before each), and
         afterwards every process holds the final trainable state.
         """
         self.snake_report = self._new_report()
-        self._relay = self._make_relay()
+        relay = self._relay = self.session.make_relay(
+            self.model, self.part_map, self._spec, self.plan, self.args.seed, self.snake_report,
+            self.args.on_node_failure,
+        )  # fmt: skip
         self._meter = PeakMemory(self.args.device)
-        self._own_stages = [stage for stage in self.plan if stage.node in self.local_nodes]
         if self.shard_summary is not None:
             logger.info(f"Node shards:\n{self.shard_summary.to_markdown()}")
-        self._skip_own_steps = 0
-        checkpoint, next_stage = self._resume(resume_from_checkpoint)
-        self._relay.start(self.plan[0], resumed=checkpoint is not None)
-        if checkpoint is not None:  # taken before the stage's payload left: hand it on (again, or as a record only
-            record = self.snake_report.stages[-1]  # when the crashed run went on past it, so it had left)
-            record.bytes_sent = self._relay.hand_on(self.plan[record.stage], deliver=record.stage + 1 == next_stage)
+        point = self._resume_point = self.checkpoints.resume(
+            resume_from_checkpoint, self.model, relay, self.snake_report
+        )
+        relay.start(self.plan[0], resumed=point.checkpoint is not None)
+        if point.checkpoint is not None:  # taken before the stage's payload left: hand it on (again, or as a record
+            record = self.snake_report.stages[-1]  # only when the crashed run went on past it, so it had left)
+            record.bytes_sent = relay.hand_on(self.plan[record.stage], deliver=record.stage + 1 == point.next_stage)
         output = TrainOutput(self.state.global_step, 0.0, {})
-        stage = self._first_stage(next_stage)
+        stage = self._first_stage(point.next_stage)
         if stage is not None:
             self._begin_stage(stage, first=True)
             # Distributed: no Trainer resume (each stage seeks its plan step; the sampler skips the trained batches).
-            checkpoint = str(checkpoint) if checkpoint is not None and self.launch is None else None
+            checkpoint = None if point.checkpoint is None or self.session.distributed else str(point.checkpoint)
             output = super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
-            if not self._stage_closed:  # cs: the stage-boundary callback closed it already
+            if not self._current.closed:  # cs: the stage-boundary callback closed it already
                 self._end_stage()
             if self.args.recompute_above_group:
                 set_recompute(self.model, self.groups, None)
-        self._relay.finish()
-        self._merge_reports()
+        relay.finish()
+        self.session.merge_reports(self.snake_report, relay)
+        self._current, self._resume_point = None, ResumePoint()
         logger.info(f"Snake run finished:\n{self.snake_report.to_markdown()}")
         return output
 
+    def _first_stage(self, next_stage: int) -> Stage | None:
+        """The stage this process trains first, from plan stage `next_stage` on (None: it trains none)."""
+        if self.session.failover:  # cs: the coordinator says which stage this rank trains next
+            return self._relay.next_stage()
+        return next((stage for stage in self._own_stages if stage.index >= next_stage), None)
+
+    def _failover_boundary(self, control) -> None:
+        """cs (at each step's end): closes a finished stage and enters this node's next one, waiting for the
+        coordinator's turn; stops the loop when the coordinator says the run is done."""
+        current = self._current
+        if current is None or current.closed or self.state.global_step < current.end:
+            return
+        self._end_stage()
+        following = self._relay.next_stage()
+        if following is None:
+            control.should_training_stop = True
+        else:
+            self._begin_stage(following)
+
+    def _own_steps(self) -> int:
+        """Optimizer steps this process's loop runs: its own stages' (cs: up to the whole plan, since a failed node's
+        stages may come to it; the coordinator stops the loop), less those a resume already trained."""
+        steps = self.total_steps if self.session.failover else sum(stage.steps for stage in self._own_stages)
+        return steps - self._resume_point.skip_own_steps
+
     def set_initial_training_values(self, args, dataloader):
-        # The plan fixes the length: one "epoch" holds every stage; num_train_epochs and max_steps are not used.
-        # In distributed mode this process's epoch holds only its own stages; max_steps (the schedule) spans them all.
-        values = list(super().set_initial_training_values(args, dataloader))
-        # cs: this rank may be given a failed node's stages, so its loop may run up to the whole plan (it is stopped
-        # when the coordinator says the run is done).
-        own_steps = self.total_steps if self._failover else sum(stage.steps for stage in self._own_stages)
-        own_steps -= self._skip_own_steps
-        values[0] = 1
-        values[1] = own_steps
-        values[3] = own_steps * values[4]
-        values[6] = self.total_steps
-        return tuple(values)
+        # The plan fixes the length: one "epoch" holds every stage (num_train_epochs and max_steps are not used); in
+        # distributed mode this process's epoch holds only its own stages, while the schedule spans the whole plan.
+        values = super().set_initial_training_values(args, dataloader)
+        return _compat.plan_training_values(values, self._own_steps(), self.total_steps)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # A resumed run's schedule continues at the checkpoint's step (a schedule is a function of the step count).
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self._resume_point.schedule_step:
+            _compat.advance_scheduler(scheduler, self._resume_point.schedule_step)
+            self._resume_point.schedule_step = 0
+        return scheduler
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Trainer._save_checkpoint (private; checked on transformers 5.23-5.24) would checkpoint mid-stage; Snake
+        # checkpoints at stage boundaries instead (`save_stages`, see _end_stage).
+        return
 
     def get_train_dataloader(self) -> DataLoader:
         # Batches come stage by stage, each from its node's shard (snake_hf.data.sampler). Not passed through
         # accelerator.prepare: this loader must never be sharded across processes; Trainer moves batches to device.
-        dataset = self.node_data.dataset
-        collator = self.data_collator
+        dataset, collator = self.node_data.dataset, self.data_collator
         if hasattr(dataset, "column_names"):
             dataset = _compat.remove_unused_columns(self, dataset)
         else:
             collator = _compat.collator_with_removed_columns(self)
         stages = self._own_stages
-        if self._failover:  # this node's batches as one stream: whichever stages it trains take the next ones
-            stages = [Stage(index=0, pass_index=0, node=self.launch.rank, group=0, steps=self.total_steps)]
-        sampler = PlanBatchSampler(
-            self.node_data.node_indices,
-            stages,
-            self.args.per_device_train_batch_size,
-            self.args.gradient_accumulation_steps,
-            self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-            self.args.dataloader_drop_last,
-        )
-        skip = getattr(self, "_skip_own_steps", 0)  # a resumed distributed rank: its stages before the resume point
-        if skip:
-            sampler = SkipBatches(sampler, skip * self.args.gradient_accumulation_steps)
-        return DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory,
-            persistent_workers=self.args.dataloader_persistent_workers,
-            worker_init_fn=partial(seed_worker, num_workers=self.args.dataloader_num_workers, rank=0),
+        if self.session.failover:  # this node's batches as one stream: whichever stages it trains take the next ones
+            stages = [Stage(index=0, pass_index=0, node=self.session.rank, group=0, steps=self.total_steps)]
+        return plan_dataloader(
+            dataset, collator, self.node_data.node_indices, stages, self.args, self._resume_point.skip_own_steps
         )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Stage boundaries fall on optimizer-step boundaries; the first micro-batch of a step checks for one.
-        if self.state.global_step >= self._stage_end:
+        current = self._current
+        if current is not None and self.state.global_step >= current.end:
             self._end_stage()
-            self._begin_stage(self._own_stages[self._own_position + 1])
-        if not self._stage_running:
+            following = self._own_stages[self._own_stages.index(current.stage) + 1]
+            self._begin_stage(following)
+            current = self._current
+        if current is not None and not current.running:
             self._start_stage_clock()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._stage_loss += loss.detach().float()
+        if current is not None:
+            current.loss += loss.detach().float()
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        current = self._current
         # Trainer calls model.train() every step; frozen groups' batch-norm statistics must not drift (full mode).
-        for module in getattr(self, "_frozen_norms", ()):
+        for module in current.frozen_norms if current is not None else ():
             module.eval()
-        objective = getattr(self, "_objective", None)
+        objective = current.objective if current is not None else None
         if self.args.lm_loss_chunk_tokens and objective is None and model.training and "labels" in inputs:
             # Mirrors Trainer.compute_loss: the model divides by num_items_in_batch when it accepts loss kwargs.
             count = num_items_in_batch if self.model_accepts_loss_kwargs else None
@@ -302,91 +304,82 @@ class SnakeTrainer(StageCheckpointing, DistributedRun, Trainer):
         # Trainer builds over the parameters that require grad now; with head_learning_rate the always-trainable
         # modules get their own param groups (the scheduler scales every group alike).
         fresh = self.optimizer is None
-        if fresh and getattr(self, "_stage_index", None) is not None:
-            # Loading an adapter (resume) re-enables every LoRA layer (PITFALLS): freeze again before building.
-            set_trainable(self.model, self.part_map.trainable_names(self.plan[self._stage_index].group))
+        if fresh and self._current is not None:
+            # Loading an adapter (resume) re-enables every LoRA layer (PEFT's set_adapter): freeze again first.
+            set_trainable(self.model, self.part_map.trainable_names(self._current.stage.group))
         optimizer = super().create_optimizer(model)
         if fresh and self.args.head_learning_rate is not None:
             split_head_groups(optimizer, self.model, set(self.part_map.params.get(SHARED, ())), self.args)
         return optimizer
 
+    # ---- stage boundaries ----
+
     def _begin_stage(self, stage: Stage, first: bool = False) -> None:
         bytes_in, wait = self._relay.enter(stage)
-        self._stage, self._stage_index, self._stage_closed = stage, stage.index, False
         set_trainable(self.model, self.part_map.trainable_names(stage.group))
         if self.args.recompute_above_group:
             set_recompute(self.model, self.groups, stage.group)
-        self._frozen_norms = (
-            frozen_batchnorms(self.model, self.groups, stage.group) if self.args.train_mode == "full" else []
-        )
-        if not first:
-            self._fresh_optimizer()
-        self._objective = self._stage_objective(stage)
-        if stage in self._own_stages:  # cs failover may give this node another node's stage
-            self._own_position = self._own_stages.index(stage)
-        self._stage_start = sum(s.steps for s in self.plan[: stage.index])
-        self._stage_end = self._stage_start + stage.steps
-        self._stage_running = False
-        self._stage_loss = torch.zeros((), device=self.args.device)
-        self._stage_record = StageRecord(
-            stage=stage.index,
-            pass_index=stage.pass_index,
-            node=stage.node,
-            group=stage.group,
-            steps=stage.steps,
-            bytes_received=bytes_in,
-            wait_seconds=wait,
-            load_seconds=self._relay.last_load_seconds,
-        )
+        start = sum(s.steps for s in self.plan[: stage.index])
+        record = StageRecord(
+            stage=stage.index, pass_index=stage.pass_index, node=stage.node, group=stage.group, steps=stage.steps,
+            bytes_received=bytes_in, wait_seconds=wait, load_seconds=self._relay.last_load_seconds,
+        )  # fmt: skip
         if self.capacity is not None and self.capacity.costs is not None:
-            estimate = self.capacity.estimate(
+            record.extra["estimated_memory_bytes"] = self.capacity.estimate(
                 self.groups.boundaries, stage.group, self.args.per_device_train_batch_size
             )
-            self._stage_record.extra["estimated_memory_bytes"] = estimate
+        self._current = StageRun(
+            stage=stage, start=start, end=start + stage.steps, record=record,
+            objective=stage_objective(self.args, self.model, self.part_map, self.groups, stage, self._node_priors),
+            frozen_norms=frozen_batchnorms(self.model, self.groups, stage.group) if self.args.train_mode == "full"
+            else [],
+            loss=torch.zeros((), device=self.args.device),
+        )  # fmt: skip
+        if not first:
+            self._fresh_optimizer()
 
     def _start_stage_clock(self) -> None:
         """On the stage's first micro-batch: its node's RNG stream, its place in the schedule, timers, progress."""
-        stage = self._stage
+        current = self._current
+        stage = current.stage
         self._relay.activate(stage.node)
-        _compat.seek_plan_step(self, self._stage_start)  # distributed: skip the steps other nodes trained
-        self._stage_running = True
+        _compat.seek_plan_step(self, current.start)  # distributed: skip the steps other nodes trained
+        current.running = True
         self._meter.reset()
-        self._stage_started = time.perf_counter()
+        current.started = time.perf_counter()
         bar = _compat.progress_bar(self)
         if bar is not None:
             bar.set_description(f"stage {stage.index + 1}/{len(self.plan)} node {stage.node} group {stage.group}")
 
     def _end_stage(self) -> None:
-        record = self._stage_record
-        record.wall_seconds = time.perf_counter() - self._stage_started
+        current = self._current
+        stage, record = current.stage, current.record
+        record.wall_seconds = time.perf_counter() - current.started
         record.peak_memory_bytes = self._meter.read()
-        done = self.state.global_step - self._stage_start
-        record.train_loss = self._stage_loss.item() / max(done, 1)
-        if self._objective is not None and self._objective.distill_share is not None:
-            record.extra["distill_share"] = self._objective.distill_share
-        stage = self._stage
-        self._stage_closed = True
+        record.train_loss = current.loss.item() / max(self.state.global_step - current.start, 1)
+        if current.objective is not None and current.objective.distill_share is not None:
+            record.extra["distill_share"] = current.objective.distill_share
+        current.closed = True
         self._relay.close_stage(stage)
         self.snake_report.stages.append(record)
-        if self._checkpoint_due(stage):
+        if self.checkpoints.due(stage):
             self._save_stage_checkpoint(stage)
         record.bytes_sent = self._relay.hand_on(stage)
         self.log({"stage_loss": record.train_loss, "stage": record.stage, "node": record.node, "group": record.group})
 
-    def _stage_objective(self, stage: Stage) -> StageObjective | None:
-        args = self.args
-        if not (args.distill_alpha > 0 or args.logit_adjustment > 0 or args.restrict_to_node_classes):
-            return None
-        teacher = None
-        if args.distill_alpha > 0:
-            names = self.part_map.tensor_names(part_name(stage.group)) + self.part_map.tensor_names(SHARED)
-            blocks = find_block_list(self.model, self.groups.path)[1]
-            teacher = TeacherForward(self.model, blocks, self.groups.boundaries[stage.group], names)
-        prior = self._node_priors[stage.node] if self._node_priors is not None else None
-        return StageObjective(
-            args.distill_alpha, args.distill_temperature, teacher, prior, args.logit_adjustment,
-            args.restrict_to_node_classes,
-        )  # fmt: skip
+    def _save_stage_checkpoint(self, stage: Stage) -> Path:
+        def write_outputs(folder: Path) -> None:
+            # A standard adapter folder (SnakeTrainer.save_model writes on the first rank only) and Trainer's state.
+            save = self.save_model if self.session.is_main else partial(Trainer.save_model, self)
+            save(str(folder), _internal_call=True)
+            self.state.save_to_json(str(folder / "trainer_state.json"))
+
+        path = self.checkpoints.save(
+            stage, self.model, self._relay, self.snake_report, self.state.global_step, write_outputs
+        )
+        if self.args.push_to_hub and self.session.is_main:
+            _compat.push_checkpoint(self, str(path))  # hub_strategy every_save / checkpoint / all_checkpoints
+        return path
 
     def _fresh_optimizer(self) -> None:
         """A new optimizer over exactly the trainable parameters; the schedule carries on where it was."""
@@ -404,7 +397,7 @@ class SnakeTrainer(StageCheckpointing, DistributedRun, Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Saves like `Trainer.save_model` (a PEFT adapter folder in LoRA mode) plus `snake_plan.json` and
         `snake_report.json`."""
-        if self.launch is not None and self.launch.rank != 0:
+        if not self.session.is_main:
             return  # every process holds the final state; the first one writes it
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
@@ -415,7 +408,7 @@ class SnakeTrainer(StageCheckpointing, DistributedRun, Trainer):
     def push_to_hub(self, *args, **kwargs):
         """`Trainer.push_to_hub`; in distributed mode only the first process uploads (every process holds the same
         final state, and each one's Trainer believes it is process zero)."""
-        if self.launch is not None and self.launch.rank != 0:
+        if not self.session.is_main:
             return None
         return super().push_to_hub(*args, **kwargs)
 
