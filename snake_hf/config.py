@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import TrainingArguments
@@ -19,6 +20,16 @@ from .precision import PAYLOAD_DTYPES
 __all__ = ["SnakeConfig"]
 
 SCHEDULES = ("serpentine", "designated")
+
+# What `schedule` and `node_profiles` accept, for type checkers; `HfArgumentParser` (transformers 5.23-5.24) keeps the
+# non-str member of a union and cannot parse a list of stages or dicts, so at run time the command line sees strings
+# (a plan file, a profiles file) and Python callers may pass the lists, which __post_init__ converts.
+if TYPE_CHECKING:
+    ScheduleArg = str | list[Stage] | list[dict]
+    ProfilesArg = str | list[dict] | None
+else:
+    ScheduleArg = str
+    ProfilesArg = str | None
 TRAIN_MODES = ("lora", "full")
 ENGINES = ("auto", "simulation", "distributed")
 PARTITIONS = ("iid", "dirichlet", "shard", "pathological", "length")
@@ -144,7 +155,7 @@ class SnakeConfig(TrainingArguments):
     stage_steps: int | None = field(
         default=None, metadata={"help": "Optimizer steps per stage (default: one pass over the node's shard)."}
     )
-    schedule: str = field(
+    schedule: ScheduleArg = field(
         default="serpentine",
         metadata={"help": "'serpentine', 'designated', or the path of a snake_plan.json (a list of Stage in Python)."},
     )
@@ -190,7 +201,7 @@ class SnakeConfig(TrainingArguments):
     head_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the always-trainable modules (e.g. a new head)."}
     )
-    node_profiles: str | None = field(
+    node_profiles: ProfilesArg = field(
         default=None, metadata={"help": "Node profiles (memory_bytes, speed, num_examples): a YAML/JSON file path."}
     )
     profile_size_by: str = field(default="memory", metadata={"help": "Designated cut by 'memory', 'speed', 'equal'."})
