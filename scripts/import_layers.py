@@ -21,8 +21,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports_of(path: Path, modules: set[str]) -> set[str]:
-    """The snake_hf modules `path` imports (relative imports resolved; `from .x import name` of a module counts)."""
+def all_imports(path: Path) -> set[str]:
+    """Absolute names of everything `path` imports: modules, and `module.name` for each `from module import name`
+    (relative imports resolved against the file's package)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
@@ -32,14 +33,20 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
-            submodules = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules]
-            # `from . import x` of a sibling module does not depend on the package's own __init__
-            targets = submodules if submodules and base == package else [base, *submodules]
+            found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
         elif isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        else:
-            continue
-        found |= {t for t in targets if t in modules and t != name}
+            found |= {alias.name for alias in node.names}
+    return found
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The snake_hf modules `path` depends on: a `from . import x` of a sibling module does not count the package's
+    own __init__."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = {t for t in all_imports(path) if t in modules and t != name}
+    if any(t.startswith(package + ".") for t in found):
+        found.discard(package)
     return found
 
 

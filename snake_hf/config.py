@@ -20,6 +20,9 @@ from .precision import PAYLOAD_DTYPES
 __all__ = ["SnakeConfig"]
 
 SCHEDULES = ("serpentine", "designated")
+TRAIN_MODES = ("lora", "full")
+ENGINES = ("auto", "simulation", "distributed")
+PARTITIONS = ("iid", "dirichlet", "shard", "pathological", "length")
 
 # What `schedule` and `node_profiles` accept, for type checkers; `HfArgumentParser` (transformers 5.23-5.24) keeps the
 # non-str member of a union and cannot parse a list of stages or dicts, so at run time the command line sees strings
@@ -30,9 +33,6 @@ if TYPE_CHECKING:
 else:
     ScheduleArg = str
     ProfilesArg = str | None
-TRAIN_MODES = ("lora", "full")
-ENGINES = ("auto", "simulation", "distributed")
-PARTITIONS = ("iid", "dirichlet", "shard", "pathological", "length")
 
 
 @dataclass

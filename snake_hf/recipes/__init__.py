@@ -3,57 +3,8 @@ evaluation, saving), their data (`data.py`), the offline assets (`assets.py`), t
 command line (`cli.py`) and offline `evaluate` metrics (`metrics/`). `import snake_hf` never loads this package.
 """
 
-from .common import (
-    LORA_TARGET_MODULES,
-    MODEL_ALIASES,
-    TINY_CONFIGS,
-    DataArguments,
-    ModelArguments,
-    base_model_name,
-    build_lora_config,
-    causal_lm_splits,
-    classification_splits,
-    compare_metrics,
-    default_lora_target_modules,
-    load_model_and_tokenizer,
-    load_text_classification,
-    load_text_corpus,
-    report_and_save,
-    resolve_model_path,
-    run_summary,
-    save_run_outputs,
-    split_blocks,
-    synthetic_causal_lm,
-    synthetic_classification,
-    tiny_config,
-    tokenize_classification,
-    train_and_evaluate,
-)
+from . import common
+from .common import *  # noqa: F403 - this package is the module's public face
 
 
-__all__ = [
-    "LORA_TARGET_MODULES",
-    "MODEL_ALIASES",
-    "TINY_CONFIGS",
-    "DataArguments",
-    "ModelArguments",
-    "base_model_name",
-    "build_lora_config",
-    "causal_lm_splits",
-    "classification_splits",
-    "compare_metrics",
-    "default_lora_target_modules",
-    "load_model_and_tokenizer",
-    "load_text_classification",
-    "load_text_corpus",
-    "report_and_save",
-    "resolve_model_path",
-    "run_summary",
-    "save_run_outputs",
-    "split_blocks",
-    "synthetic_causal_lm",
-    "synthetic_classification",
-    "tiny_config",
-    "tokenize_classification",
-    "train_and_evaluate",
-]
+__all__ = common.__all__

@@ -85,5 +85,5 @@ def plan_training_values(values: tuple, own_steps: int, total_steps: int) -> tup
     5.23-5.24, whose tuple is `(num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples,
     total_train_batch_size, steps_in_epoch, max_steps)`): one "epoch" of `own_steps` optimizer steps (this process's
     stages), over a schedule of `total_steps` (the whole plan's)."""
-    epochs, _, examples, _, batch_size, steps_in_epoch, _ = values
+    _, _, examples, _, batch_size, steps_in_epoch, _ = values
     return (1, own_steps, examples, own_steps * batch_size, batch_size, steps_in_epoch, total_steps)

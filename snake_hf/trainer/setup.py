@@ -276,7 +276,9 @@ class Prepared:
     spec: PayloadSpec
 
 
-def prepare_run(model: nn.Module, args: SnakeConfig, train_dataset, peft_config, partitioner, session: Session):
+def prepare_run(
+    model: nn.Module, args: SnakeConfig, train_dataset, peft_config, partitioner, session: Session
+) -> Prepared:
     """Groups, shards, node capacity, plan, the model for the mode (a `PeftModel` in LoRA mode), its parts and the
     payload spec. Everything that can refuse the input runs before the model is wrapped (`get_peft_model` edits it
     in place)."""

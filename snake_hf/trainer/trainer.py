@@ -127,6 +127,7 @@ class SnakeTrainer(Trainer):
             args, self.session, self.plan, self.part_map, self._spec, self.groups, self.node_data
         )
         self.shard_summary = summarise_shards(self.node_data, args.partition_label_column)
+        self._meter = PeakMemory(args.device)  # each stage resets it and reads its peak
         self._node_priors = node_priors(self.node_data, args, self.model) if needs_priors(args) else None
         self.snake_report = self._new_report()
         self._own_stages = [stage for stage in self.plan if stage.node in self.session.local_nodes]
@@ -162,7 +163,7 @@ class SnakeTrainer(Trainer):
             part_nbytes=part_wire_nbytes(self.part_map, self.model, self.args.payload_dtype),
             shard_sizes=self.node_data.sizes,
             shard_summary=self.shard_summary.to_dict() if self.shard_summary is not None else None,
-            memory_kind=PeakMemory(self.args.device).kind,
+            memory_kind=self._meter.kind,
             designation=designation.to_dict() if designation is not None else None,
         )
 
@@ -181,7 +182,6 @@ class SnakeTrainer(Trainer):
             self.model, self.part_map, self._spec, self.plan, self.args.seed, self.snake_report,
             self.args.on_node_failure,
         )  # fmt: skip
-        self._meter = PeakMemory(self.args.device)
         if self.shard_summary is not None:
             logger.info(f"Node shards:\n{self.shard_summary.to_markdown()}")
         point = self._resume_point = self.checkpoints.resume(
