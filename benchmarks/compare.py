@@ -252,6 +252,7 @@ def run_snake(s: Settings, task: Task, budget, measure, peaks, output_dir: str, 
     designated = schedule == "designated" or task.train_mode == "full"
     passes = s.num_groups * s.num_passes if schedule == "designated" else s.num_passes
     args = SnakeConfig(
+        num_train_epochs=1,
         num_nodes=s.num_nodes,
         num_block_groups=s.num_nodes if designated else s.num_groups,
         num_passes=passes,

@@ -142,6 +142,7 @@ def _run_job(config: BenchConfig, num_nodes: int, topology: str, distributed: bo
     from snake_hf import SnakeConfig, SnakeTrainer
 
     args = SnakeConfig(
+        num_train_epochs=1,
         output_dir=str(out_dir / "trainer"), num_nodes=num_nodes,
         num_block_groups=config.num_block_groups, stage_steps=config.stage_steps, num_passes=config.num_passes,
         per_device_train_batch_size=config.batch_size, learning_rate=1e-3, warmup_steps=1, topology=topology,

@@ -126,6 +126,7 @@ def run_snake(
     s: Settings, shards: list[datasets.Dataset], test: datasets.Dataset, output_dir: str, **mitigation
 ) -> dict:
     args = SnakeConfig(
+        num_train_epochs=1,
         num_nodes=s.num_nodes,
         num_block_groups=s.num_groups,
         num_passes=s.num_passes,

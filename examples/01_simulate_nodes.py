@@ -26,6 +26,7 @@ def main(output_dir: str = "outputs/01_simulate_nodes") -> dict:
     data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
 
     args = SnakeConfig(
+        num_train_epochs=1,  # one plan epoch (Trainer's default is 3)
         output_dir=output_dir,
         num_nodes=4,  # 4 nodes, each with a private shard of `data` (IID split here)
         num_block_groups=2,  # blocks [0, 2) and [2, 4)

@@ -34,6 +34,7 @@ def main(output_dir: str = "outputs/02_custom_groups") -> dict:
         Stage(index=2, pass_index=0, node=1, group=0, steps=2),
     ]
     args = SnakeConfig(
+        num_train_epochs=1,  # one plan epoch (Trainer's default is 3)
         output_dir=output_dir,
         num_nodes=2,
         group_boundaries=[0, 1, 4],  # group 0 = block 0, group 1 = blocks 1..3

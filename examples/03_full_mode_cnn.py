@@ -44,6 +44,7 @@ def main(output_dir: str = "outputs/03_full_mode_cnn") -> dict:
     )
 
     args = SnakeConfig(
+        num_train_epochs=1,  # one plan epoch (Trainer's default is 3)
         output_dir=output_dir,
         train_mode="full",
         block_list_path="features",

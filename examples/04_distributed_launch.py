@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
 
     args = SnakeConfig(
+        num_train_epochs=1,  # one plan epoch (Trainer's default is 3)
         output_dir=cli.output_dir,
         num_nodes=max(world_size, 2),  # one node per process; 2 simulated nodes when run as one process
         engine="auto",

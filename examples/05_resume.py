@@ -38,6 +38,7 @@ def make_trainer(output_dir: str, callbacks=None) -> SnakeTrainer:
     ids = torch.randint(0, 64, (48, 16), generator=torch.Generator().manual_seed(0)).tolist()
     data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
     args = SnakeConfig(
+        num_train_epochs=1,  # one plan epoch (Trainer's default is 3)
         output_dir=output_dir,
         num_nodes=3,
         num_block_groups=2,

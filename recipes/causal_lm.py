@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     splits = causal_lm_splits(script_args, tokenizer)
     print(f"train: {len(splits['train'])} blocks, held out: {len(splits['eval'])} blocks of {script_args.max_length}")
 
-    peft_config = build_lora_config(model, "causal_lm", model_args) if args.train_mode == "lora" else None
+    peft_config = build_lora_config(model, "causal_lm", model_args) if args.train_mode != "full" else None
     trainer = SnakeTrainer(
         model,
         args,

@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"train: {len(splits['train'])} examples, held out: {len(splits['eval'])} examples")
 
     peft_config = (
-        build_lora_config(model, "sequence_classification", model_args) if args.train_mode == "lora" else None
+        build_lora_config(model, "sequence_classification", model_args) if args.train_mode != "full" else None
     )
     trainer = SnakeTrainer(
         model,

@@ -138,14 +138,25 @@ class BlockGroups:
     """A model's block list cut into contiguous groups.
 
     Args:
-        path (`str`): dotted path of the block list in the unwrapped model.
+        path (`str`, *optional*): dotted path of the block list in the unwrapped model; `None` for a model without one
+            ([`BlockGroups.whole_model`]: one group holding every trainable tensor).
         num_blocks (`int`): number of blocks.
         boundaries (`list[int]`): `[0, ..., num_blocks]`, strictly increasing.
     """
 
-    path: str
+    path: str | None
     num_blocks: int
     boundaries: list[int]
+
+    @classmethod
+    def whole_model(cls) -> BlockGroups:
+        """One group that is the whole model, for a model with no list of repeated blocks (a plain MLP, a model
+        `find_block_list` cannot read): it trains as `Trainer` would, in every stage."""
+        return cls(path=None, num_blocks=1, boundaries=[0, 1])
+
+    @property
+    def is_whole_model(self) -> bool:
+        return self.path is None
 
     @classmethod
     def from_model(
@@ -214,12 +225,17 @@ class PartMap:
         Args:
             model (`nn.Module`): the model that trains (a `PeftModel` in LoRA mode).
             groups (`BlockGroups`): the cut.
-            mode (`str`): `"lora"` — parts hold the tensors that require grad now (PEFT marks its adapters and
-                `modules_to_save` so); `"full"` — parts hold every parameter and buffer of their blocks.
+            mode (`str`): `"lora"` or `"full"`. In both, parts hold the parameters that require grad now (PEFT marks
+                its adapters and `modules_to_save` so; in full mode the user's own `requires_grad` is kept: a frozen
+                tensor stays frozen). PEFT's `modules_to_save` and adapter tensors outside the blocks go to the
+                `"shared"` part, which trains in every stage. In full mode, weights outside the blocks join the first
+                group when their module comes before the blocks (embeddings) and the last group when it comes after
+                (final norm, head), so a stage's backward never runs below its group and no large tensor travels on
+                every hop; the buffers of a group's blocks (batch-norm statistics) travel with it.
             always_trainable (`Iterable[str]`): names (or dotted suffixes) of modules outside the blocks that train
-                in every stage, added to the `"shared"` part.
+                in every stage, added to the `"shared"` part even if they do not require grad now.
         """
-        block_re = _block_name_pattern(model, groups.path)
+        block_re = _block_name_pattern(model, groups.path) if not groups.is_whole_model else None
         patterns = [re.compile(rf"(^|\.){re.escape(n)}(\.|$)") for n in always_trainable]
         part_map = cls(groups=groups)
         for g in range(groups.num_groups):
@@ -227,30 +243,46 @@ class PartMap:
             part_map.buffers[part_name(g)] = []
         part_map.params[SHARED] = []
         part_map.buffers[SHARED] = []
-        outside_lora = []
+        outside, shared = [], []
+        side = _side_of_blocks(model, groups.path) if block_re is not None else None
         for name, param in model.named_parameters():
-            block = _block_index(block_re, name)
             explicit = any(p.search(name) for p in patterns)
-            if mode == "lora":
-                if not param.requires_grad and not explicit:
-                    continue
-                if block is None:
-                    if "modules_to_save" not in name and not explicit:
-                        outside_lora.append(name)
-                    part_map.params[SHARED].append(name)
-                else:
-                    part_map.params[part_name(groups.group_of_block(block))].append(name)
-            elif block is not None:
+            if not param.requires_grad and not explicit:
+                continue
+            if block_re is None:  # the whole model is the one group
+                part_map.params[part_name(0)].append(name)
+                continue
+            block = _block_index(block_re, name)
+            if block is not None:
                 part_map.params[part_name(groups.group_of_block(block))].append(name)
-            elif explicit:
+            elif explicit or "modules_to_save" in name:
                 part_map.params[SHARED].append(name)
-        if outside_lora:
+            elif mode == "lora":  # a small adapter outside the blocks (e.g. LoRA on a pooler): every stage
+                part_map.params[SHARED].append(name)
+                shared.append(name)
+            else:  # full weights: before the blocks (embeddings) with the first group, after (norm, head) the last
+                group = 0 if side(name) == "before" else groups.num_groups - 1
+                part_map.params[part_name(group)].append(name)
+                outside.append((name, group))
+        if shared:
             logger.warning(
-                f"{len(outside_lora)} adapter tensors sit outside the block list (e.g. {outside_lora[0]}); they "
-                "train in every stage and travel as the 'shared' part."
+                f"{len(shared)} adapter tensors sit outside the block list (e.g. {shared[0]}); they train in every "
+                "stage and travel as the 'shared' part."
+            )
+        if outside and groups.num_groups > 1:
+            first = [n for n, g in outside if g == 0]
+            last = [n for n, g in outside if g != 0]
+            logger.info(
+                f"{len(outside)} trainable tensors sit outside the block list: {len(first)} before it train with group 0"
+                f"{f' (e.g. {first[0]})' if first else ''}, {len(last)} after it with group {groups.num_groups - 1}"
+                f"{f' (e.g. {last[0]})' if last else ''}. Name modules in always_trainable_modules to train them in "
+                "every stage instead, or freeze them (requires_grad_(False)) to leave them out."
             )
         if mode == "full":
             for name, _ in model.named_buffers():
+                if block_re is None:
+                    part_map.buffers[part_name(0)].append(name)
+                    continue
                 block = _block_index(block_re, name)
                 if block is not None:
                     part_map.buffers[part_name(groups.group_of_block(block))].append(name)
@@ -260,6 +292,21 @@ class PartMap:
 
     def trainable_names(self, group: int) -> set[str]:
         return set(self.params[part_name(group)]) | set(self.params.get(SHARED, []))
+
+
+def _side_of_blocks(model: nn.Module, block_path: str):
+    """A function telling, for a parameter name outside the block list, whether its module comes `"before"` or
+    `"after"` the blocks in the model's module order (the order a Hugging Face model registers them in, which is the
+    order its forward runs them: embeddings before, final norm and head after)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    pattern = re.compile(rf"(?:^|\.){re.escape(block_path)}$")
+    blocks_at = min(i for name, i in order.items() if pattern.search(name))
+
+    def side(param_name: str) -> str:
+        owner = param_name.rsplit(".", 1)[0]
+        return "before" if order.get(owner, blocks_at + 1) < blocks_at else "after"
+
+    return side
 
 
 def _block_name_pattern(model: nn.Module, block_path: str) -> re.Pattern:
@@ -287,6 +334,8 @@ def set_trainable(model: nn.Module, names: set[str]) -> int:
 
 def frozen_batchnorms(model: nn.Module, groups: BlockGroups, active_group: int) -> list[nn.Module]:
     """Batch-norm layers inside the blocks of every group except `active_group` (kept in eval mode in full mode)."""
+    if groups.num_groups == 1:
+        return []
     _, blocks = find_block_list(model, groups.path)
     result = []
     for g in range(groups.num_groups):

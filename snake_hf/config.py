@@ -39,8 +39,15 @@ else:
 class SnakeConfig(TrainingArguments):
     r"""
     Configuration for [`SnakeTrainer`]: every field of `transformers.TrainingArguments`, plus the Snake Learning
-    fields below. The length of training comes from the plan (`num_passes`, `stage_steps`), so `num_train_epochs`
-    is not used and `max_steps` must stay unset.
+    fields below. With one node, one group and one pass every `TrainingArguments` field means what it means for
+    `Trainer`; with more, each has a Snake meaning (docs/trainer_conformance.md) or is refused where the run starts.
+
+    **Length of training.** One *plan epoch* is `num_passes` passes over the (node, group) grid, each stage
+    `stage_steps` optimizer steps (default: one epoch of its node's shard). `num_train_epochs` plan epochs run, as
+    `Trainer` runs epochs (a fractional last one is cut short; `Trainer`'s epoch events, `eval_strategy="epoch"` and
+    `save_strategy="epoch"` fall at plan-epoch ends). `max_steps > 0` fixes the length instead: the plan is cut at
+    `max_steps` like `Trainer` cuts its epochs, or, when `max_steps` is shorter than one plan epoch and `stage_steps` is
+    unset, every stage of one plan epoch is shortened in proportion so that every node still trains every group.
 
     Parameters:
         num_nodes (`int`, defaults to `1`):
@@ -52,7 +59,7 @@ class SnakeConfig(TrainingArguments):
         group_boundaries (`list[int]`, *optional*):
             Explicit cut `[0, b1, ..., num_blocks]`: group g is blocks `[b_g, b_{g+1})`. Overrides `num_block_groups`.
         num_passes (`int`, defaults to `1`):
-            Passes over the (node, group) grid.
+            Passes over the (node, group) grid in one plan epoch (`num_train_epochs` plan epochs run).
         stage_steps (`int`, *optional*):
             Optimizer steps per stage. `None` means one pass over the node's shard, counted the way `Trainer` counts
             an epoch: `ceil(batches / gradient_accumulation_steps)`.
@@ -60,8 +67,11 @@ class SnakeConfig(TrainingArguments):
             `"serpentine"`, `"designated"`, the path of a `snake_plan.json`, or a list of [`Stage`] (Python only).
         group_order (`str`, defaults to `"ascending"`):
             Serpentine group order per pass: `"ascending"` or `"alternate"`.
-        train_mode (`str`, defaults to `"lora"`):
-            `"lora"`: the active group's LoRA adapters train and travel; `"full"`: all of the group's weights do.
+        train_mode (`str`, *optional*):
+            `"lora"`: the active group's LoRA adapters train and travel; `"full"`: the group's weights do. Unset, the
+            trainer decides as `Trainer` would: `"lora"` for a `PeftModel` or with `peft_config`, else `"full"`. Either
+            way only parameters that require grad train (a tensor the user froze stays frozen), and those outside the
+            block list train in every stage as the `"shared"` part, which travels on every hop.
         block_list_path (`str`, *optional*):
             Dotted path of the block list for models where it is not found automatically (e.g. `"features"`).
         always_trainable_modules (`list[str]`, *optional*):
@@ -88,8 +98,10 @@ class SnakeConfig(TrainingArguments):
         hop_timeout (`float`, defaults to `600.0`):
             Seconds a node waits for one payload before the hop fails.
         save_stages (`int`, defaults to `1`):
-            With `save_strategy` other than `"no"`, a checkpoint after every this many stages. Snake checkpoints at
-            stage boundaries only (a step checkpoint would cut a stage in half); `save_total_limit` is honoured.
+            With `save_strategy` other than `"no"`: besides `Trainer`'s own checkpoints (`save_strategy`, `save_steps`,
+            the end of training, `"best"`), one at every this many stage boundaries; 0 adds none. Every checkpoint
+            resumes exactly (mid-stage ones too). Distributed runs checkpoint per rank after each of its own stages
+            instead (`output_dir/node-<rank>`; see `snake_hf.trainer.resume`).
         local_shard (`bool`, defaults to `False`):
             Distributed mode: `train_dataset` is this process's own shard (e.g. a per-node file only this node
             loaded); the nodes tell each other only their shard sizes. Otherwise every process gets the same dataset
@@ -151,7 +163,7 @@ class SnakeConfig(TrainingArguments):
     group_boundaries: list[int] | None = field(
         default=None, metadata={"help": "Explicit group cut [0, b1, ..., num_blocks]; overrides num_block_groups."}
     )
-    num_passes: int = field(default=1, metadata={"help": "Passes over the (node, group) grid."})
+    num_passes: int = field(default=1, metadata={"help": "Passes over the (node, group) grid per plan epoch."})
     stage_steps: int | None = field(
         default=None, metadata={"help": "Optimizer steps per stage (default: one pass over the node's shard)."}
     )
@@ -162,7 +174,10 @@ class SnakeConfig(TrainingArguments):
     group_order: str = field(
         default="ascending", metadata={"help": "Serpentine group order per pass: 'ascending' or 'alternate'."}
     )
-    train_mode: str = field(default="lora", metadata={"help": "'lora' (adapters train and travel) or 'full'."})
+    train_mode: str | None = field(
+        default=None,
+        metadata={"help": "'lora' (adapters train and travel), 'full', or unset: lora with a PEFT model, else full."},
+    )
     block_list_path: str | None = field(
         default=None, metadata={"help": "Dotted path of the block list when it is not found automatically."}
     )
@@ -182,7 +197,9 @@ class SnakeConfig(TrainingArguments):
     engine: str = field(default="auto", metadata={"help": "'simulation', 'distributed' or 'auto'."})
     topology: str = field(default="p2p", metadata={"help": "Distributed payload routing: 'p2p' or 'cs'."})
     hop_timeout: float = field(default=600.0, metadata={"help": "Seconds to wait for one payload."})
-    save_stages: int = field(default=1, metadata={"help": "Checkpoint every this many stages (save_strategy != no)."})
+    save_stages: int = field(
+        default=1, metadata={"help": "Also checkpoint every this many stage boundaries (0: only Trainer's own)."}
+    )
     local_shard: bool = field(
         default=False, metadata={"help": "Distributed: train_dataset is this process's own shard only."}
     )
@@ -253,7 +270,7 @@ class SnakeConfig(TrainingArguments):
         if self.stage_steps is not None:
             _require(self.stage_steps >= 1, "stage_steps", self.stage_steps, "use None (one shard pass) or >= 1")
         self._validate_schedule()
-        _require(self.save_stages >= 1, "save_stages", self.save_stages, "use 1 (every stage) or more")
+        _require(self.save_stages >= 0, "save_stages", self.save_stages, "use 0 (none), 1 (every stage) or more")
         _require(
             self.group_order in ("ascending", "alternate"),
             "group_order",
@@ -264,7 +281,8 @@ class SnakeConfig(TrainingArguments):
         self._validate_profiles_wire_and_length()
 
     def _validate_modes_and_losses(self) -> None:
-        _require(self.train_mode in TRAIN_MODES, "train_mode", self.train_mode, "use 'lora' or 'full'")
+        _require(self.train_mode in (None, *TRAIN_MODES), "train_mode", self.train_mode,
+                 "use 'lora', 'full', or leave it unset")  # fmt: skip
         _require(self.partition in PARTITIONS, "partition", self.partition, f"use one of {list(PARTITIONS)}")
         _require(self.engine in ENGINES, "engine", self.engine, f"use one of {list(ENGINES)}")
         _require(self.topology in TOPOLOGIES, "topology", self.topology, "use 'p2p' or 'cs'")
@@ -310,10 +328,10 @@ class SnakeConfig(TrainingArguments):
             )
         if self.head_learning_rate is not None:
             _require(self.head_learning_rate > 0, "head_learning_rate", self.head_learning_rate, "use a rate > 0")
-        if self.max_steps is not None and self.max_steps > 0:
+        if (self.max_steps is None or self.max_steps <= 0) and not self.num_train_epochs > 0:
             raise ValueError(
-                f"`max_steps` ({self.max_steps}) is set, but a Snake run's length comes from its plan; unset it and "
-                "use `stage_steps` and `num_passes` instead."
+                f"`num_train_epochs` ({self.num_train_epochs}) gives a run of no steps; use a positive number of plan "
+                "epochs, or set `max_steps`."
             )
         if self.activation_checkpointing:
             raise ValueError(

@@ -15,6 +15,7 @@ Consecutive identical stages (same node, same group) are always merged into one 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -24,10 +25,13 @@ from pathlib import Path
 __all__ = [
     "ON_NODE_FAILURE",
     "Stage",
+    "cut_plan",
     "designated_plan",
+    "fit_plan",
     "format_plan",
     "load_plan",
     "plan_from_json",
+    "plan_steps",
     "plan_to_json",
     "replan_after_failure",
     "save_plan",
@@ -196,6 +200,61 @@ def designated_plan(
         groups = range(num_nodes) if pass_index % 2 == 0 else range(num_nodes - 1, -1, -1)
         raw.extend((pass_index, owners[g], g, per_node[owners[g]]) for g in groups)
     return _merge_and_number(raw)
+
+
+def plan_steps(plan: Sequence[Stage]) -> int:
+    """Optimizer steps of a plan: the sum of its stages' steps."""
+    return sum(stage.steps for stage in plan)
+
+
+def cut_plan(plan: Sequence[Stage], total_steps: int) -> list[Stage]:
+    """The first `total_steps` optimizer steps of `plan`: later stages dropped, the last one kept cut short (how
+    `Trainer` ends a run at `max_steps` inside an epoch).
+
+    Example:
+        ```python
+        >>> [s.steps for s in cut_plan(serpentine_plan(2, 1, num_passes=2, steps=3), 7)]
+        [3, 4]
+        ```
+    """
+    _check_positive("total_steps", total_steps)
+    cut, left = [], total_steps
+    for stage in plan:
+        if left <= 0:
+            break
+        cut.append(replace(stage, steps=min(stage.steps, left)))
+        left -= stage.steps
+    if left > 0:
+        raise ValueError(f"The plan has {plan_steps(plan)} steps, fewer than the {total_steps} asked for.")
+    return cut
+
+
+def fit_plan(plan: Sequence[Stage], total_steps: int) -> list[Stage]:
+    """`plan` with every stage's steps scaled so that they add up to exactly `total_steps`, each stage keeping at
+    least one (largest remainders get the leftover steps; ties go to the earlier stage).
+
+    Example:
+        ```python
+        >>> [s.steps for s in fit_plan(serpentine_plan(3, 2, steps=10), 9)]
+        [2, 2, 2, 1, 1, 1]
+        ```
+    """
+    _check_positive("total_steps", total_steps)
+    if total_steps < len(plan):
+        raise ValueError(
+            f"{total_steps} optimizer steps cannot give each of the plan's {len(plan)} stages one; use at least "
+            f"{len(plan)} steps, or fewer nodes, groups or passes."
+        )
+    weights = [stage.steps for stage in plan]
+    exact = [total_steps * w / sum(weights) for w in weights]
+    steps = [max(1, math.floor(e)) for e in exact]
+    while sum(steps) > total_steps:  # the floor of one step per stage overshot: take from the longest stages
+        steps[max(range(len(steps)), key=lambda i: (steps[i], -i))] -= 1
+    for i in sorted(range(len(plan)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))[
+        : total_steps - sum(steps)
+    ]:
+        steps[i] += 1
+    return [replace(stage, steps=n) for stage, n in zip(plan, steps)]
 
 
 def validate_plan(plan: Sequence[Stage], num_nodes: int, num_groups: int) -> list[Stage]:

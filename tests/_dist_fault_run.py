@@ -48,6 +48,7 @@ def make_trainer(out_dir: str, topology: str, engine: str = "auto", schedule=Non
     if "SNAKE_TEST_ON_NODE_FAILURE" in os.environ:
         extra["on_node_failure"] = os.environ["SNAKE_TEST_ON_NODE_FAILURE"]
     args = SnakeConfig(
+        num_train_epochs=1,
         output_dir=out_dir, num_nodes=3, num_block_groups=2, stage_steps=2, num_passes=2,
         per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=1, topology=topology, engine=engine,
         hop_timeout=float(os.environ.get("SNAKE_TEST_HOP_TIMEOUT", "60")), save_strategy="steps",

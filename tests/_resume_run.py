@@ -37,6 +37,7 @@ def main(out_dir: str, mode: str, kill_at: int | None = None) -> None:
     torch.set_num_threads(1)
     model, dataset, peft_config, fields = build()
     args = SnakeConfig(
+        num_train_epochs=1,
         output_dir=out_dir, num_nodes=3, num_block_groups=2, stage_steps=3, num_passes=1,
         per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=2, save_strategy="steps", save_total_limit=2,
         report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0, **fields,

@@ -27,6 +27,7 @@ def run(out_dir: str, topology: str, num_nodes: int, engine: str = "auto", confi
     torch.set_num_threads(1)  # bit-identical CPU results need the same thread count in every process
     model, dataset, peft_config, fields = build(config)
     args = SnakeConfig(
+        num_train_epochs=1,
         output_dir=out_dir, num_nodes=num_nodes, num_block_groups=2, stage_steps=2, num_passes=2,
         per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=1, topology=topology,
         hop_timeout=float(os.environ.get("SNAKE_TEST_HOP_TIMEOUT", "60")),

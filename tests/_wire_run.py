@@ -24,6 +24,7 @@ from snake_hf import SnakeConfig, SnakeTrainer  # noqa: E402
 def run(out_dir: str, topology: str, num_nodes: int, engine: str = "auto") -> SnakeTrainer:
     torch.set_num_threads(1)
     args = SnakeConfig(
+        num_train_epochs=1,
         output_dir=out_dir, num_nodes=num_nodes, num_block_groups=2, stage_steps=2, num_passes=2,
         per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=1, topology=topology, hop_timeout=60.0,
         engine=engine, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1,

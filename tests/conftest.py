@@ -128,6 +128,7 @@ def snake_args(tmp_path):
             logging_steps=1,
             save_strategy="no",
             seed=0,
+            num_train_epochs=1,  # one plan epoch (num_passes passes); Trainer's default is 3
         )
         base.update(overrides)
         return SnakeConfig(**base)

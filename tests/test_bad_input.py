@@ -22,7 +22,9 @@ def lora():
 
 
 def config(tmp, **fields):
-    return SnakeConfig(output_dir=str(tmp), report_to="none", use_cpu=True, disable_tqdm=True, **fields)
+    return SnakeConfig(
+        output_dir=str(tmp), report_to="none", use_cpu=True, disable_tqdm=True, **({"num_train_epochs": 1} | fields)
+    )
 
 
 def trainer(tmp, model=None, data=None, peft=True, **fields):
@@ -56,12 +58,14 @@ CASES = [
     ("partition", lambda t: config(t, partition="zipf"), ValueError, ["partition", "dirichlet"]),
     ("topology", lambda t: config(t, topology="ring"), ValueError, ["topology", "'cs'"]),
     ("hop-timeout", lambda t: config(t, hop_timeout=-1), ValueError, ["hop_timeout", "positive"]),
-    ("max-steps", lambda t: config(t, max_steps=10), ValueError, ["max_steps", "stage_steps"]),
+    ("no-epochs", lambda t: config(t, num_train_epochs=0), ValueError, ["num_train_epochs", "max_steps"]),
+    ("max-steps-inside-fixed-stages", lambda t: trainer(t, num_nodes=2, num_block_groups=2, stage_steps=4,
+                                                        max_steps=2), ValueError, ["`max_steps` (2)", "stage_steps"]),
     ("checkpointing", lambda t: config(t, gradient_checkpointing=True), ValueError, ["activation_checkpointing", "False"]),
     ("distill-alpha", lambda t: config(t, distill_alpha=1.5), ValueError, ["distill_alpha", "[0, 1]"]),
     ("distill-temperature", lambda t: config(t, distill_temperature=0), ValueError, ["distill_temperature"]),
     ("engine-distributed-unlaunched", lambda t: trainer(t, engine="distributed"), ValueError, ["engine", "torchrun"]),
-    ("save-stages", lambda t: config(t, save_stages=0), ValueError, ["save_stages"]),
+    ("save-stages", lambda t: config(t, save_stages=-1), ValueError, ["save_stages"]),
     # plans
     ("plan-missing-node", lambda t: trainer(t, num_nodes=2, schedule=[Stage(0, 0, 5, 0, 1)]), ValueError,
      ["node 5", "num_nodes"]),
@@ -72,17 +76,17 @@ CASES = [
     # models
     ("groups-exceed-blocks", lambda t: trainer(t, num_block_groups=6), ValueError,
      ["`num_block_groups` (6)", "4 blocks", "group_boundaries"]),
-    ("no-block-list", lambda t: trainer(t, model=NoBlocks(), peft=False, train_mode="full"), ValueError,
+    ("no-block-list", lambda t: trainer(t, model=NoBlocks(), peft=False, num_block_groups=2), ValueError,
      ["block_list_path"]),
     ("bad-block-path", lambda t: trainer(t, model=TinyCNN(), peft=False, train_mode="full", block_list_path="stages"),
      ValueError, ["block_list_path", "'stages'"]),
-    ("lora-without-config", lambda t: trainer(t, peft=False), ValueError, ["peft_config", "train_mode='full'"]),
+    ("lora-without-config", lambda t: trainer(t, peft=False, train_mode="lora"), ValueError, ["peft_config", "train_mode"]),
     ("full-with-peft", lambda t: trainer(t, train_mode="full"), ValueError, ["train_mode", "peft_config"]),
     ("peft-twice", lambda t: SnakeTrainer(get_peft_model(tiny_bert(), lora()), config(t), train_dataset=cls_dataset(),
                                           peft_config=lora()), ValueError, ["PeftModel", "only one"]),
     ("model-none", lambda t: SnakeTrainer(None, config(t), train_dataset=cls_dataset()), ValueError, ["model"]),
     # datasets
-    ("no-train-dataset", lambda t: SnakeTrainer(tiny_bert(), config(t), train_dataset=None, peft_config=lora()),
+    ("no-train-dataset", lambda t: SnakeTrainer(tiny_bert(), config(t), train_dataset=None, peft_config=lora()).train(),
      ValueError, ["train_dataset"]),
     ("shard-count", lambda t: trainer(t, data=[cls_dataset(), cls_dataset()], num_nodes=3), ValueError,
      ["train_dataset", "num_nodes"]),

@@ -425,6 +425,9 @@ RSS_SCRIPT = textwrap.dedent(
         model = GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=256, n_head=4, vocab_size=8192, n_positions=128))
         if mode == "lora":
             model = get_peft_model(model, LoraConfig(r=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM"))
+        else:  # the blocks only: the tied embedding/head would train with group 0 (its gradient is not estimated)
+            for module in (model.transformer.wte, model.transformer.wpe, model.transformer.ln_f):
+                module.requires_grad_(False)
         groups = BlockGroups.from_model(model, 3)
         part_map = PartMap.build(model, groups, mode)
         costs = measure_block_costs(model, mode, part_map)

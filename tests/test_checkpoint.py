@@ -65,7 +65,7 @@ def _trained_with_checkpoints(tmp_path) -> SnakeTrainer:
 def _fresh(tmp_path, **overrides) -> SnakeTrainer:
     settings = dict(
         output_dir=str(tmp_path), num_nodes=2, num_block_groups=2, stage_steps=2, per_device_train_batch_size=4,
-        save_strategy="steps", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+        save_strategy="steps", report_to="none", use_cpu=True, disable_tqdm=True, seed=0, num_train_epochs=1,
     )  # fmt: skip
     args = SnakeConfig(**(settings | overrides))
     lora = LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM")
@@ -75,7 +75,7 @@ def _fresh(tmp_path, **overrides) -> SnakeTrainer:
 def test_stage_checkpoints_are_written_at_stage_boundaries_and_load_with_peft(tmp_path):
     _trained_with_checkpoints(tmp_path)
     names = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
-    assert names == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # 4 stages x 2 steps; none after the last
+    assert names == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]  # 4 stages x 2 steps, and the end
     for name in names:
         assert (tmp_path / name / STATE_FILE).is_file() and (tmp_path / name / "adapter_model.safetensors").is_file()
 

@@ -26,7 +26,7 @@ BAD_FIELDS = [
     (dict(engine="ray"), "engine"),
     (dict(topology="ring"), "topology"),
     (dict(hop_timeout=0), "hop_timeout"),
-    (dict(max_steps=10), "max_steps"),
+    (dict(num_train_epochs=0), "num_train_epochs"),
     (dict(gradient_checkpointing=True), "activation_checkpointing"),
     (dict(node_class_min_share=1.0), "node_class_min_share"),
 ]

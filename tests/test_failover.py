@@ -119,6 +119,7 @@ class FakeTransport(CoordinatedTransport):
 def trainer(tmp_path_factory):
     """Model, part map, payload spec and plan of a tiny 3-node cs run: stages on nodes 0 1 2 2 1 0."""
     args = SnakeConfig(
+        num_train_epochs=1,
         output_dir=str(tmp_path_factory.mktemp("failover")), num_nodes=WORLD, num_block_groups=2, stage_steps=1,
         use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
     )  # fmt: skip

@@ -72,6 +72,7 @@ def _two_disjoint_nodes():
 def _first_node_loss_after_both(tmp_path, **mitigation):
     first, second = _two_disjoint_nodes()
     args = SnakeConfig(
+        num_train_epochs=1,
         output_dir=str(tmp_path), num_nodes=2, num_block_groups=1, stage_steps=40, per_device_train_batch_size=8,
         learning_rate=3e-2, lr_scheduler_type="constant", report_to="none", use_cpu=True, disable_tqdm=True,
         save_strategy="no", logging_steps=100, seed=0, **mitigation,
@@ -109,6 +110,7 @@ def test_each_mitigation_reduces_forgetting_of_the_first_nodes_labels(tmp_path, 
 
 def test_head_learning_rate_gives_the_head_its_own_scheduled_groups(tmp_path):
     args = SnakeConfig(
+        num_train_epochs=1,
         output_dir=str(tmp_path), num_nodes=2, num_block_groups=2, stage_steps=2, learning_rate=1e-3,
         head_learning_rate=1e-2, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no",
     )  # fmt: skip
@@ -169,6 +171,7 @@ def test_node_class_min_share_reaches_the_node_priors(tmp_path):
     zeros, ones = full.filter(lambda r: r["label"] == 0), full.filter(lambda r: r["label"] == 1)
     skewed = datasets.concatenate_datasets([zeros.select(range(9)), ones.select(range(1))])  # 90% / 10%
     args = SnakeConfig(
+        num_train_epochs=1,
         output_dir=str(tmp_path), num_nodes=2, num_block_groups=1, stage_steps=1, report_to="none", use_cpu=True,
         disable_tqdm=True, save_strategy="no", restrict_to_node_classes=True, node_class_min_share=0.2,
     )  # fmt: skip

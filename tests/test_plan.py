@@ -9,9 +9,12 @@ import pytest
 
 from snake_hf.plan import (
     Stage,
+    cut_plan,
     designated_plan,
+    fit_plan,
     format_plan,
     plan_from_json,
+    plan_steps,
     plan_to_json,
     serpentine_plan,
     validate_plan,
@@ -128,3 +131,36 @@ def test_validate_plan_refuses_bad_stages(stages, message):
 def test_builders_refuse_bad_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    "total,expected",
+    [(12, [3, 6, 3]), (7, [3, 4]), (3, [3]), (1, [1])],
+    ids=["whole", "inside-a-stage", "at-a-boundary", "one-step"],
+)
+def test_cut_plan_keeps_the_first_steps_like_trainer_at_max_steps(total, expected):
+    plan = serpentine_plan(2, 1, num_passes=2, steps=3)  # (0, 3) (1, 6: the merged turn) (0, 3)
+    cut = cut_plan(plan, total)
+    assert [s.steps for s in cut] == expected
+    assert [(s.index, s.node, s.group) for s in cut] == [(s.index, s.node, s.group) for s in plan[: len(cut)]]
+
+
+def test_cut_plan_refuses_more_steps_than_the_plan_has():
+    with pytest.raises(ValueError, match="fewer than the 13"):
+        cut_plan(serpentine_plan(2, 1, num_passes=2, steps=3), 13)
+
+
+@pytest.mark.parametrize(
+    "steps,total,expected",
+    [(10, 9, [2, 2, 2, 1, 1, 1]), (10, 6, [1] * 6), ([4, 1, 1], 12, [4, 1, 1, 1, 1, 4]), (2, 12, [2] * 6)],
+    ids=["shrink", "one-each", "proportional", "unchanged"],
+)
+def test_fit_plan_scales_every_stage_to_the_total(steps, total, expected):
+    plan = serpentine_plan(3, 2, steps=steps)
+    fitted = fit_plan(plan, total)
+    assert [s.steps for s in fitted] == expected and plan_steps(fitted) == total
+
+
+def test_fit_plan_refuses_fewer_steps_than_stages():
+    with pytest.raises(ValueError, match="each of the plan's 6 stages"):
+        fit_plan(serpentine_plan(3, 2, steps=10), 5)

@@ -19,7 +19,7 @@ def lora():
 
 def config(tmp_path, **fields):
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none", use_cpu=True,
-                disable_tqdm=True, save_strategy="no", seed=0)  # fmt: skip
+                disable_tqdm=True, save_strategy="no", seed=0, num_train_epochs=1)  # fmt: skip
     return SnakeConfig(**{**base, **fields})
 
 

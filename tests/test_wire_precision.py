@@ -43,8 +43,8 @@ class _EndOfStageOne(TrainerCallback):
     def __init__(self, trainer):
         self.trainer, self.values = trainer, None
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == sum(s.steps for s in self.trainer.plan[:2]):
+    def on_optimizer_step(self, args, state, control, **kwargs):  # before the step ends (and the stage closes)
+        if state.global_step + 1 == sum(s.steps for s in self.trainer.plan[:2]):
             named = dict(self.trainer.model.named_parameters())
             self.values = {n: named[n].detach().clone() for n in self.trainer.part_map.tensor_names("g0")}
 

@@ -298,9 +298,15 @@ def default_probe_inputs(model: nn.Module) -> ProbeInputs:
 def _per_block_trainable(model: nn.Module, part_map: PartMap, sizes: dict[str, int]) -> tuple[list[int], int]:
     pattern = re.compile(rf"(?:^|\.){re.escape(part_map.groups.path)}\.(\d+)\.")
     per_block = [0] * part_map.groups.num_blocks
+    bounds = part_map.groups.boundaries
     for part, names in part_map.params.items():
-        for name in names if part != SHARED else ():
-            per_block[int(pattern.search(name).group(1))] += sizes[name]
+        if part == SHARED:
+            continue
+        group = int(part.removeprefix("g"))
+        for name in names:  # a tensor outside the blocks counts with its group's first (group 0) or last block
+            match = pattern.search(name)
+            block = int(match.group(1)) if match else (0 if group == 0 else bounds[group + 1] - 1)
+            per_block[block] += sizes[name]
     return per_block, sum(sizes[name] for name in part_map.params.get(SHARED, []))
 
 

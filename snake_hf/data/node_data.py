@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import datasets
+import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 
@@ -51,13 +52,20 @@ class NodeData:
 
         Args:
             train_dataset: one dataset (split by `partitioner`; with one node it is the node's shard as it is), or a
-                sequence of per-node datasets.
+                sequence of per-node datasets. A plain list of examples (dicts), which `Trainer` takes as a dataset,
+                is one dataset too.
             num_nodes (`int`): number of nodes.
             partitioner (`snake_hf.data.shards.Partitioner`, *optional*): required for one dataset over several nodes.
         """
         if train_dataset is None:
             raise ValueError("`train_dataset` is None; SnakeTrainer needs training data for every node.")
-        if isinstance(train_dataset, Sequence) and not isinstance(train_dataset, (datasets.Dataset, str)):
+        if isinstance(train_dataset, torch.utils.data.IterableDataset | datasets.IterableDataset):
+            raise TypeError(
+                f"`train_dataset` is an {type(train_dataset).__name__}, which has no length: Snake splits a dataset over "
+                "nodes by index and sizes its stages by shard length. Materialise it (datasets.Dataset.from_generator, "
+                "or .take(n) then Dataset.from_list), or pass one Dataset per node."
+            )
+        if _is_per_node_list(train_dataset):
             return cls._from_shards(list(train_dataset), num_nodes)
         if num_nodes == 1:
             data = cls(train_dataset, [list(range(len(train_dataset)))])
@@ -92,3 +100,12 @@ class NodeData:
                     f"Node {node}'s shard is empty; every node needs training data. Use fewer nodes, a larger "
                     "dataset, or a partition with a minimum shard size (`partition_min_size`)."
                 )
+
+
+def _is_per_node_list(train_dataset) -> bool:
+    """A list or tuple of datasets (one per node), as opposed to one dataset, which may itself be a list of examples."""
+    if not isinstance(train_dataset, Sequence) or isinstance(train_dataset, (datasets.Dataset, str)):
+        return False
+    if len(train_dataset) == 0 or isinstance(train_dataset[0], Mapping):
+        return False  # examples (dicts): one dataset, as Trainer reads it
+    return all(hasattr(shard, "__len__") and hasattr(shard, "__getitem__") for shard in train_dataset)

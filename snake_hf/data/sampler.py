@@ -25,7 +25,9 @@ from ..plan import Stage
 
 __all__ = [
     "NODE_SEED_STRIDE",
+    "EpochWindows",
     "PlanBatchSampler",
+    "PlanDataLoader",
     "SkipBatches",
     "batches_per_epoch",
     "default_stage_steps",
@@ -106,6 +108,47 @@ class PlanBatchSampler(Sampler[list[int]]):
             cursors[stage.node] = (epoch, position)
 
 
+class EpochWindows(Sampler[list[int]]):
+    """A plan's batches cut into `Trainer` epochs: epoch `e` yields the batches of optimizer steps
+    `[e * epoch_steps, (e + 1) * epoch_steps)` of the whole stream (the last epoch may be shorter). `Trainer` calls
+    `set_epoch` before each epoch, as it does for its own samplers.
+
+    Args:
+        sampler (`Sampler[list[int]]`): the batch sampler of the whole run (e.g. [`PlanBatchSampler`]).
+        epoch_batches (`int`): micro-batches in one epoch (optimizer steps x gradient accumulation).
+
+    Example:
+        ```python
+        >>> windows = EpochWindows([[0], [1], [2], [3], [4]], 2)
+        >>> windows.set_epoch(2)
+        >>> list(windows)
+        [[4]]
+        ```
+    """
+
+    def __init__(self, sampler: Sampler[list[int]], epoch_batches: int):
+        self.sampler, self.epoch_batches, self.epoch = sampler, epoch_batches, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        start = self.epoch * self.epoch_batches
+        return max(0, min(self.epoch_batches, len(self.sampler) - start))
+
+    def __iter__(self):
+        start = self.epoch * self.epoch_batches
+        return itertools.islice(iter(self.sampler), start, start + self.epoch_batches)
+
+
+class PlanDataLoader(DataLoader):
+    """A `DataLoader` whose `set_epoch` reaches its batch sampler (`Trainer` calls it before every epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+
+
 class SkipBatches(Sampler[list[int]]):
     """A batch sampler without its first `skip` batches (a resumed distributed rank's stages already trained).
 
@@ -137,10 +180,12 @@ def plan_dataloader(
     stages: Sequence[Stage],
     args: TrainingArguments,
     skip_steps: int = 0,
+    epoch_steps: int | None = None,
 ) -> DataLoader:
     """The training dataloader of a Snake run: `stages`' batches, each from its node's shard ([`PlanBatchSampler`]),
-    less the first `skip_steps` optimizer steps' (a resumed distributed rank). Never sharded across processes, and
-    worker seeds do not mix in a rank (ranks must draw what the simulation draws).
+    less the first `skip_steps` optimizer steps' (a resumed distributed rank), cut into `Trainer` epochs of
+    `epoch_steps` optimizer steps when given ([`EpochWindows`]). Never sharded across processes, and worker seeds do
+    not mix in a rank (ranks must draw what the simulation draws).
 
     Args:
         dataset: the dataset holding every node's examples (`NodeData.dataset`).
@@ -149,6 +194,7 @@ def plan_dataloader(
         stages (`Sequence[Stage]`): the stages this process trains, in order.
         args (`TrainingArguments`): batch size, accumulation, seeds, `dataloader_*` settings.
         skip_steps (`int`, defaults to 0): optimizer steps to leave out from the start.
+        epoch_steps (`int`, *optional*): optimizer steps of one `Trainer` epoch (default: the whole stream is one).
     """
     sampler = PlanBatchSampler(
         node_indices, stages, args.per_device_train_batch_size, args.gradient_accumulation_steps,
@@ -156,7 +202,9 @@ def plan_dataloader(
     )  # fmt: skip
     if skip_steps:
         sampler = SkipBatches(sampler, skip_steps * args.gradient_accumulation_steps)
-    return DataLoader(
+    if epoch_steps is not None:
+        sampler = EpochWindows(sampler, epoch_steps * args.gradient_accumulation_steps)
+    return PlanDataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collate_fn,

@@ -7,11 +7,14 @@ on PyPI but needs `kernels>=0.19.1`, which PyPI does not carry yet, so pip resol
 
 from __future__ import annotations
 
+import math
 import warnings
+from pathlib import Path
 
 import torch
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, number_of_arguments, set_seed
 
 
 def remove_unused_columns(trainer: Trainer, dataset, description: str = "Training"):
@@ -80,10 +83,52 @@ def push_checkpoint(trainer: Trainer, folder: str) -> None:
     trainer._push_from_checkpoint(folder)
 
 
-def plan_training_values(values: tuple, own_steps: int, total_steps: int) -> tuple:
+def plan_training_values(
+    values: tuple, epoch_steps: int, total_steps: int, accumulation: int, plan_epochs: bool
+) -> tuple:
     """The length of a Snake run in the terms of `Trainer.set_initial_training_values` (checked on transformers
     5.23-5.24, whose tuple is `(num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples,
-    total_train_batch_size, steps_in_epoch, max_steps)`): one "epoch" of `own_steps` optimizer steps (this process's
-    stages), over a schedule of `total_steps` (the whole plan's)."""
-    _, _, examples, _, batch_size, steps_in_epoch, _ = values
-    return (1, own_steps, examples, own_steps * batch_size, batch_size, steps_in_epoch, total_steps)
+    total_train_batch_size, steps_in_epoch, max_steps)`): epochs of `epoch_steps` optimizer steps over a schedule of
+    `total_steps` (the whole plan's). With `plan_epochs`, as many epochs as cover the plan; otherwise one (a
+    distributed process's own stages)."""
+    _, _, examples, _, batch_size, _, _ = values
+    epochs = math.ceil(total_steps / epoch_steps) if plan_epochs else 1
+    return (
+        epochs,
+        epoch_steps,
+        examples,
+        total_steps * batch_size,
+        batch_size,
+        epoch_steps * accumulation,
+        total_steps,
+    )
+
+
+def seed_for_model_init(args) -> None:
+    """Seeds as `Trainer` does before it calls `model_init` (`full_determinism` or `set_seed`)."""
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
+
+
+def call_model_init(trainer: Trainer, model_init) -> torch.nn.Module:
+    """`model_init()` or `model_init(None)`, as `Trainer.call_model_init` calls it (0 or 1 argument)."""
+    count = number_of_arguments(model_init)
+    if count not in (0, 1):
+        raise RuntimeError("model_init should have 0 or 1 argument.")
+    model = model_init() if count == 0 else model_init(None)
+    if model is None:
+        raise RuntimeError("model_init should not return None.")
+    return model
+
+
+def move_model_to_device(trainer: Trainer) -> None:
+    """`Trainer._move_model_to_device` after a re-initialised model, as `Trainer.train` does."""
+    if trainer.place_model_on_device:
+        trainer._move_model_to_device(trainer.model, trainer.args.device)
+
+
+def checkpoint_folder(trainer: Trainer, trial) -> Path:
+    """The folder `Trainer._save_checkpoint` just wrote (`_get_output_dir(trial)/checkpoint-<global step>`)."""
+    return Path(trainer._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"

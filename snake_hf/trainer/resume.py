@@ -1,6 +1,10 @@
-"""Stage checkpoints for `SnakeTrainer`: when to take one, how to write it, and how to resume from it.
+"""Checkpoints for `SnakeTrainer`: when to take one, what Snake adds to it, and how to resume from it.
 
-**Simulation**: `output_dir/checkpoint-<global step>` after every `save_stages` stages; it holds every node's state.
+**Simulation**: `Trainer`'s own checkpoints (`output_dir/checkpoint-<global step>` at `save_strategy`'s steps or epochs,
+the end of training, `"best"`) plus one at every `save_stages` stage boundaries, each with the Snake state of every
+node ([`StageCheckpoints.add_to`]). One taken at a stage boundary resumes with the next stage's hop and a fresh
+optimizer; one taken inside a stage resumes that stage where it was (`Trainer` restores its optimizer, scheduler and
+RNG; the checkpoint keeps the stage's loss so far and record).
 
 **Distributed**: every rank writes `output_dir/node-<rank>/checkpoint-<global step>` after each of its own stages
 (`save_stages` is not used: a resume needs each rank's state as its last completed stage left it), before the stage's
@@ -88,12 +92,15 @@ class ResumePoint:
         schedule_step (`int`): simulation: the global step whose learning rate the schedule resumes at.
         skip_own_steps (`int`): distributed: optimizer steps of this rank's stages already trained (their batches are
             skipped; each later stage seeks its own plan step).
+        in_stage (`dict`, *optional*): simulation: the checkpoint was taken inside stage `next_stage`, which goes on
+            where it was (its loss so far and record); `Trainer` restores its optimizer and scheduler.
     """
 
     checkpoint: Path | None = None
     next_stage: int = 0
     schedule_step: int = 0
     skip_own_steps: int = 0
+    in_stage: dict | None = None
 
 
 class StageCheckpoints:
@@ -130,7 +137,9 @@ class StageCheckpoints:
         if self.args.save_strategy == "no" or stage.index + 1 >= len(self.plan):
             return False
         # Distributed: after every own stage, so that a resume finds every rank at its last completed stage.
-        return self.session.distributed or (stage.index + 1) % self.args.save_stages == 0
+        return self.session.distributed or bool(
+            self.args.save_stages and (stage.index + 1) % self.args.save_stages == 0
+        )
 
     def save(
         self,
@@ -146,9 +155,49 @@ class StageCheckpoints:
         `write_outputs(folder)` writes what users load from a checkpoint (a standard adapter or model folder and
         `trainer_state.json`); the Snake state (`snake_state.json`, written last) is what resume trusts.
         """
+        checkpoint = self.snapshot(stage.index + 1, model, relay, report, global_step)
+
+        def write(folder: Path) -> None:
+            write_outputs(folder)
+            checkpoint.save(folder)  # snake_state.json last: a folder without it is never trusted
+
+        path = write_atomically(self.root, global_step, write)
+        rotate_checkpoints(self.root, self.args.save_total_limit)
+        logger.info(f"Saved stage checkpoint {path} (next stage {stage.index + 1}).")
+        return path
+
+    def add_to(
+        self,
+        folder: Path,
+        next_stage: int,
+        model: nn.Module,
+        relay: Relay,
+        report: SnakeReport,
+        global_step: int,
+        in_stage: dict | None = None,
+        live_node: int | None = None,
+    ) -> None:
+        """Simulation: adds the Snake state to the checkpoint folder `Trainer._save_checkpoint` just wrote, so that it
+        resumes exactly: at a stage boundary (`next_stage`'s payload not yet handed on), or inside stage `next_stage`
+        (`in_stage`: its loss so far and record; `live_node`: the node whose RNG stream is the global one now)."""
+        self.snapshot(next_stage, model, relay, report, global_step, in_stage, live_node).save(Path(folder))
+        logger.info(f"Added the Snake state to {folder} (stage {next_stage}{', inside it' if in_stage else ''}).")
+
+    def snapshot(
+        self,
+        next_stage: int,
+        model: nn.Module,
+        relay: Relay,
+        report: SnakeReport,
+        global_step: int,
+        in_stage: dict | None = None,
+        live_node: int | None = None,
+    ) -> StageCheckpoint:
+        """What a checkpoint restores: every part's tensors, the version vectors, each node's RNG stream, the report
+        and where the run goes on."""
         named = dict(model.named_parameters()) | dict(model.named_buffers())
         state = {
-            "next_stage": stage.index + 1,
+            "next_stage": next_stage,
             "global_step": global_step,
             "plan": [s.to_dict() for s in self.plan],
             "fingerprint": self.spec.fingerprint,
@@ -159,18 +208,15 @@ class StageCheckpoints:
             "failures": getattr(relay, "failures", []),  # cs: node failures that re-planned the run
             "run_id": self.run_id,
             "signature": self.signature(),
+            "in_stage": in_stage,
         }
+        if in_stage is not None:  # the trained parts moved on since the ledger's checksums: record what they hold now
+            state["part_checksums"] = {part: relay.checksum(part) for part in self.part_map.parts}
+        rng = dict(relay.rng)
+        if live_node is not None:
+            rng[live_node] = torch.get_rng_state()
         names = [name for part in self.part_map.parts for name in self.part_map.tensor_names(part)]
-        checkpoint = StageCheckpoint(state, {n: named[n] for n in names}, dict(relay.rng))
-
-        def write(folder: Path) -> None:
-            write_outputs(folder)
-            checkpoint.save(folder)  # snake_state.json last: a folder without it is never trusted
-
-        path = write_atomically(self.root, global_step, write)
-        rotate_checkpoints(self.root, self.args.save_total_limit)
-        logger.info(f"Saved stage checkpoint {path} (next stage {stage.index + 1}).")
-        return path
+        return StageCheckpoint(state, {n: named[n] for n in names}, rng)
 
     def signature(self) -> dict:
         """Every setting besides the plan, the base model and the rank that decides what this run computes (as JSON
@@ -310,17 +356,24 @@ class StageCheckpoints:
             for name, tensor in checkpoint.parts.items():
                 named[name].copy_(tensor)
         next_stage = int(state["next_stage"])
+        in_stage = state.get("in_stage")
         relay.restore(state["versions"], state["checksums"], checkpoint.rng, next_stage)
-        holder = self.plan[next_stage - 1].node
-        damaged = [p for p in self.part_map.parts if relay.checksum(p) != relay.ledger.checksums[holder][p]]
+        if in_stage is not None:
+            relay.applied = 2 * next_stage  # the stage was entered (its hop arrived) and has not closed
+            damaged = [p for p in self.part_map.parts if relay.checksum(p) != state["part_checksums"][p]]
+        else:
+            holder = self.plan[next_stage - 1].node
+            damaged = [p for p in self.part_map.parts if relay.checksum(p) != relay.ledger.checksums[holder][p]]
         if damaged:
             raise CheckpointError(f"Checkpoint {path}: parts {damaged} do not match their recorded checksums.")
         report.stages = [StageRecord(**record) for record in state["report"]["stages"]]
         report.hops = [HopRecord(**hop) for hop in state["report"]["hops"]]
         self.run_id = state["run_id"]
-        point = ResumePoint(checkpoint=path, next_stage=next_stage)
-        if not self.session.distributed:
-            point.schedule_step = int(state["global_step"])  # distributed: each stage seeks its own plan step
+        point = ResumePoint(checkpoint=path, next_stage=next_stage, in_stage=in_stage)
+        if not self.session.distributed and in_stage is None:
+            # A boundary: the next stage's fresh optimizer, on the schedule at the checkpoint's step. (Inside a stage
+            # Trainer loads the optimizer and scheduler; distributed: each stage seeks its own plan step.)
+            point.schedule_step = int(state["global_step"])
         else:  # the sampler skips the batches of this rank's stages already trained (see SkipBatches)
             point.skip_own_steps = sum(s.steps for s in self.plan if s.node == rank and s.index < next_stage)
         logger.info(f"Resuming from {path} at stage {next_stage} (global step {state['global_step']}).")

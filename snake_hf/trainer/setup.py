@@ -5,13 +5,14 @@ Nothing here touches the network: the engine's [`Session`] tells the shard sizes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import datasets
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers import default_data_collator
+from transformers import EarlyStoppingCallback, default_data_collator
 from transformers.utils import logging
 
 from ..blocks import SHARED, BlockGroups, PartMap, find_block_list, part_name, unwrap_model
@@ -35,7 +36,7 @@ from ..engine.session import Session
 from ..launch import LaunchInfo, process_launch
 from ..lm_loss import check_chunkable
 from ..losses import StageObjective, TeacherForward, node_label_priors
-from ..plan import Stage, designated_plan, serpentine_plan, validate_plan
+from ..plan import Stage, cut_plan, designated_plan, fit_plan, plan_steps, serpentine_plan, validate_plan
 
 
 logger = logging.get_logger(__name__)
@@ -67,15 +68,18 @@ def resolve_launch(args: SnakeConfig) -> LaunchInfo | None:
     return info
 
 
-def check_mode(model: nn.Module | None, args: SnakeConfig, peft_config) -> None:
-    """Refuses a model and adapter setup that does not fit `train_mode`, without touching the model."""
+def resolve_mode(model: nn.Module | None, args: SnakeConfig, peft_config) -> str:
+    """`args.train_mode`, or when unset what `Trainer` would do: adapters for a `PeftModel` or with `peft_config`,
+    else the model's own parameters (`"full"`: whatever requires grad). Refuses a model and adapter setup that does
+    not fit the mode, and PEFT methods whose trainable state is not cut by blocks, without touching the model."""
     if model is None:
-        raise ValueError("`model` is None; pass the model to fine-tune.")
-    if args.train_mode == "full":
+        raise ValueError("`model` is None; pass the model to fine-tune, or `model_init`.")
+    mode = args.train_mode or ("lora" if isinstance(model, PeftModel) or peft_config is not None else "full")
+    if mode == "full":
         if isinstance(model, PeftModel) or peft_config is not None:
             raise ValueError(
-                "`train_mode` is 'full' but a PEFT model or `peft_config` was given; use train_mode='lora' to train "
-                "adapters, or pass the plain model without peft_config."
+                "`train_mode` is 'full' but a PEFT model or `peft_config` was given; use train_mode='lora' (or leave "
+                "it unset) to train adapters, or pass the plain model without peft_config."
             )
     elif isinstance(model, PeftModel):
         if peft_config is not None:
@@ -83,7 +87,28 @@ def check_mode(model: nn.Module | None, args: SnakeConfig, peft_config) -> None:
     elif peft_config is None:
         raise ValueError(
             "`train_mode` is 'lora' but neither a PeftModel nor `peft_config` was given; pass "
-            "peft_config=LoraConfig(...), or set train_mode='full'."
+            "peft_config=LoraConfig(...), or leave train_mode unset (or 'full') to train the model's own weights."
+        )
+    config = model.peft_config[model.active_adapter] if isinstance(model, PeftModel) else peft_config
+    if config is not None:
+        _check_peft_method(config, args)
+    return mode
+
+
+def _check_peft_method(config, args: SnakeConfig) -> None:
+    """Refuses PEFT methods that Snake cannot cut into block groups or hand on as they are."""
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if getattr(config, "is_prompt_learning", False):
+        raise ValueError(
+            f"`peft_config` is {kind} (prompt learning): its virtual-token embedding sits outside every block, so a "
+            "block-group split has nothing to cut and every stage would train the same one tensor. Use LoRA-family "
+            "adapters (LoraConfig, DoRA via use_dora=True), or train it with plain Trainer."
+        )
+    if kind == "ADALORA":
+        raise ValueError(
+            "`peft_config` is AdaLoRA: its rank allocation (`update_and_allocate`) keeps a budget and importance "
+            "scores over every layer at once, which no Snake node holds (each trains one group). Use LoraConfig (or "
+            "use_dora=True); AdaLoRA's allocation per stage is not supported yet."
         )
 
 
@@ -94,10 +119,36 @@ def wrap_for_mode(model: nn.Module, args: SnakeConfig, peft_config) -> nn.Module
     return get_peft_model(model, peft_config)
 
 
+def block_groups(model: nn.Module, args: SnakeConfig, num_groups: int | None, boundaries=None) -> BlockGroups:
+    """The model's block groups; a model with no list of repeated blocks is one group (the whole model) when one group
+    is asked for, and refused otherwise."""
+    try:
+        return BlockGroups.from_model(model, num_groups, boundaries, args.block_list_path)
+    except ValueError:
+        if args.block_list_path is not None or boundaries is not None or (num_groups or 1) > 1:
+            raise
+    uses = {
+        "distill_alpha": args.distill_alpha > 0,
+        "recompute_above_group": args.recompute_above_group,
+        "node_profiles": args.node_profiles is not None,
+    }
+    used = [name for name, on in uses.items() if on]
+    if used:
+        raise ValueError(
+            f"{type(unwrap_model(model)).__name__} has no list of repeated blocks, so it trains as one group, where "
+            f"`{used[0]}` has no meaning; turn it off, or pass `block_list_path`."
+        )
+    logger.info(f"{type(unwrap_model(model)).__name__} has no list of repeated blocks: it trains as one group.")
+    return BlockGroups.whole_model()
+
+
 def default_num_groups(model: nn.Module, args: SnakeConfig) -> int | None:
     if args.group_boundaries is not None or args.num_block_groups is not None:
         return args.num_block_groups
-    num_blocks = len(find_block_list(model, args.block_list_path)[1])
+    try:
+        num_blocks = len(find_block_list(model, args.block_list_path)[1])
+    except ValueError:
+        return None  # no block list: one group (see block_groups)
     return min(args.num_nodes, num_blocks) if args.schedule != "designated" else args.num_nodes
 
 
@@ -213,8 +264,14 @@ def scaled_steps(steps: list[int], args: SnakeConfig, capacity: Capacity | None,
     return scale_steps(steps, profiles, by=args.scale_steps_by)
 
 
-def build_plan(args: SnakeConfig, sizes: list[int], groups: BlockGroups, capacity: Capacity | None) -> list[Stage]:
-    """The plan `args` asks for over shards of `sizes` and the model's `groups`; refuses one a node cannot fit."""
+def build_plan(
+    args: SnakeConfig, sizes: list[int], groups: BlockGroups, capacity: Capacity | None
+) -> tuple[list[Stage], int]:
+    """The plan `args` asks for over shards of `sizes` and the model's `groups`, and the optimizer steps of one plan
+    epoch (`num_passes` passes); refuses one a node cannot fit.
+
+    Its length follows `Trainer`'s rules (SnakeConfig's docstring): `num_train_epochs` plan epochs, or `max_steps`.
+    An explicit `schedule` list is the whole plan (one plan epoch)."""
     if args.stage_steps is not None:
         steps = [args.stage_steps] * args.num_nodes
     else:
@@ -227,18 +284,30 @@ def build_plan(args: SnakeConfig, sizes: list[int], groups: BlockGroups, capacit
     steps = scaled_steps(steps, args, capacity, sizes)
     num_groups = groups.num_groups
     if isinstance(args.schedule, list):
+        if args.max_steps > 0:
+            raise ValueError(
+                f"`max_steps` ({args.max_steps}) is set with an explicit `schedule` list, which fixes every stage's "
+                "steps itself; unset max_steps, or edit the stages' steps."
+            )
         plan = validate_plan(args.schedule, args.num_nodes, num_groups)
-    elif args.schedule == "designated":
-        if num_groups != args.num_nodes:
+        epoch_steps = plan_steps(plan)
+    else:
+        if args.schedule == "designated" and num_groups != args.num_nodes:
             raise ValueError(
                 f"The designated schedule needs one group per node, but the model is cut into {num_groups} groups "
                 f"for {args.num_nodes} nodes; set num_block_groups={args.num_nodes} or use 'serpentine'."
             )
         designation = capacity.designation if capacity is not None else None
         owners = designation.owners if designation is not None else None
-        plan = designated_plan(args.num_nodes, args.num_passes, steps, owners)
-    else:
-        plan = serpentine_plan(args.num_nodes, num_groups, args.num_passes, steps, args.group_order)
+
+        def passes(count: int) -> list[Stage]:
+            if args.schedule == "designated":
+                return designated_plan(args.num_nodes, count, steps, owners)
+            return serpentine_plan(args.num_nodes, num_groups, count, steps, args.group_order)
+
+        epoch = passes(args.num_passes)
+        epoch_steps = plan_steps(epoch)
+        plan = _plan_of_length(args, epoch, epoch_steps, passes)
     if capacity is not None:
         if capacity.costs is not None:  # refuse a plan that does not fit a node, before any training
             check_plan_memory(
@@ -246,7 +315,27 @@ def build_plan(args: SnakeConfig, sizes: list[int], groups: BlockGroups, capacit
                 args.per_device_train_batch_size, capacity.seq_len,
             )  # fmt: skip
         logger.info(explain(plan, capacity.profiles, capacity.designation, args.scale_steps_by))
-    return plan
+    return plan, epoch_steps
+
+
+def _plan_of_length(args: SnakeConfig, epoch: list[Stage], epoch_steps: int, passes) -> list[Stage]:
+    """`num_train_epochs` plan epochs (a fractional last one cut short, as `Trainer` does), or `max_steps` steps."""
+    if args.max_steps > 0:
+        total = args.max_steps
+        if total < epoch_steps and len(epoch) > 1:
+            if args.stage_steps is not None:
+                raise ValueError(
+                    f"`max_steps` ({total}) ends the run inside the first plan epoch ({epoch_steps} steps with "
+                    f"stage_steps={args.stage_steps}), before every node trained every group; raise max_steps to "
+                    f"{epoch_steps} or more, or unset stage_steps so that the stages shrink to fit."
+                )
+            plan = fit_plan(epoch, total)
+            logger.info(f"`max_steps` ({total}) is shorter than one plan epoch ({epoch_steps} steps): every stage is "
+                        f"shortened in proportion, to {[s.steps for s in plan]} steps.")  # fmt: skip
+            return plan
+    else:
+        total = math.ceil(args.num_train_epochs * epoch_steps)
+    return cut_plan(passes(args.num_passes * math.ceil(total / epoch_steps)), total)
 
 
 def partitioner_for(args: SnakeConfig):
@@ -272,6 +361,7 @@ class Prepared:
     node_data: NodeData
     capacity: Capacity | None
     plan: list[Stage]
+    epoch_steps: int
     part_map: PartMap
     spec: PayloadSpec
 
@@ -281,28 +371,32 @@ def prepare_run(
 ) -> Prepared:
     """Groups, shards, node capacity, plan, the model for the mode (a `PeftModel` in LoRA mode), its parts and the
     payload spec. Everything that can refuse the input runs before the model is wrapped (`get_peft_model` edits it
-    in place)."""
-    check_mode(model, args, peft_config)
+    in place). An unset `train_mode` is set to what the model asks for ([`resolve_mode`])."""
+    args.train_mode = resolve_mode(model, args, peft_config)
     if args.lm_loss_chunk_tokens:
         check_chunkable(model, args.lm_loss_chunk_tokens)
     designated_by_profiles = args.node_profiles is not None and args.schedule == "designated"
     if not designated_by_profiles:
-        groups = BlockGroups.from_model(model, default_num_groups(model, args), args.group_boundaries,
-                                        args.block_list_path)  # fmt: skip
+        groups = block_groups(model, args, default_num_groups(model, args), args.group_boundaries)
     node_data = split_data(train_dataset, args, partitioner, session)
     capacity = None
     if args.node_profiles is not None:  # the estimate measures the model that trains
         model = wrap_for_mode(model, args, peft_config)
         capacity = measure_capacity(model, args, node_data)
     if designated_by_profiles:
-        groups = BlockGroups.from_model(model, None, capacity.designation.boundaries, args.block_list_path)
-    plan = build_plan(args, node_data.sizes, groups, capacity)
+        groups = block_groups(model, args, None, capacity.designation.boundaries)
+    plan, epoch_steps = build_plan(args, node_data.sizes, groups, capacity)
     model = wrap_for_mode(model, args, peft_config)
     part_map = PartMap.build(model, groups, args.train_mode, args.always_trainable_modules or ())
+    if not any(part_map.params.values()):
+        raise ValueError(
+            f"No parameter of {type(unwrap_model(model)).__name__} requires grad, so there is nothing to train; "
+            "unfreeze what should train, or pass peft_config."
+        )
     # Fingerprint the base as loaded, before training changes anything.
     adapter_config = model.peft_config[model.active_adapter].to_dict() if isinstance(model, PeftModel) else None
     spec = PayloadSpec.from_model(model, part_map, model_fingerprint(model), adapter_config, args.payload_dtype)
-    return Prepared(model, groups, node_data, capacity, plan, part_map, spec)
+    return Prepared(model, groups, node_data, capacity, plan, epoch_steps, part_map, spec)
 
 
 def stage_objective(
@@ -322,3 +416,85 @@ def stage_objective(
         args.distill_alpha, args.distill_temperature, teacher, prior, args.logit_adjustment,
         args.restrict_to_node_classes,
     )  # fmt: skip
+
+
+def prepare_model_only(model: nn.Module, args: SnakeConfig, peft_config) -> Prepared:
+    """An evaluate/predict-only trainer (`train_dataset=None`, as `Trainer` allows): the model for the mode and its
+    parts, no shards and no plan (`train()` refuses, as `Trainer`'s does)."""
+    args.train_mode = resolve_mode(model, args, peft_config)
+    groups = block_groups(model, args, default_num_groups(model, args), args.group_boundaries)
+    model = wrap_for_mode(model, args, peft_config)
+    part_map = PartMap.build(model, groups, args.train_mode, args.always_trainable_modules or ())
+    adapter_config = model.peft_config[model.active_adapter].to_dict() if isinstance(model, PeftModel) else None
+    spec = PayloadSpec.from_model(model, part_map, model_fingerprint(model), adapter_config, args.payload_dtype)
+    return Prepared(model, groups, None, None, [], 0, part_map, spec)
+
+
+# `TrainingArguments` options that Snake refuses, with why and what to do instead: (field, refused values or a test,
+# the reason and fix). Checked where the run starts, before any work.
+_REFUSED = (
+    ("auto_find_batch_size", lambda v: v is True,
+     "it retries training with smaller batches, while the plan's stage lengths were cut for this batch size; set "
+     "per_device_train_batch_size to one that fits"),
+    ("train_sampling_strategy", lambda v: str(v) not in ("random", "TrainSamplingStrategy.RANDOM"),
+     "each Snake node reads its shard in its own seeded random order (snake_hf.data.sampler); use 'random'"),
+    ("fsdp", lambda v: bool(v),
+     "each Snake node trains in one process and holds one group's trainable state; leave fsdp unset"),
+    ("deepspeed", lambda v: v is not None,
+     "each Snake node trains in one process and holds one group's trainable state; leave deepspeed unset"),
+)  # fmt: skip
+# Options that work in simulation but not with one process per node (each process's loop runs its own stages only).
+_REFUSED_DISTRIBUTED = (
+    ("eval_strategy", lambda v: str(v).endswith("epoch"),
+     "a distributed process's loop holds only its own stages, so plan epochs do not end in it; use 'steps'"),
+    ("save_strategy", lambda v: str(v).endswith(("epoch", "best")),
+     "distributed ranks checkpoint after each of their own stages (save_stages does not apply); use 'steps' or 'no'"),
+    ("load_best_model_at_end", lambda v: v is True,
+     "distributed ranks keep stage checkpoints of their own stages only, so no rank can rank them all; load the best "
+     "checkpoint yourself after the run, or use the simulation engine"),
+)  # fmt: skip
+
+
+def check_trainer_options(args: SnakeConfig, session: Session, callbacks) -> None:
+    """Refuses, before any work, the `Trainer` options a Snake run cannot honour (docs/trainer_conformance.md)."""
+    refused = _REFUSED + (_REFUSED_DISTRIBUTED if session.distributed else ())
+    for name, refuses, why in refused:
+        value = getattr(args, name, None)
+        if refuses(value):
+            where = " in distributed mode" if (name, refuses, why) in _REFUSED_DISTRIBUTED else ""
+            raise ValueError(f"`{name}` ({value!r}) is not supported by SnakeTrainer{where}: {why}.")
+    if session.distributed:
+        for callback in callbacks or ():
+            if issubclass(callback if isinstance(callback, type) else type(callback), EarlyStoppingCallback):
+                raise ValueError(
+                    "EarlyStoppingCallback is not supported in distributed mode: a rank that stops early leaves the "
+                    "next node waiting for its payload; stop by max_steps / num_train_epochs, or use the simulation "
+                    "engine."
+                )
+
+
+def check_user_optimizer(optimizer, model: nn.Module, part_map: PartMap, plan: list[Stage]):
+    """An optimizer passed as `optimizers=(optimizer, scheduler)`: trains the first stage as it is, and is rebuilt for
+    each later stage as its class with its defaults over that stage's parameters. Returns `(class, defaults)` (None
+    when none was passed); refuses one that cannot do that."""
+    if optimizer is None:
+        return None
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    first = plan[0].group if plan else 0
+    if not any(id(named[n]) in params for n in part_map.trainable_names(first) if n in named):
+        raise ValueError(
+            f"The optimizer passed in `optimizers` ({type(optimizer).__name__}) holds none of the parameters that "
+            "train (it was built before the model was wrapped with peft_config?); build it over the trainer's model "
+            "(e.g. a PeftModel you wrap yourself), or pass optimizer_cls_and_kwargs instead."
+        )
+    stages_differ = len({stage.group for stage in plan}) > 1
+    keys = set(optimizer.defaults)
+    distinct = {tuple(sorted((k, repr(g.get(k))) for k in keys)) for g in optimizer.param_groups}
+    if stages_differ and len(distinct) > 1:
+        raise ValueError(
+            f"The optimizer passed in `optimizers` has {len(optimizer.param_groups)} param groups with their own "
+            "hyperparameters; Snake rebuilds it for each stage's group from its class and defaults, which would drop "
+            "them. Pass one param group, or optimizer_cls_and_kwargs, or override create_optimizer."
+        )
+    return type(optimizer), dict(optimizer.defaults)

@@ -1,4 +1,4 @@
-"""What the trainer tracks for the stage it is training, and the callback that ends stages in cs topology."""
+"""What the trainer tracks for the stage it is training, and the callback that ends stages."""
 
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ class StageRun:
 
 
 class StageBoundary(TrainerCallback):
-    """cs topology: at each optimizer step's end, closes a finished stage and asks the coordinator for the next one."""
+    """At each optimizer step's end, before `Trainer` logs, evaluates or saves: closes a finished stage (so its loss is
+    logged and a checkpoint at this step sees it closed); in cs topology also asks the coordinator for the next one."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._failover_boundary(control)
+        self.trainer._step_end(control)

@@ -13,6 +13,8 @@ What one stage in training tracks lives in one small [`StageRun`].
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -24,7 +26,7 @@ from datasets import Dataset
 from peft import PeftConfig
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import EvalPrediction, Trainer
+from transformers import EvalPrediction, Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
@@ -44,8 +46,12 @@ from ..report import SnakeReport, StageRecord
 from . import _compat
 from .resume import ResumePoint, StageCheckpoints
 from .setup import (
+    Prepared,
+    check_trainer_options,
+    check_user_optimizer,
     needs_priors,
     node_priors,
+    prepare_model_only,
     prepare_run,
     resolve_launch,
     split_head_groups,
@@ -64,21 +70,24 @@ class SnakeTrainer(Trainer):
     """Snake Learning on the Hugging Face `Trainer`.
 
     Cuts the model's blocks into groups and trains them one group and one node at a time along a plan, handing only
-    the trainable state (LoRA adapters, or the group's weights in full mode) from node to node. Everything else
-    behaves like `Trainer`: `train()`, `evaluate()`, `predict()`, `save_model()`, callbacks and `report_to`.
+    the trainable state (LoRA adapters, or the group's weights in full mode) from node to node. With one node, one
+    group and one pass it is `Trainer`, step for step; with more, every `Trainer` option keeps its meaning, has the
+    Snake meaning docs/trainer_conformance.md gives it, or is refused before any work.
 
     Args:
-        model (`PreTrainedModel`, `PeftModel` or `nn.Module`):
-            The model. In LoRA mode, a plain model plus `peft_config`, or a `PeftModel`.
-        args ([`SnakeConfig`], *optional*): training and Snake settings (default: `SnakeConfig("snake_output")`).
-        train_dataset (`datasets.Dataset` or `list`):
+        model (`PreTrainedModel`, `PeftModel` or `nn.Module`, *optional*):
+            The model (or `model_init`). With a `PeftModel` or `peft_config` its adapters train (`train_mode`
+            "lora"); otherwise its own parameters that require grad do ("full"), as with `Trainer`.
+        args ([`SnakeConfig`], *optional*): training and Snake settings (default: `SnakeConfig("snake_output")`); the
+            trainer keeps its own copy.
+        data_collator, processing_class, model_init, compute_loss_func, compute_metrics, callbacks, optimizers,
+        optimizer_cls_and_kwargs, preprocess_logits_for_metrics: as with `Trainer`, in `Trainer`'s order.
+        train_dataset (`datasets.Dataset`, a list of examples, or a list of datasets, *optional*):
             One dataset, split over `args.num_nodes` nodes by `partitioner` or `args.partition`, or one dataset per
-            node.
+            node. `None`: an evaluate/predict-only trainer.
         eval_dataset (`datasets.Dataset`, *optional*): evaluated as with `Trainer`.
-        peft_config (`peft.PeftConfig`, *optional*): wraps a plain model with `get_peft_model` in LoRA mode.
-        compute_metrics (`Callable`, *optional*): as with `Trainer`.
-        partitioner (`snake_hf.data.shards.Partitioner`, *optional*): overrides `args.partition`.
-        **kwargs: passed on to `Trainer` (`data_collator`, `processing_class`, `callbacks`, ...).
+        peft_config (`peft.PeftConfig`, *optional*, keyword-only): wraps a plain model with `get_peft_model`.
+        partitioner (`snake_hf.data.shards.Partitioner`, *optional*, keyword-only): overrides `args.partition`.
 
     Example:
         ```python
@@ -97,12 +106,20 @@ class SnakeTrainer(Trainer):
         self,
         model: nn.Module | None = None,
         args: SnakeConfig | None = None,
+        data_collator: Callable | None = None,
         train_dataset: Dataset | Sequence[Dataset] | None = None,
         eval_dataset: Dataset | dict[str, Dataset] | None = None,
-        peft_config: PeftConfig | None = None,
+        processing_class=None,
+        model_init: Callable[..., nn.Module] | None = None,
+        compute_loss_func: Callable | None = None,
         compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LRScheduler | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        *,
+        peft_config: PeftConfig | None = None,
         partitioner: Partitioner | None = None,
-        **kwargs: Any,
     ):
         args = SnakeConfig(output_dir="snake_output") if args is None else args
         if not isinstance(args, SnakeConfig):
@@ -110,31 +127,70 @@ class SnakeTrainer(Trainer):
                 f"`args` is a {type(args).__name__}; SnakeTrainer needs a SnakeConfig (it subclasses "
                 "TrainingArguments, so SnakeConfig(**your_args.to_dict()) carries your settings over)."
             )
-        if kwargs.get("model_init") is not None:
-            raise ValueError("`model_init` is not supported by SnakeTrainer; pass the model itself.")
+        args = copy.copy(args)  # the trainer settles train_mode and num_nodes on its own copy, as Trainer keeps args
+        if model is not None and model_init is not None:
+            raise ValueError("`Trainer` requires either a `model` or `model_init` argument, but not both.")
+        if model_init is not None and (optimizers[0] is not None or optimizers[1] is not None):
+            raise RuntimeError(
+                "Passing a `model_init` is incompatible with providing the `optimizers` argument. You should subclass "
+                "`Trainer` and override the `create_optimizer_and_scheduler` method."
+            )
         self.session = Session(resolve_launch(args), args.num_nodes, args.topology, args.hop_timeout)
-        prepared = prepare_run(model, args, train_dataset, peft_config, partitioner, self.session)
-        self.groups, self.node_data, self.capacity = prepared.groups, prepared.node_data, prepared.capacity
-        self.plan, self.part_map, self._spec = prepared.plan, prepared.part_map, prepared.spec
-        _tag_model(prepared.model)
+        check_trainer_options(args, self.session, callbacks)
+        self._peft_config, self._partitioner, self._train_input = peft_config, partitioner, train_dataset
+        if model is None and model_init is not None:  # as Trainer: seeded, then built once for the set-up
+            _compat.seed_for_model_init(args)
+            self.model_init = model_init
+            model = _compat.call_model_init(self, model_init)
+        prepared = self._prepare(model, args)
         super().__init__(
-            model=prepared.model, args=args, train_dataset=self.node_data.dataset, eval_dataset=eval_dataset,
-            compute_metrics=compute_metrics, **kwargs,
+            model=prepared.model, args=args, data_collator=data_collator, train_dataset=self._train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )  # fmt: skip
-        if self.session.failover:  # the coordinator decides each rank's next stage when the last one ends
-            self.add_callback(StageBoundary(self))
+        self.model_init = model_init  # Trainer.train re-initialises through call_model_init (see train)
+        self._user_optimizer = check_user_optimizer(optimizers[0], self.model, self.part_map, self.plan)
+        self.add_callback(StageBoundary(self))
+        self._meter = PeakMemory(args.device)  # each stage resets it and reads its peak
+        self._current: StageRun | None = None  # the stage in training
+        self._handed_on: tuple[Stage, StageRecord] | None = None  # simulation: a closed stage whose hop is due
+        self._relay: Relay | None = None  # the run's relay (built by train())
+        self._resume_point = ResumePoint()
+        self.snake_report = self._new_report()
+        if self.plan:
+            logger.info(f"Snake plan ({len(self.plan)} stages, {self.total_steps} steps):\n{format_plan(self.plan)}")
+
+    def _prepare(self, model: nn.Module, args: SnakeConfig) -> Prepared:
+        """Everything the run trains, decided before `Trainer` sees the model (again after a `model_init`)."""
+        if self._train_input is None:  # an evaluate/predict-only trainer, as with Trainer
+            prepared = prepare_model_only(model, args, self._peft_config)
+        else:
+            prepared = prepare_run(model, args, self._train_input, self._peft_config, self._partitioner, self.session)
+        self.groups, self.node_data, self.capacity = prepared.groups, prepared.node_data, prepared.capacity
+        self.plan, self.epoch_steps = prepared.plan, prepared.epoch_steps
+        self.part_map, self._spec = prepared.part_map, prepared.spec
+        self._trainable = {n for n, p in prepared.model.named_parameters() if p.requires_grad}  # restored after train
+        self._own_stages = [stage for stage in self.plan if stage.node in self.session.local_nodes]
         self.checkpoints = StageCheckpoints(
             args, self.session, self.plan, self.part_map, self._spec, self.groups, self.node_data
         )
-        self.shard_summary = summarise_shards(self.node_data, args.partition_label_column)
-        self._meter = PeakMemory(args.device)  # each stage resets it and reads its peak
-        self._node_priors = node_priors(self.node_data, args, self.model) if needs_priors(args) else None
-        self.snake_report = self._new_report()
-        self._own_stages = [stage for stage in self.plan if stage.node in self.session.local_nodes]
-        self._current: StageRun | None = None  # the stage in training
-        self._relay: Relay | None = None  # the run's relay (built by train())
-        self._resume_point = ResumePoint()
-        logger.info(f"Snake plan ({len(self.plan)} stages, {self.total_steps} steps):\n{format_plan(self.plan)}")
+        self.shard_summary = summarise_shards(self.node_data, args.partition_label_column) if self.node_data else None
+        self._node_priors = node_priors(self.node_data, args, prepared.model) if needs_priors(args) and \
+            self.node_data else None  # fmt: skip
+        _tag_model(prepared.model)
+        return prepared
+
+    @property
+    def _train_dataset(self):
+        return self.node_data.dataset if self.node_data is not None else None
+
+    def call_model_init(self, trial=None) -> nn.Module:
+        """`Trainer.call_model_init`, then the same preparation as the first model's (wrapped for the mode, cut into
+        the same groups), so a re-initialised model trains the same plan."""
+        model = super().call_model_init(trial)
+        return self._prepare(model, self.args).model
 
     # ---- set-up ----
 
@@ -161,7 +217,7 @@ class SnakeTrainer(Trainer):
             engine="distributed" if self.session.distributed else "simulation",
             group_boundaries=list(self.groups.boundaries),
             part_nbytes=part_wire_nbytes(self.part_map, self.model, self.args.payload_dtype),
-            shard_sizes=self.node_data.sizes,
+            shard_sizes=self.node_data.sizes if self.node_data is not None else [],
             shard_summary=self.shard_summary.to_dict() if self.shard_summary is not None else None,
             memory_kind=self._meter.kind,
             designation=designation.to_dict() if designation is not None else None,
@@ -177,6 +233,24 @@ class SnakeTrainer(Trainer):
         In distributed mode this process runs its own node's stages (waiting for the payload before each), and
         afterwards every process holds the final trainable state.
         """
+        if self.node_data is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        model_init, self.model_init = self.model_init, None  # re-initialised here, before the relay holds the model
+        try:
+            if model_init is not None:
+                _compat.seed_for_model_init(self.args)
+                self.model_init = model_init
+                self.model = self.model_wrapped = self.call_model_init(trial)
+                self.optimizer, self.lr_scheduler = None, None
+                self.model_init = None
+                _compat.move_model_to_device(self)
+            return self._train_plan(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        finally:
+            self.model_init = model_init
+            for name, param in self.model.named_parameters():  # as the user left them (Trainer changes none)
+                param.requires_grad_(name in self._trainable)
+
+    def _train_plan(self, resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs) -> TrainOutput:
         self.snake_report = self._new_report()
         relay = self._relay = self.session.make_relay(
             self.model, self.part_map, self._spec, self.plan, self.args.seed, self.snake_report,
@@ -188,20 +262,24 @@ class SnakeTrainer(Trainer):
             resume_from_checkpoint, self.model, relay, self.snake_report
         )
         relay.start(self.plan[0], resumed=point.checkpoint is not None)
-        if point.checkpoint is not None:  # taken before the stage's payload left: hand it on (again, or as a record
-            record = self.snake_report.stages[-1]  # only when the crashed run went on past it, so it had left)
+        if point.checkpoint is not None and point.in_stage is None:
+            # Taken at a stage boundary, before the stage's payload left: hand it on (again, or as a record only when
+            # the crashed run went on past it, so it had left).
+            record = self.snake_report.stages[-1]
             record.bytes_sent = relay.hand_on(self.plan[record.stage], deliver=record.stage + 1 == point.next_stage)
         output = TrainOutput(self.state.global_step, 0.0, {})
         stage = self._first_stage(point.next_stage)
-        if stage is not None:
-            self._begin_stage(stage, first=True)
-            # Distributed: no Trainer resume (each stage seeks its plan step; the sampler skips the trained batches).
-            checkpoint = None if point.checkpoint is None or self.session.distributed else str(point.checkpoint)
+        # Distributed: no Trainer resume (each stage seeks its plan step; the sampler skips the trained batches).
+        checkpoint = None if point.checkpoint is None or self.session.distributed else str(point.checkpoint)
+        if stage is not None or checkpoint is not None:  # a checkpoint at the end: Trainer restores its state
+            if stage is not None:
+                self._begin_stage(stage, first=True, resumed=point.in_stage)
             output = super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
-            if not self._current.closed:  # cs: the stage-boundary callback closed it already
-                self._end_stage()
+            if self._current is not None and not self._current.closed:  # the loop stopped inside a stage (a
+                self._end_stage()  # callback's should_training_stop)
             if self.args.recompute_above_group:
                 set_recompute(self.model, self.groups, None)
+        self._handed_on = None  # simulation: nothing follows the last stage trained
         relay.finish()
         self.session.merge_reports(self.snake_report, relay)
         self._current, self._resume_point = None, ResumePoint()
@@ -214,18 +292,22 @@ class SnakeTrainer(Trainer):
             return self._relay.next_stage()
         return next((stage for stage in self._own_stages if stage.index >= next_stage), None)
 
-    def _failover_boundary(self, control) -> None:
-        """cs (at each step's end): closes a finished stage and enters this node's next one, waiting for the
-        coordinator's turn; stops the loop when the coordinator says the run is done."""
+    def _step_end(self, control) -> None:
+        """At each optimizer step's end (before `Trainer` logs, evaluates or saves): closes a finished stage. In cs
+        topology it then enters this node's next stage, waiting for the coordinator's turn, and stops the loop when
+        the coordinator says the run is done; otherwise the next stage begins at its first micro-batch."""
         current = self._current
         if current is None or current.closed or self.state.global_step < current.end:
             return
-        self._end_stage()
-        following = self._relay.next_stage()
-        if following is None:
-            control.should_training_stop = True
-        else:
-            self._begin_stage(following)
+        should_log = control.should_log  # logging the stage's loss resets it (CallbackHandler.on_log)
+        self._end_stage(control)
+        control.should_log = should_log
+        if self.session.failover:
+            following = self._relay.next_stage()
+            if following is None:
+                control.should_training_stop = True
+            else:
+                self._begin_stage(following)
 
     def _own_steps(self) -> int:
         """Optimizer steps this process's loop runs: its own stages' (cs: up to the whole plan, since a failed node's
@@ -233,28 +315,61 @@ class SnakeTrainer(Trainer):
         steps = self.total_steps if self.session.failover else sum(stage.steps for stage in self._own_stages)
         return steps - self._resume_point.skip_own_steps
 
+    @property
+    def _plan_epochs(self) -> bool:
+        """Whether `Trainer`'s epochs are the plan's (simulation); a distributed process's loop runs its own stages
+        as one epoch."""
+        return not self.session.distributed
+
     def set_initial_training_values(self, args, dataloader):
-        # The plan fixes the length: one "epoch" holds every stage (num_train_epochs and max_steps are not used); in
-        # distributed mode this process's epoch holds only its own stages, while the schedule spans the whole plan.
+        # Simulation: Trainer's epochs are plan epochs (`epoch_steps` steps each; the plan is num_train_epochs of
+        # them, or max_steps). Distributed: this process's one epoch holds only its own stages, while the schedule
+        # spans the whole plan.
         values = super().set_initial_training_values(args, dataloader)
-        return _compat.plan_training_values(values, self._own_steps(), self.total_steps)
+        steps = self.epoch_steps if self._plan_epochs else self._own_steps()
+        return _compat.plan_training_values(
+            values, steps, self.total_steps, args.gradient_accumulation_steps, self._plan_epochs
+        )
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        # A resumed run's schedule continues at the checkpoint's step (a schedule is a function of the step count).
+        # A run resumed at a stage boundary continues its schedule at the checkpoint's step (a schedule is a function
+        # of the step count); one resumed inside a stage loads the scheduler's state as Trainer does.
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         if self._resume_point.schedule_step:
             _compat.advance_scheduler(scheduler, self._resume_point.schedule_step)
             self._resume_point.schedule_step = 0
         return scheduler
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Trainer._load_optimizer_and_scheduler (private; transformers 5.23-5.24): a checkpoint at a stage boundary
+        # holds the closed stage's optimizer, while the run goes on with a fresh one for the next group.
+        if self._resume_point.in_stage is not None:
+            super()._load_optimizer_and_scheduler(checkpoint)
+
     def _save_checkpoint(self, model, trial) -> None:
-        # Trainer._save_checkpoint (private; checked on transformers 5.23-5.24) would checkpoint mid-stage; Snake
-        # checkpoints at stage boundaries instead (`save_stages`, see _end_stage).
-        return
+        # Trainer._save_checkpoint (private; transformers 5.23-5.24), plus the Snake state that resumes the run
+        # exactly from this step (inside a stage too). Distributed ranks checkpoint per rank at their own stage
+        # boundaries instead (resume.py), where every rank's checkpoint agrees with the others'.
+        if self.session.distributed:
+            return
+        super()._save_checkpoint(model, trial)
+        folder = _compat.checkpoint_folder(self, trial)
+        current = self._current
+        if current is None or not folder.is_dir():
+            return
+        if current.closed:
+            self.checkpoints.add_to(folder, current.stage.index + 1, self.model, self._relay, self.snake_report,
+                                    self.state.global_step)  # fmt: skip
+        else:
+            in_stage = {"loss": current.loss.item(), "record": dataclasses.asdict(current.record)}
+            self.checkpoints.add_to(folder, current.stage.index, self.model, self._relay, self.snake_report,
+                                    self.state.global_step, in_stage, live_node=current.stage.node)  # fmt: skip
 
     def get_train_dataloader(self) -> DataLoader:
         # Batches come stage by stage, each from its node's shard (snake_hf.data.sampler). Not passed through
         # accelerator.prepare: this loader must never be sharded across processes; Trainer moves batches to device.
+        if self.node_data is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
         dataset, collator = self.node_data.dataset, self.data_collator
         if hasattr(dataset, "column_names"):
             dataset = _compat.remove_unused_columns(self, dataset)
@@ -264,17 +379,19 @@ class SnakeTrainer(Trainer):
         if self.session.failover:  # this node's batches as one stream: whichever stages it trains take the next ones
             stages = [Stage(index=0, pass_index=0, node=self.session.rank, group=0, steps=self.total_steps)]
         return plan_dataloader(
-            dataset, collator, self.node_data.node_indices, stages, self.args, self._resume_point.skip_own_steps
-        )
+            dataset, collator, self.node_data.node_indices, stages, self.args, self._resume_point.skip_own_steps,
+            self.epoch_steps if self._plan_epochs else None,
+        )  # fmt: skip
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        # Stage boundaries fall on optimizer-step boundaries; the first micro-batch of a step checks for one.
+        # Stage boundaries fall on optimizer-step boundaries: the first micro-batch after a closed stage begins the
+        # next one of this process.
         current = self._current
-        if current is not None and self.state.global_step >= current.end:
-            self._end_stage()
-            following = self._own_stages[self._own_stages.index(current.stage) + 1]
-            self._begin_stage(following)
-            current = self._current
+        if current is not None and current.closed and not self.session.failover:
+            following = next((s for s in self._own_stages if s.index > current.stage.index), None)
+            if following is not None:
+                self._begin_stage(following)
+                current = self._current
         if current is not None and not current.running:
             self._start_stage_clock()
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -301,12 +418,16 @@ class SnakeTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
-        # Trainer builds over the parameters that require grad now; with head_learning_rate the always-trainable
-        # modules get their own param groups (the scheduler scales every group alike).
+        # Trainer builds over the parameters that require grad now (from args, or optimizer_cls_and_kwargs); an
+        # optimizer the user passed is rebuilt for each later stage as its class with its defaults. With
+        # head_learning_rate the always-trainable modules get their own param groups (the schedule scales all alike).
         fresh = self.optimizer is None
         if fresh and self._current is not None:
             # Loading an adapter (resume) re-enables every LoRA layer (PEFT's set_adapter): freeze again first.
             set_trainable(self.model, self.part_map.trainable_names(self._current.stage.group))
+        if fresh and self._user_optimizer is not None:
+            kind, defaults = self._user_optimizer
+            self.optimizer = kind([p for p in self.model.parameters() if p.requires_grad], **defaults)
         optimizer = super().create_optimizer(model)
         if fresh and self.args.head_learning_rate is not None:
             split_head_groups(optimizer, self.model, set(self.part_map.params.get(SHARED, ())), self.args)
@@ -314,17 +435,27 @@ class SnakeTrainer(Trainer):
 
     # ---- stage boundaries ----
 
-    def _begin_stage(self, stage: Stage, first: bool = False) -> None:
-        bytes_in, wait = self._relay.enter(stage)
+    def _begin_stage(self, stage: Stage, first: bool = False, resumed: dict | None = None) -> None:
+        """Makes `stage` the one in training: receives what its node lacks (simulation: hands on the closed stage's
+        payload first), makes exactly its group trainable, and builds its objective and a fresh optimizer. A stage
+        resumed from a checkpoint taken inside it (`resumed`) receives nothing: the checkpoint holds its state."""
+        if self._handed_on is not None:
+            previous, previous_record = self._handed_on
+            previous_record.bytes_sent = self._relay.hand_on(previous)
+            self._handed_on = None
+        if resumed is None:
+            bytes_in, wait = self._relay.enter(stage)
+            record = StageRecord(
+                stage=stage.index, pass_index=stage.pass_index, node=stage.node, group=stage.group, steps=stage.steps,
+                bytes_received=bytes_in, wait_seconds=wait, load_seconds=self._relay.last_load_seconds,
+            )  # fmt: skip
+        else:
+            record = StageRecord(**resumed["record"])
         set_trainable(self.model, self.part_map.trainable_names(stage.group))
         if self.args.recompute_above_group:
             set_recompute(self.model, self.groups, stage.group)
         start = sum(s.steps for s in self.plan[: stage.index])
-        record = StageRecord(
-            stage=stage.index, pass_index=stage.pass_index, node=stage.node, group=stage.group, steps=stage.steps,
-            bytes_received=bytes_in, wait_seconds=wait, load_seconds=self._relay.last_load_seconds,
-        )  # fmt: skip
-        if self.capacity is not None and self.capacity.costs is not None:
+        if resumed is None and self.capacity is not None and self.capacity.costs is not None:
             record.extra["estimated_memory_bytes"] = self.capacity.estimate(
                 self.groups.boundaries, stage.group, self.args.per_device_train_batch_size
             )
@@ -333,7 +464,7 @@ class SnakeTrainer(Trainer):
             objective=stage_objective(self.args, self.model, self.part_map, self.groups, stage, self._node_priors),
             frozen_norms=frozen_batchnorms(self.model, self.groups, stage.group) if self.args.train_mode == "full"
             else [],
-            loss=torch.zeros((), device=self.args.device),
+            loss=torch.tensor(resumed["loss"] if resumed else 0.0, device=self.args.device),
         )  # fmt: skip
         if not first:
             self._fresh_optimizer()
@@ -351,7 +482,10 @@ class SnakeTrainer(Trainer):
         if bar is not None:
             bar.set_description(f"stage {stage.index + 1}/{len(self.plan)} node {stage.node} group {stage.group}")
 
-    def _end_stage(self) -> None:
+    def _end_stage(self, control=None) -> None:
+        """Closes the stage in training: records it, logs its loss, and hands its payload on (distributed: now, after
+        the rank's stage checkpoint; simulation: when the next stage begins, so that a checkpoint `Trainer` takes at
+        this step resumes exactly). `control` asks `Trainer` for a stage checkpoint at this step (simulation)."""
         current = self._current
         stage, record = current.stage, current.record
         record.wall_seconds = time.perf_counter() - current.started
@@ -362,9 +496,14 @@ class SnakeTrainer(Trainer):
         current.closed = True
         self._relay.close_stage(stage)
         self.snake_report.stages.append(record)
-        if self.checkpoints.due(stage):
-            self._save_stage_checkpoint(stage)
-        record.bytes_sent = self._relay.hand_on(stage)
+        if self.session.distributed:
+            if self.checkpoints.due(stage):
+                self._save_stage_checkpoint(stage)
+            record.bytes_sent = self._relay.hand_on(stage)
+        else:
+            self._handed_on = (stage, record)
+            if control is not None and self.checkpoints.due(stage):
+                control.should_save = True
         self.log({"stage_loss": record.train_loss, "stage": record.stage, "node": record.node, "group": record.group})
 
     def _save_stage_checkpoint(self, stage: Stage) -> Path:
@@ -384,12 +523,13 @@ class SnakeTrainer(Trainer):
     def _fresh_optimizer(self) -> None:
         """A new optimizer over exactly the trainable parameters; the schedule carries on where it was."""
         old = self.optimizer
-        scheduled = [group["lr"] for group in old.param_groups]
+        scheduled = old.param_groups[0]["lr"]  # where the schedule is now, for the first group's base rate
+        base = old.param_groups[0].get("initial_lr", scheduled)
         self.optimizer = None
         optimizer = self.create_optimizer()
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]  # what the scheduler scales
-            group["lr"] = scheduled[0] * group["lr"] / self.args.learning_rate if self.args.learning_rate else 0.0
+            group["lr"] = scheduled * group["lr"] / base if base else 0.0
         _compat.replace_optimizer(self, old, optimizer)
 
     # ---- outputs ----
