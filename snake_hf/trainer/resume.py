@@ -2,7 +2,7 @@
 
 **Simulation**: `Trainer`'s own checkpoints (`output_dir/checkpoint-<global step>` at `save_strategy`'s steps or epochs,
 the end of training, `"best"`) plus one at every `save_stages` stage boundaries, each with the Snake state of every
-node ([`StageCheckpoints.add_to`]). One taken at a stage boundary resumes with the next stage's hop and a fresh
+node ([`StageCheckpoints.snapshot`]). One taken at a stage boundary resumes with the next stage's hop and a fresh
 optimizer; one taken inside a stage resumes that stage where it was (`Trainer` restores its optimizer, scheduler and
 RNG; the checkpoint keeps the stage's loss so far and record).
 
@@ -166,23 +166,6 @@ class StageCheckpoints:
         logger.info(f"Saved stage checkpoint {path} (next stage {stage.index + 1}).")
         return path
 
-    def add_to(
-        self,
-        folder: Path,
-        next_stage: int,
-        model: nn.Module,
-        relay: Relay,
-        report: SnakeReport,
-        global_step: int,
-        in_stage: dict | None = None,
-        live_node: int | None = None,
-    ) -> None:
-        """Simulation: adds the Snake state to the checkpoint folder `Trainer._save_checkpoint` just wrote, so that it
-        resumes exactly: at a stage boundary (`next_stage`'s payload not yet handed on), or inside stage `next_stage`
-        (`in_stage`: its loss so far and record; `live_node`: the node whose RNG stream is the global one now)."""
-        self.snapshot(next_stage, model, relay, report, global_step, in_stage, live_node).save(Path(folder))
-        logger.info(f"Added the Snake state to {folder} (stage {next_stage}{', inside it' if in_stage else ''}).")
-
     def snapshot(
         self,
         next_stage: int,
@@ -194,7 +177,9 @@ class StageCheckpoints:
         live_node: int | None = None,
     ) -> StageCheckpoint:
         """What a checkpoint restores: every part's tensors, the version vectors, each node's RNG stream, the report
-        and where the run goes on."""
+        and where the run goes on — at a stage boundary (`next_stage`'s hop not yet handed on), or inside stage
+        `next_stage` (`in_stage`: its loss so far and record; `live_node`: the node whose RNG stream is the global one
+        now). Simulation: saved into the folder `Trainer._save_checkpoint` just wrote."""
         named = dict(model.named_parameters()) | dict(model.named_buffers())
         state = {
             "next_stage": next_stage,

@@ -357,13 +357,17 @@ class SnakeTrainer(Trainer):
         current = self._current
         if current is None or not folder.is_dir():
             return
-        if current.closed:
-            self.checkpoints.add_to(folder, current.stage.index + 1, self.model, self._relay, self.snake_report,
-                                    self.state.global_step)  # fmt: skip
+        if current.closed:  # at a stage boundary: the next stage's hop has not left yet
+            snapshot = self.checkpoints.snapshot(
+                current.stage.index + 1, self.model, self._relay, self.snake_report, self.state.global_step
+            )
         else:
             in_stage = {"loss": current.loss.item(), "record": dataclasses.asdict(current.record)}
-            self.checkpoints.add_to(folder, current.stage.index, self.model, self._relay, self.snake_report,
-                                    self.state.global_step, in_stage, live_node=current.stage.node)  # fmt: skip
+            snapshot = self.checkpoints.snapshot(
+                current.stage.index, self.model, self._relay, self.snake_report, self.state.global_step, in_stage,
+                live_node=current.stage.node,
+            )  # fmt: skip
+        snapshot.save(folder)  # snake_state.json last: a folder without it is never trusted
 
     def get_train_dataloader(self) -> DataLoader:
         # Batches come stage by stage, each from its node's shard (snake_hf.data.sampler). Not passed through
