@@ -237,6 +237,25 @@ class TestOneNode:
         assert made[1].state.global_step == made[0].state.global_step < 30
         assert_same_state(trained_state(made[1]), trained_state(made[0]))
 
+    def test_stateful_callbacks_are_restored_on_resume_as_with_trainer(self, tmp_path):
+        data = lm_dataset(n=24)
+        stop = dict(eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2, max_steps=8,
+                    metric_for_best_model="loss", greater_is_better=True, load_best_model_at_end=True,
+                    restore_callback_states_from_checkpoint=True)  # fmt: skip
+        counters = []
+        for kind in ("plain", "snake"):
+            # A threshold no change reaches: every evaluation after the first counts against patience.
+            first = build(kind, "gpt2-lora", tmp_path / "a", data=data, **stop, trainer_kwargs=dict(
+                eval_dataset=data, callbacks=[EarlyStoppingCallback(9, early_stopping_threshold=10.0)]))  # fmt: skip
+            first.train()
+            stopper = EarlyStoppingCallback(9, early_stopping_threshold=10.0)
+            again = build(kind, "gpt2-lora", tmp_path / "b", data=data, **stop,
+                          trainer_kwargs=dict(eval_dataset=data, callbacks=[stopper]))  # fmt: skip
+            again.train(resume_from_checkpoint=str(Path(first.args.output_dir) / "checkpoint-6"))
+            restored = next(c for c in again.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback))
+            counters.append(restored.early_stopping_patience_counter)  # Trainer restores into a new instance
+        assert counters[1] == counters[0] == 3  # 2 restored from checkpoint-6, +1 at step 8 (1 if not restored)
+
     @pytest.mark.parametrize("how", ["optimizers", "optimizer_cls_and_kwargs"])
     def test_custom_optimizer_equals_trainer(self, tmp_path, how):
         made = []
@@ -342,11 +361,12 @@ def two_by_two(
 
 class OptimizerLog(TrainerCallback):
     def __init__(self):
-        self.seen = []
+        self.seen, self.rates = [], []
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         inner = getattr(optimizer, "optimizer", optimizer)
         self.seen.append((type(inner), inner.defaults.get("lr"), inner.defaults.get("momentum")))
+        self.rates.append(inner.param_groups[0]["lr"])
 
 
 class TestTwoByTwo:
@@ -392,6 +412,18 @@ class TestTwoByTwo:
         assert [r.train_loss for r in resumed.snake_report.stages] == [r.train_loss for r in full.snake_report.stages]
         assert resumed.snake_report.total_bytes == full.snake_report.total_bytes
 
+    def test_epoch_based_early_stopping_stops_at_a_plan_epoch_end(self, tmp_path):
+        data = lm_dataset(n=32)
+        stopper = EarlyStoppingCallback(early_stopping_patience=1)
+        trainer = two_by_two(
+            tmp_path, data=data, num_train_epochs=5, stage_steps=1, eval_strategy="epoch", save_strategy="epoch",
+            load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,  # loss falls: stop
+            trainer_kwargs=dict(eval_dataset=data, callbacks=[stopper]),
+        )  # fmt: skip
+        trainer.train()
+        assert trainer.state.global_step == 8  # best after plan epoch 1, no better after epoch 2: stop (4 steps each)
+        assert checkpoints(trainer.args.output_dir)[-1] == "checkpoint-8"
+
     def test_load_best_model_at_end_loads_the_best_stage_checkpoint(self, tmp_path):
         data = lm_dataset(n=32)
         trainer = two_by_two(
@@ -417,11 +449,19 @@ class TestTwoByTwo:
             kwargs = dict(optimizers=(optimizer, None))
         else:
             kwargs = dict(optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.5, "momentum": 0.5}))
-        args = SnakeConfig(**dict(QUIET, learning_rate=0.5), output_dir=str(tmp_path / "s"), save_strategy="no",
-                           num_nodes=2, num_block_groups=2, num_train_epochs=1, stage_steps=2)  # fmt: skip
+        args = SnakeConfig(
+            **QUIET,
+            output_dir=str(tmp_path / "s"),
+            save_strategy="no",
+            num_nodes=2,
+            num_block_groups=2,
+            num_train_epochs=1,
+            stage_steps=2,
+        )  # fmt: skip (args' lr is 1e-2)
         trainer = SnakeTrainer(model, args, train_dataset=lm_dataset(n=32), callbacks=[log], **kwargs)
         trainer.train()
         assert len(log.seen) == 8 and set(log.seen) == {(torch.optim.SGD, 0.5, 0.5)}
+        assert log.rates == pytest.approx([0.5 * (1 - k / 8) for k in range(1, 9)])  # one linear schedule from 0.5
 
     def test_optimizer_with_per_group_hyperparameters_is_refused(self, tmp_path):
         model = get_peft_model(tiny_gpt2(), lora())
