@@ -63,9 +63,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "smollm2_bible.ya
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the recipe; `argv` defaults to the command line. Returns the measured results (also in results.json)."""
     types = [ScriptArguments, CausalLMModelArguments, SnakeConfig]
-    script_args, model_args, args = parse_recipe_args(
-        types, argv, description=__doc__, default_config=DEFAULT_CONFIG
-    )
+    script_args, model_args, args = parse_recipe_args(types, argv, description=__doc__, default_config=DEFAULT_CONFIG)
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(model_args, "causal_lm", seed=args.seed)
     splits = causal_lm_splits(script_args, tokenizer)

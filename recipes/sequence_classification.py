@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             trainer, results, ["eval_accuracy", "eval_f1", "eval_loss"], f"split ({len(splits['eval'])} examples)"
         )
     )
+    results["eval_examples"] = len(splits["eval"])
     results = report_and_save(trainer, results, model_args, script_args.dataset_name, "text-classification")
     print(f"Wrote the adapter, report, plots and model card to {trainer.args.output_dir}")
     return results

@@ -16,7 +16,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 
-__all__ = ["COMMON_TRAINING_OPTIONS", "quiet_library_output", "parse_recipe_args", "recipe_help", "run_recipe"]
+__all__ = ["COMMON_TRAINING_OPTIONS", "parse_recipe_args", "quiet_library_output", "recipe_help", "run_recipe"]
 
 # The TrainingArguments a recipe user sets most; `--help` lists them, `--help-all` lists the other ~150.
 COMMON_TRAINING_OPTIONS = (
@@ -73,10 +73,10 @@ def parse_recipe_args(
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(list(dataclass_types))
     if "--help-all" in argv or "-h" in argv or "--help" in argv:
-        print(recipe_help(parser, dataclass_types, description, full="--help-all" in argv))
+        sys.stdout.write(recipe_help(parser, dataclass_types, description, full="--help-all" in argv) + "\n")
         raise SystemExit(0)
     if not argv and default_config is not None:
-        print(f"No arguments: running {_shown_path(default_config)} (`--help` lists the options).")
+        sys.stdout.write(f"No arguments: running {_shown_path(default_config)} (`--help` lists the options).\n")
         argv = [str(default_config)]
     if argv and argv[0].endswith((".yaml", ".yml")):
         config = yaml.safe_load(Path(argv[0]).read_text()) or {}
@@ -172,7 +172,7 @@ def run_recipe(main: Callable[[], Any]) -> None:
     try:
         main()
     except AssetNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
+        sys.stderr.write(f"error: {error}\n")
         raise SystemExit(2) from None
 
 

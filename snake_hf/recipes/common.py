@@ -291,11 +291,39 @@ def load_model_and_tokenizer(
         set_seed(seed)
         model = auto.from_config(config)
     else:
-        path = resolve_model_path(model_args.model_name_or_path)
-        model = auto.from_pretrained(path, dtype="float32", **label_kwargs)
+        model = _from_pretrained(auto, model_args.model_name_or_path, **label_kwargs)
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _from_pretrained(auto, name_or_path: str, **kwargs: Any) -> PreTrainedModel:
+    """`auto.from_pretrained` with transformers' load report (a table that flags a new head as MISSING) said in one
+    line, and the Hub id of an offline asset as the model's name, so the adapter config and the model card name the
+    Hub model rather than a folder on this machine."""
+    from transformers.utils import logging as hf_logging
+
+    report_logger = hf_logging.get_logger("transformers.modeling_utils")
+    level = report_logger.level
+    report_logger.setLevel(hf_logging.ERROR)
+    try:
+        model, info = auto.from_pretrained(
+            resolve_model_path(name_or_path), dtype="float32", output_loading_info=True, **kwargs
+        )
+    finally:
+        report_logger.setLevel(level)
+    new = sorted(info.get("missing_keys") or ())
+    unused = sorted(info.get("unexpected_keys") or ())
+    if new:
+        unused_note = f" Checkpoint weights left unused: {', '.join(unused)}." if unused else ""
+        logger.warning(
+            f"New weights, not in the checkpoint (initialised at random, trained): {', '.join(new)}.{unused_note}"
+        )
+    hub_id = base_model_name(name_or_path)
+    if hub_id != name_or_path:  # an alias of an offline asset: name the Hub model it packages
+        model.config._name_or_path = hub_id
+        model.name_or_path = hub_id
+    return model
 
 
 def _load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -470,10 +498,16 @@ def report_and_save(
 ) -> dict[str, Any]:
     """The end of a text recipe: saves the adapter, report, plots and a model card naming the task and data set
     (shared by the recipes; they print `run_summary` first)."""
+    from ..model_card import communication_metadata, memory_metadata
+
     output_dir = trainer.args.output_dir
     results.update(model=model_args.model_name_or_path, dataset=dataset_name, output_dir=output_dir)
+    results["communication"] = communication_metadata(
+        trainer.snake_report, trainer.args.payload_dtype, trainer.args.topology
+    )
+    results["memory"] = memory_metadata(trainer.snake_report)
     dataset = Path(dataset_name).stem  # a file's name, or the data set's
-    card = {"tasks": task, "dataset": dataset, "dataset_tags": dataset}
+    card = {"tasks": task, "dataset": dataset, "metrics_before": results["before"]}
     if model_args.tiny_model_type is None and model_args.from_config_json is None:
         card["finetuned_from"] = base_model_name(model_args.model_name_or_path)
     save_run_outputs(trainer, results, card)

@@ -38,6 +38,7 @@ from ..engine.session import Session
 from ..launch import LaunchInfo
 from ..lm_loss import chunked_causal_lm_loss
 from ..memory import PeakMemory
+from ..model_card import write_model_card
 from ..plan import PLAN_FILE, Stage, format_plan, save_plan
 from ..recompute import set_recompute
 from ..report import SnakeReport, StageRecord
@@ -134,6 +135,7 @@ class SnakeTrainer(Trainer):
         self._current: StageRun | None = None  # the stage in training
         self._relay: Relay | None = None  # the run's relay (built by train())
         self._resume_point = ResumePoint()
+        self._memory_baseline: int | None = None  # memory held when train() began (set there)
         logger.info(f"Snake plan ({len(self.plan)} stages, {self.total_steps} steps):\n{format_plan(self.plan)}")
 
     # ---- set-up ----
@@ -178,6 +180,7 @@ class SnakeTrainer(Trainer):
         afterwards every process holds the final trainable state.
         """
         self.snake_report = self._new_report()
+        self._memory_baseline = self._meter.current()  # the loaded model and data: stage peaks are reported above it
         relay = self._relay = self.session.make_relay(
             self.model, self.part_map, self._spec, self.plan, self.args.seed, self.snake_report,
             self.args.on_node_failure,
@@ -324,6 +327,8 @@ class SnakeTrainer(Trainer):
             stage=stage.index, pass_index=stage.pass_index, node=stage.node, group=stage.group, steps=stage.steps,
             bytes_received=bytes_in, wait_seconds=wait, load_seconds=self._relay.last_load_seconds,
         )  # fmt: skip
+        if self._memory_baseline is not None:
+            record.extra["memory_baseline_bytes"] = self._memory_baseline
         if self.capacity is not None and self.capacity.costs is not None:
             record.extra["estimated_memory_bytes"] = self.capacity.estimate(
                 self.groups.boundaries, stage.group, self.args.per_device_train_batch_size
@@ -365,7 +370,7 @@ class SnakeTrainer(Trainer):
         if self.checkpoints.due(stage):
             self._save_stage_checkpoint(stage)
         record.bytes_sent = self._relay.hand_on(stage)
-        self.log({"stage_loss": record.train_loss, "stage": record.stage, "node": record.node, "group": record.group})
+        self.log(self.snake_report.log_metrics(record))  # stage, node, group, comm/*, mem/peak to every report_to
 
     def _save_stage_checkpoint(self, stage: Stage) -> Path:
         def write_outputs(folder: Path) -> None:
@@ -413,23 +418,12 @@ class SnakeTrainer(Trainer):
         return super().push_to_hub(*args, **kwargs)
 
     def create_model_card(self, tags=None, **kwargs) -> None:
-        """`Trainer.create_model_card` with the `snake-learning` tag and a section on the plan, shards, bytes moved,
-        per-node peak memory and evaluation metrics (what `push_to_hub` uploads as README.md)."""
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        super().create_model_card(tags=[*tags, "snake-learning"], **kwargs)
-        if not self.is_world_process_zero():
-            return
-        card = Path(self.args.output_dir) / "README.md"
-        metrics = {
-            k: v
-            for h in self.state.log_history
-            for k, v in h.items()
-            if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second", "_preparation_time"))
-        }
-        self.snake_report.metrics = metrics
-        summary = self.shard_summary.to_markdown() if self.shard_summary is not None else ""
-        section = self.snake_report.model_card_section(plan=format_plan(self.plan), shards=summary)
-        card.write_text(card.read_text().rstrip("\n") + "\n\n" + section + "\n")
+        """Writes `output_dir/README.md` for this run (what `push_to_hub` uploads): the base model's Hub id, the plan
+        and hyperparameters that ran, evaluation before and after, and `communication` and `memory` metadata
+        (`snake_hf.model_card`). Takes `Trainer.create_model_card`'s arguments (`finetuned_from`, `dataset`, `tasks`,
+        `model_name`, ...)."""
+        if self.is_world_process_zero():
+            write_model_card(self, tags=tags, **kwargs)
 
 
 def _tag_model(model: nn.Module) -> None:
