@@ -10,6 +10,7 @@ and is re-exported here. The recipes themselves stay short scripts; everything h
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -297,6 +298,13 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+class _DropLoadReport(std_logging.Filter):
+    """Drops transformers' load report (said in one line instead)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
 def _from_pretrained(auto, name_or_path: str, **kwargs: Any) -> PreTrainedModel:
     """`auto.from_pretrained` with transformers' load report (a table that flags a new head as MISSING) said in one
     line, and the Hub id of an offline asset as the model's name, so the adapter config and the model card name the
@@ -304,14 +312,14 @@ def _from_pretrained(auto, name_or_path: str, **kwargs: Any) -> PreTrainedModel:
     from transformers.utils import logging as hf_logging
 
     report_logger = hf_logging.get_logger("transformers.modeling_utils")
-    level = report_logger.level
-    report_logger.setLevel(hf_logging.ERROR)
+    report_filter = _DropLoadReport()
+    report_logger.addFilter(report_filter)  # not setLevel: transformers runs extra checks at a raised level
     try:
         model, info = auto.from_pretrained(
             resolve_model_path(name_or_path), dtype="float32", output_loading_info=True, **kwargs
         )
     finally:
-        report_logger.setLevel(level)
+        report_logger.removeFilter(report_filter)
     new = sorted(info.get("missing_keys") or ())
     unused = sorted(info.get("unexpected_keys") or ())
     if new:
