@@ -16,7 +16,8 @@
 #   SKIP_INSTALL=1 bash scripts/main_job.sh       # run only (everything already installed)
 #   bash scripts/main_job.sh --num_passes 2       # extra flags override the YAML
 #
-# Environment: PYTHON (default: python) picks the interpreter; OUTPUT_DIR (default: outputs/minilm_rotten_tomatoes).
+# Environment: PYTHON (default: python) picks the interpreter; OUTPUT_DIR (default: outputs/minilm_rotten_tomatoes);
+# OMP_NUM_THREADS (default: 1) the torch threads.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -35,6 +36,9 @@ fi
 
 export HF_HUB_OFFLINE=1  # everything is local; never reach for the Hub
 export TOKENIZERS_PARALLELISM=false
+# One torch thread: the job is sized for one CPU core, and on a machine shared with other jobs a second thread mostly
+# spins waiting for the first. OMP_NUM_THREADS=2 (or more) uses more cores where they are free.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 train_start=$SECONDS
 "$PYTHON" recipes/sequence_classification.py "$CONFIG" --output_dir "$OUTPUT_DIR" "$@"
 
