@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         "part_nbytes": report.part_nbytes,
         "shard_sizes": report.shard_sizes,
         "peak_memory_per_node": {str(k): v for k, v in report.peak_memory_per_node().items()},
+        "peak_above_model_per_node": {str(k): v for k, v in report.peak_above_model_per_node().items()},
         "output_dir": args.output_dir,
     }
     trainer.save_model(args.output_dir)
@@ -191,7 +192,11 @@ def main(argv: list[str] | None = None) -> dict:
     if script.plots:
         report.plot(folder)
         if trainer.shard_summary is not None:
-            plot_shards(trainer.shard_summary, folder / "shards.png", title=f"{args.partition} split")
+            alpha = f", α={args.partition_alpha:g}" if args.partition == "dirichlet" else ""
+            names = train.features["labels"].names
+            plot_shards(
+                trainer.shard_summary, folder / "shards.png", title=f"{args.partition} split{alpha}", label_names=names
+            )
     print_summary(trainer, results, before, after)
     return results
 

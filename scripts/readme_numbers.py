@@ -99,9 +99,12 @@ def memory_full(name: str) -> tuple[float, float, float, int]:
     """(ratio, Snake's largest node peak, full fine-tuning's peak, nodes) of a memory_full run, peaks in bytes."""
     data = load(name)
     snake, full = data["methods"]["snake_full"], data["methods"]["full_finetune"]
-    return data["summary"]["memory_ratio"], snake["peak_memory_max"], full["peak_memory_max"], data["settings"][
-        "num_nodes"
-    ]
+    return (
+        data["summary"]["memory_ratio"],
+        snake["peak_memory_max"],
+        full["peak_memory_max"],
+        data["settings"]["num_nodes"],
+    )
 
 
 # ---- the generated parts ----------------------------------------------------------------------------------------
@@ -169,7 +172,11 @@ def minilm_table() -> str:
             cells += ["-", "-", "-"]
         else:
             to_target = iid["bytes_to_target"]
-            cells += [acc(iid["final_metric"]), mib(iid["bytes_total"]), "never" if to_target is None else mib(to_target)]
+            cells += [
+                acc(iid["final_metric"]),
+                mib(iid["bytes_total"]),
+                "never" if to_target is None else mib(to_target),
+            ]
         cells += [acc(method(D01, name)["final_metric"]), acc(method(D1, name)["final_metric"])]
         cells.append("-" if iid is None else mib(iid["peak_memory_max"], 0))
         rows.append("| " + " | ".join(cells) + " |")
@@ -188,7 +195,9 @@ def minilm_table() -> str:
 
 
 def minilm_notes() -> str:
-    snake, fedavg, split, central = (method(IID, m) for m in ("snake_serpentine", "fedavg_lora", "split", "centralized"))
+    snake, fedavg, split, central = (
+        method(IID, m) for m in ("snake_serpentine", "fedavg_lora", "split", "centralized")
+    )
     bf16 = method(BF16, "snake_serpentine")
     mitigated01, central01 = method(D01, "snake_serpentine+mitigation"), method(D01, "centralized")
     mitigated1, central1 = method(D1, "snake_serpentine+mitigation"), method(D1, "centralized")
@@ -198,7 +207,7 @@ def minilm_notes() -> str:
             f"{split['bytes_to_target'] / snake['bytes_to_target']:.0f} of split learning's "
             f"{mib(split['bytes_to_target'])} MiB; FedAvg-LoRA never reached it. Over the whole run Snake moved "
             f"{snake['bytes_total'] / fedavg['bytes_total']:.2f}x FedAvg-LoRA's bytes and 1/"
-            f"{split['bytes_total'] / snake['bytes_total']:.0f} of split learning's. With `payload_dtype=\"bfloat16\"` "
+            f'{split["bytes_total"] / snake["bytes_total"]:.0f} of split learning\'s. With `payload_dtype="bfloat16"` '
             f"Snake reached {acc(bf16['final_metric'])} and the target after {mib(bf16['bytes_to_target'])} MiB "
             f"({mib(bf16['bytes_total'])} MiB in all).",
             f"* **Accuracy**: IID, Snake {acc(snake['final_metric'])} against centralized {acc(central['final_metric'])}."
@@ -321,13 +330,18 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "non_iid_table": non_iid_table,
     "shards": shards_table,
 }
-_PART = re.compile(r"(<!-- numbers:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /numbers:(?P=name) -->)", re.S)
+_PART = re.compile(r"<!-- numbers:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /numbers:(?P=name) -->", re.S)
 _MEASURED = re.compile(r"\d+\.\d+|\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?\s?(?:MiB|MB|GiB|GB|KiB|%|s\b|minutes?\b|min\b)")
 
 
 def render(text: str) -> str:
     """`text` with every generated part rewritten from the results."""
-    return _PART.sub(lambda m: m.group(1) + BLOCKS[m.group("name")]() + m.group(4), text)
+
+    def part(match: re.Match) -> str:
+        name = match.group("name")
+        return f"<!-- numbers:{name} -->\n{BLOCKS[name]()}\n<!-- /numbers:{name} -->"
+
+    return _PART.sub(part, text)
 
 
 def stray_numbers(text: str) -> list[str]:
@@ -345,12 +359,16 @@ def stray_numbers(text: str) -> list[str]:
 def check_page(path: Path) -> list[str]:
     """What is wrong with one page: unknown parts, parts that disagree with the results, stray numbers."""
     text = path.read_text()
-    problems = [f"{path.name}: unknown part `{m.group('name')}`" for m in _PART.finditer(text) if m.group("name") not in BLOCKS]
+    problems = [
+        f"{path.name}: unknown part `{m.group('name')}`" for m in _PART.finditer(text) if m.group("name") not in BLOCKS
+    ]
     if problems:
         return problems
     if render(text) != text:
         problems.append(f"{path.relative_to(ROOT)}: generated numbers disagree with benchmarks/results (run --write)")
-    problems += [f"{path.relative_to(ROOT)}: a measured number outside a generated part: {n!r}" for n in stray_numbers(text)]
+    problems += [
+        f"{path.relative_to(ROOT)}: a measured number outside a generated part: {n!r}" for n in stray_numbers(text)
+    ]
     return problems
 
 

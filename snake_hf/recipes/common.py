@@ -470,7 +470,8 @@ def save_run_outputs(trainer: SnakeTrainer, results: dict[str, Any], model_card_
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer.snake_report.plot(output_dir)
     if trainer.shard_summary is not None:
-        plot_shards(trainer.shard_summary, output_dir / "shards.png", title="node shards")
+        title, names = _shards_title_and_names(trainer)
+        plot_shards(trainer.shard_summary, output_dir / "shards.png", title=title, label_names=names)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
     kwargs = dict(model_card_kwargs or {})
     if trainer.args.push_to_hub:
@@ -480,6 +481,18 @@ def save_run_outputs(trainer: SnakeTrainer, results: dict[str, Any], model_card_
         trainer.save_model()
         trainer.create_model_card(**kwargs)
     return output_dir
+
+
+def _shards_title_and_names(trainer: SnakeTrainer) -> tuple[str, list[str] | None]:
+    """The shards plot's title (the partition, with α for a Dirichlet split) and the class names, when the data set
+    has a `ClassLabel` column."""
+    args = trainer.args
+    title = f"examples per node and class: {args.partition} split over {args.num_nodes} nodes"
+    if args.partition == "dirichlet":
+        title += f", α={args.partition_alpha:g}"
+    features = getattr(trainer.node_data.dataset, "features", None) or {}
+    label = features.get(args.partition_label_column) if hasattr(features, "get") else None
+    return title, list(label.names) if hasattr(label, "names") else None
 
 
 def _json_default(value: Any) -> Any:
