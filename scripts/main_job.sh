@@ -25,6 +25,7 @@ PYTHON="${PYTHON:-python}"
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/minilm_rotten_tomatoes}"
 CONFIG="recipes/configs/minilm_rotten_tomatoes.yaml"
 start=$SECONDS
+load_at_start="$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0)"
 
 if [[ -z "${SKIP_INSTALL:-}" ]]; then
     # torch first, pinned, so that installing snake_hf keeps this (CPU) build instead of pulling another one.
@@ -40,7 +41,8 @@ export TOKENIZERS_PARALLELISM=false
 # spins waiting for the first. OMP_NUM_THREADS=2 (or more) uses more cores where they are free.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 train_start=$SECONDS
+load_at_start="$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0)"
 "$PYTHON" recipes/sequence_classification.py "$CONFIG" --output_dir "$OUTPUT_DIR" "$@"
 
 "$PYTHON" scripts/main_job_summary.py "$OUTPUT_DIR" --recipe_seconds "$((SECONDS - train_start))" \
-    --total_seconds "$((SECONDS - start))" --command "bash scripts/main_job.sh $*"
+    --total_seconds "$((SECONDS - start))" --load_at_start "$load_at_start" --command "bash scripts/main_job.sh $*"

@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--recipe_seconds", type=float, required=True)
     parser.add_argument("--total_seconds", type=float, required=True)
     parser.add_argument("--command", default="bash scripts/main_job.sh")
+    parser.add_argument("--load_at_start", type=float, default=None, help="1-minute load average when it started")
     cli = parser.parse_args()
     results = json.loads((Path(cli.output_dir) / "results.json").read_text())
     report = json.loads((Path(cli.output_dir) / "snake_report.json").read_text())
@@ -72,6 +73,8 @@ def main() -> None:
         "recipe_seconds": cli.recipe_seconds,
         "total_seconds": cli.total_seconds,
         "train_seconds": round(results["train_seconds"], 1),
+        "recipe_cpu_seconds": round(results["process_cpu_seconds"], 1),
+        "load_average_1m_at_start": cli.load_at_start,
         "output_dir": results["output_dir"],
         "eval_examples": results.get("eval_examples", 0),
         "total_steps": results["total_steps"],
@@ -83,7 +86,10 @@ def main() -> None:
     }
     (Path(cli.output_dir) / "main_job.json").write_text(json.dumps(run, indent=2) + "\n")
     print("\n" + "\n".join(summary_lines(run)))
-    print(f"[main_job] recipe wall time {cli.recipe_seconds:.0f} s; total {cli.total_seconds:.0f} s")
+    print(
+        f"[main_job] wall time {cli.total_seconds:.0f} s (recipe {cli.recipe_seconds:.0f} s, of it "
+        f"{run['recipe_cpu_seconds']:.0f} s of CPU time)"
+    )
 
 
 if __name__ == "__main__":

@@ -153,10 +153,14 @@ def quiet_library_output(args: TrainingArguments) -> None:
     """Keeps what means nothing to a recipe's user out of its output.
 
     Ignores transformers' `FutureWarning` about `is_gradient_checkpointing` (PEFT reads the deprecated property when it
-    wraps a model; nothing the user can change), and, with `disable_tqdm`, turns off the `datasets` (`Map:`) and
+    wraps a model; nothing the user can change) and PEFT's note that it could not fetch the base model's config while
+    saving (offline), and, with `disable_tqdm`, turns off the `datasets` (`Map:`) and
     transformers (`Loading weights`) progress bars as `Trainer` turns off its own.
     """
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # PEFT looks up the base model's config by its Hub id when saving, to see whether the vocabulary grew; offline (the
+    # recipes' assets) it cannot, and says so. The recipes never resize the vocabulary.
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in", category=UserWarning)
     if args.disable_tqdm:
         import datasets
         from transformers.utils import logging as hf_logging

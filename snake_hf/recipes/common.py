@@ -527,6 +527,7 @@ def report_and_save(
         trainer.snake_report, trainer.args.payload_dtype, trainer.args.topology
     )
     results["memory"] = memory_metadata(trainer.snake_report)
+    results["process_cpu_seconds"] = time.process_time()  # the recipe's CPU time so far, every thread
     dataset = Path(dataset_name).stem  # a file's name, or the data set's
     card = {"tasks": task, "dataset": dataset, "metrics_before": results["before"]}
     if model_args.tiny_model_type is None and model_args.from_config_json is None:
