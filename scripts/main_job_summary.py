@@ -67,7 +67,7 @@ def main() -> None:
     results = json.loads((Path(cli.output_dir) / "results.json").read_text())
     report = json.loads((Path(cli.output_dir) / "snake_report.json").read_text())
     run = {
-        "command": cli.command.strip(),
+        "command": ("SKIP_INSTALL=1 " if os.environ.get("SKIP_INSTALL") else "") + cli.command.strip(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "recipe_seconds": cli.recipe_seconds,

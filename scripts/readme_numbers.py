@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -65,7 +66,7 @@ def source(*names: str) -> str:
             run = load(name)
             machine = run["machine"]
             info = {
-                "command": run["command"].replace("bash scripts/main_job.sh", "time bash scripts/main_job.sh"),
+                "command": run["command"].replace("bash scripts/main_job.sh", "time bash scripts/main_job.sh").strip(),
                 "machine": f"{machine['cpu_count']} shared CPU cores ({machine['cpu']}), torch {machine['torch']}",
                 "date": run["date"][:10],
             }
@@ -142,16 +143,22 @@ def main_job() -> str:
     comm = run["communication"]
     minutes, seconds = divmod(round(run["total_seconds"]), 60)
     peaks = [n["peak_above_model_bytes"] for n in run["memory"]["per_node"]]
+    machine = run["machine"]
     return "\n".join(
         [
             f"Measured: held-out accuracy **{acc(run['before']['eval_accuracy'])} → {acc(run['after']['eval_accuracy'])}**"
             f" on {run['eval_examples']:,} sentences after {run['total_steps']} steps; {mib(comm['bytes_total'])} MiB "
             f"moved between nodes in {comm['num_hops']} hops, {comm['bytes_total'] / comm['fedavg_lora_bytes']:.2f}x "
             f"what FedAvg-LoRA would move for the same steps ({mib(comm['fedavg_lora_bytes'])} MiB); "
-            f"{mib(min(peaks), 0)}-{mib(max(peaks), 0)} MiB per node above the loaded model; **{minutes} min "
-            f"{seconds} s** of wall time on a machine whose load average was "
-            f"{run['machine']['load_average_1m']:.1f} at the end (the test suite ran beside it; installation "
-            "skipped, everything was installed).",
+            f"{mib(min(peaks), 0)}-{mib(max(peaks), 0)} MiB per node above the loaded model. **{minutes} min "
+            f"{seconds} s** of wall time, of which {run['recipe_cpu_seconds'] / 60:.1f} min of CPU time (one torch "
+            f"thread), on {machine['cpu_count']} CPU cores shared with the test suite and other jobs (load average "
+            f"{run['load_average_1m_at_start']:.1f} at the start, {machine['load_average_1m']:.1f} at the end); "
+            + (
+                "installation skipped (`SKIP_INSTALL=1`: everything was installed)."
+                if run["command"].startswith("SKIP_INSTALL=1")
+                else "installation included."
+            ),
             "",
             source(MAIN),
         ]
@@ -334,12 +341,24 @@ _PART = re.compile(r"<!-- numbers:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /numbe
 _MEASURED = re.compile(r"\d+\.\d+|\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?\s?(?:MiB|MB|GiB|GB|KiB|%|s\b|minutes?\b|min\b)")
 
 
+def _wrap(text: str) -> str:
+    """Paragraphs and bullets wrapped at 119 columns, as the pages' own text; tables as they are."""
+    lines = []
+    for line in text.split("\n"):
+        if line.startswith("|") or not line.strip():
+            lines.append(line)
+        else:
+            indent = "  " if line.startswith("* ") else ""
+            lines.append(textwrap.fill(line, width=119, subsequent_indent=indent, break_on_hyphens=False))
+    return "\n".join(lines)
+
+
 def render(text: str) -> str:
     """`text` with every generated part rewritten from the results."""
 
     def part(match: re.Match) -> str:
         name = match.group("name")
-        return f"<!-- numbers:{name} -->\n{BLOCKS[name]()}\n<!-- /numbers:{name} -->"
+        return f"<!-- numbers:{name} -->\n{_wrap(BLOCKS[name]())}\n<!-- /numbers:{name} -->"
 
     return _PART.sub(part, text)
 
