@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     if rank == 0:
         print(f"{world_size} process(es), {args.num_nodes} nodes. Plan:\n{format_plan(trainer.plan)}\n")
     trainer.train()
-    if rank == 0:  # every rank holds the merged report: the plan's loss is over every node's stages
+    if rank == 0:  # the first process holds the merged report: the plan's loss over every node's stages
         print(trainer.snake_report.to_markdown())
         print(f"plan loss (every node's stages, weighted by steps): {trainer.snake_report.plan_loss():.4f}")
     trainer.save_model()
