@@ -338,7 +338,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "shards": shards_table,
 }
 _PART = re.compile(r"<!-- numbers:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /numbers:(?P=name) -->", re.S)
-_MEASURED = re.compile(r"\d+\.\d+|\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?\s?(?:MiB|MB|GiB|GB|KiB|%|s\b|minutes?\b|min\b)")
+_MEASURED = re.compile(r"\d+(?:\.\d+)?\s?(?:MiB|MB|GiB|GB|KiB|%|s\b|minutes?\b|min\b)|\d+\.\d+|\d{1,3}(?:,\d{3})+")
 
 
 def _wrap(text: str) -> str:
