@@ -181,7 +181,10 @@ def model_card_text(
     metadata: dict[str, Any] = {"library_name": "peft" if report.train_mode == "lora" else "transformers"}
     if base_model:
         metadata["base_model"] = base_model
-    metadata["tags"] = sorted({*tags, "snake-learning"})
+    standard = (
+        ["lora", "peft", f"base_model:adapter:{base_model}"] if report.train_mode == "lora" and base_model else []
+    )
+    metadata["tags"] = sorted({*tags, *standard, "snake-learning"})
     if dataset:
         metadata["datasets"] = [dataset]
     if task:

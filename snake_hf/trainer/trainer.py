@@ -422,7 +422,7 @@ class SnakeTrainer(Trainer):
         and hyperparameters that ran, evaluation before and after, and `communication` and `memory` metadata
         (`snake_hf.model_card`). Takes `Trainer.create_model_card`'s arguments (`finetuned_from`, `dataset`, `tasks`,
         `model_name`, ...)."""
-        if self.is_world_process_zero():
+        if self.session.is_main and self.is_world_process_zero():  # distributed: every rank holds the same state
             write_model_card(self, tags=tags, **kwargs)
 
 
