@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     if rank == 0:
         print(f"{world_size} process(es), {args.num_nodes} nodes. Plan:\n{format_plan(trainer.plan)}\n")
     trainer.train()
-    if rank == 0:
+    if rank == 0:  # the first process holds the merged report: the plan's loss over every node's stages
         print(trainer.snake_report.to_markdown())
+        print(f"plan loss (every node's stages, weighted by steps): {trainer.snake_report.plan_loss():.4f}")
     trainer.save_model()
     return {"world_size": world_size, "stages": len(trainer.plan), "total_bytes": trainer.snake_report.total_bytes}
 

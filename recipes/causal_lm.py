@@ -10,13 +10,16 @@ Usage:
     python recipes/causal_lm.py --model_name_or_path gpt2 --dataset_name my_corpus.txt --output_dir out/gpt2 \\
         --num_nodes 4 --partition length --stage_steps 10
 
-The first argument may be a YAML file; flags after it override its values. `--help` lists every option.
+The first argument may be a YAML file; flags after it override its values. With no arguments it runs
+recipes/configs/smollm2_bible.yaml (needs `bash scripts/install_assets.sh smollm2 bible`). `--help` lists Snake's
+options first, `--help-all` every option.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers import default_data_collator, set_seed
@@ -32,7 +35,7 @@ from snake_hf.recipes import (
     run_summary,
     train_and_evaluate,
 )
-from snake_hf.recipes.cli import parse_recipe_args
+from snake_hf.recipes.cli import parse_recipe_args, run_recipe
 from snake_hf.recipes.metrics import perplexity_from_eval_loss
 
 
@@ -53,9 +56,14 @@ class CausalLMModelArguments(ModelArguments):
     )
 
 
+# What runs with no arguments: SmolLM2-135M on the King James Bible (offline assets).
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "smollm2_bible.yaml"
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the recipe; `argv` defaults to the command line. Returns the measured results (also in results.json)."""
-    script_args, model_args, args = parse_recipe_args([ScriptArguments, CausalLMModelArguments, SnakeConfig], argv)
+    types = [ScriptArguments, CausalLMModelArguments, SnakeConfig]
+    script_args, model_args, args = parse_recipe_args(types, argv, description=__doc__, default_config=DEFAULT_CONFIG)
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(model_args, "causal_lm", seed=args.seed)
     splits = causal_lm_splits(script_args, tokenizer)
@@ -84,4 +92,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

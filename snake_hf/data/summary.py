@@ -116,6 +116,7 @@ def plot_shards(
     path: str | os.PathLike,
     label_column: str | None = "label",
     title: str | None = None,
+    label_names: Sequence[str] | None = None,
 ) -> pathlib.Path:
     """Saves a stacked horizontal bar chart of each node's label counts (or sizes, without labels) as a PNG.
 
@@ -125,7 +126,9 @@ def plot_shards(
         shards_or_summary (`Sequence[datasets.Dataset]` or `ShardSummary`): The shards, or their summary.
         path (`str` or `os.PathLike`): Where to write the PNG; parent folders are created.
         label_column (`str`, *optional*, defaults to `"label"`): Label column, used when shards are given.
-        title (`str`, *optional*): Figure title.
+        title (`str`, *optional*): Figure title (say the split, e.g. "Dirichlet α=0.1").
+        label_names (`Sequence[str]`, *optional*): Class names by label id (e.g. a `ClassLabel`'s `names`) for the
+            legend; labels are shown as they are without it.
 
     Returns:
         `pathlib.Path`: The path written.
@@ -154,10 +157,11 @@ def plot_shards(
         left = np.zeros(len(nodes))
         for label, color in zip(summary.labels, colors):
             counts = np.array([row["label_counts"][label] for row in summary.rows], dtype=float)
-            ax.barh(nodes, counts, left=left, color=color, label=str(label))
+            name = label_names[label] if label_names is not None and isinstance(label, int) else label
+            ax.barh(nodes, counts, left=left, color=color, label=str(name))
             left += counts
         if num_labels <= 20:
-            ax.legend(title="label", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+            ax.legend(title="class", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
     else:
         ax.barh(nodes, [row["size"] for row in summary.rows], color="tab:blue")
     ax.set_yticks(nodes)

@@ -10,6 +10,7 @@ and is re-exported here. The recipes themselves stay short scripts; everything h
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -291,11 +292,46 @@ def load_model_and_tokenizer(
         set_seed(seed)
         model = auto.from_config(config)
     else:
-        path = resolve_model_path(model_args.model_name_or_path)
-        model = auto.from_pretrained(path, dtype="float32", **label_kwargs)
+        model = _from_pretrained(auto, model_args.model_name_or_path, **label_kwargs)
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+class _DropLoadReport(std_logging.Filter):
+    """Drops transformers' load report (said in one line instead)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+def _from_pretrained(auto, name_or_path: str, **kwargs: Any) -> PreTrainedModel:
+    """`auto.from_pretrained` with transformers' load report (a table that flags a new head as MISSING) said in one
+    line, and the Hub id of an offline asset as the model's name, so the adapter config and the model card name the
+    Hub model rather than a folder on this machine."""
+    from transformers.utils import logging as hf_logging
+
+    report_logger = hf_logging.get_logger("transformers.modeling_utils")
+    report_filter = _DropLoadReport()
+    report_logger.addFilter(report_filter)  # not setLevel: transformers runs extra checks at a raised level
+    try:
+        model, info = auto.from_pretrained(
+            resolve_model_path(name_or_path), dtype="float32", output_loading_info=True, **kwargs
+        )
+    finally:
+        report_logger.removeFilter(report_filter)
+    new = sorted(info.get("missing_keys") or ())
+    unused = sorted(info.get("unexpected_keys") or ())
+    if new:
+        unused_note = f" Checkpoint weights left unused: {', '.join(unused)}." if unused else ""
+        logger.warning(
+            f"New weights, not in the checkpoint (initialised at random, trained): {', '.join(new)}.{unused_note}"
+        )
+    hub_id = base_model_name(name_or_path)
+    if hub_id != name_or_path:  # an alias of an offline asset: name the Hub model it packages
+        model.config._name_or_path = hub_id
+        model.name_or_path = hub_id
+    return model
 
 
 def _load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -434,7 +470,8 @@ def save_run_outputs(trainer: SnakeTrainer, results: dict[str, Any], model_card_
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer.snake_report.plot(output_dir)
     if trainer.shard_summary is not None:
-        plot_shards(trainer.shard_summary, output_dir / "shards.png", title="node shards")
+        title, names = _shards_title_and_names(trainer)
+        plot_shards(trainer.shard_summary, output_dir / "shards.png", title=title, label_names=names)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
     kwargs = dict(model_card_kwargs or {})
     if trainer.args.push_to_hub:
@@ -444,6 +481,18 @@ def save_run_outputs(trainer: SnakeTrainer, results: dict[str, Any], model_card_
         trainer.save_model()
         trainer.create_model_card(**kwargs)
     return output_dir
+
+
+def _shards_title_and_names(trainer: SnakeTrainer) -> tuple[str, list[str] | None]:
+    """The shards plot's title (the partition, with α for a Dirichlet split) and the class names, when the data set
+    has a `ClassLabel` column."""
+    args = trainer.args
+    title = f"examples per node and class: {args.partition} split over {args.num_nodes} nodes"
+    if args.partition == "dirichlet":
+        title += f", α={args.partition_alpha:g}"
+    features = getattr(trainer.node_data.dataset, "features", None) or {}
+    label = features.get(args.partition_label_column) if hasattr(features, "get") else None
+    return title, list(label.names) if hasattr(label, "names") else None
 
 
 def _json_default(value: Any) -> Any:
@@ -470,10 +519,17 @@ def report_and_save(
 ) -> dict[str, Any]:
     """The end of a text recipe: saves the adapter, report, plots and a model card naming the task and data set
     (shared by the recipes; they print `run_summary` first)."""
+    from ..model_card import communication_metadata, memory_metadata
+
     output_dir = trainer.args.output_dir
     results.update(model=model_args.model_name_or_path, dataset=dataset_name, output_dir=output_dir)
+    results["communication"] = communication_metadata(
+        trainer.snake_report, trainer.args.payload_dtype, trainer.args.topology
+    )
+    results["memory"] = memory_metadata(trainer.snake_report)
+    results["process_cpu_seconds"] = time.process_time()  # the recipe's CPU time so far, every thread
     dataset = Path(dataset_name).stem  # a file's name, or the data set's
-    card = {"tasks": task, "dataset": dataset, "dataset_tags": dataset}
+    card = {"tasks": task, "dataset": dataset, "metrics_before": results["before"]}
     if model_args.tiny_model_type is None and model_args.from_config_json is None:
         card["finetuned_from"] = base_model_name(model_args.model_name_or_path)
     save_run_outputs(trainer, results, card)

@@ -40,6 +40,7 @@ from ..engine.session import Session
 from ..launch import LaunchInfo
 from ..lm_loss import chunked_causal_lm_loss
 from ..memory import PeakMemory
+from ..model_card import write_model_card
 from ..plan import PLAN_FILE, Stage, format_plan, save_plan
 from ..recompute import set_recompute
 from ..report import SnakeReport, StageRecord
@@ -158,6 +159,7 @@ class SnakeTrainer(Trainer):
         self._handed_on: tuple[Stage, StageRecord] | None = None  # simulation: a closed stage whose hop is due
         self._relay: Relay | None = None  # the run's relay (built by train())
         self._resume_point = ResumePoint()
+        self._memory_baseline: int | None = None  # memory held when train() began (set there)
         self.snake_report = self._new_report()
         if self.plan:
             logger.info(f"Snake plan ({len(self.plan)} stages, {self.total_steps} steps):\n{format_plan(self.plan)}")
@@ -252,6 +254,7 @@ class SnakeTrainer(Trainer):
 
     def _train_plan(self, resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs) -> TrainOutput:
         self.snake_report = self._new_report()
+        self._memory_baseline = self._meter.current()  # the loaded model and data: stage peaks are reported above it
         relay = self._relay = self.session.make_relay(
             self.model, self.part_map, self._spec, self.plan, self.args.seed, self.snake_report,
             self.args.on_node_failure,
@@ -282,6 +285,9 @@ class SnakeTrainer(Trainer):
         self._handed_on = None  # simulation: nothing follows the last stage trained
         relay.finish()
         self.session.merge_reports(self.snake_report, relay)
+        if self.session.distributed and self.session.is_main and (loss := self.snake_report.plan_loss()) is not None:
+            # Each rank's loop averaged only its own stages; the first rank holds every stage's record.
+            output = TrainOutput(output.global_step, loss, {**output.metrics, "train_loss": loss})
         self._current, self._resume_point = None, ResumePoint()
         logger.info(f"Snake run finished:\n{self.snake_report.to_markdown()}")
         return output
@@ -447,6 +453,8 @@ class SnakeTrainer(Trainer):
             previous, previous_record = self._handed_on
             previous_record.bytes_sent = self._relay.hand_on(previous)
             self._handed_on = None
+            self.log({"comm/bytes_sent": previous_record.bytes_sent, "comm/bytes_total": self.snake_report.total_bytes,
+                      "stage": previous.index})  # fmt: skip
         if resumed is None:
             bytes_in, wait = self._relay.enter(stage)
             record = StageRecord(
@@ -459,6 +467,8 @@ class SnakeTrainer(Trainer):
         if self.args.recompute_above_group:
             set_recompute(self.model, self.groups, stage.group)
         start = sum(s.steps for s in self.plan[: stage.index])
+        if self._memory_baseline is not None:
+            record.extra["memory_baseline_bytes"] = self._memory_baseline
         if resumed is None and self.capacity is not None and self.capacity.costs is not None:
             record.extra["estimated_memory_bytes"] = self.capacity.estimate(
                 self.groups.boundaries, stage.group, self.args.per_device_train_batch_size
@@ -500,15 +510,18 @@ class SnakeTrainer(Trainer):
         current.closed = True
         self._relay.close_stage(stage)
         self.snake_report.stages.append(record)
+        metrics = self.snake_report.log_metrics(record)  # stage, node, group, comm/*, mem/peak to every report_to
         if self.session.distributed:
             if self.checkpoints.due(stage):
                 self._save_stage_checkpoint(stage)
-            record.bytes_sent = self._relay.hand_on(stage)
-        else:
+            metrics["comm/bytes_sent"] = record.bytes_sent = self._relay.hand_on(stage)
+            metrics["comm/bytes_total"] = self.snake_report.total_bytes
+        else:  # the hop leaves when the next stage begins: its bytes are logged then
             self._handed_on = (stage, record)
             if control is not None and self.checkpoints.due(stage):
                 control.should_save = True
-        self.log({"stage_loss": record.train_loss, "stage": record.stage, "node": record.node, "group": record.group})
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("comm/")}
+        self.log(metrics)
 
     def _save_stage_checkpoint(self, stage: Stage) -> Path:
         def write_outputs(folder: Path) -> None:
@@ -557,23 +570,12 @@ class SnakeTrainer(Trainer):
         return super().push_to_hub(*args, **kwargs)
 
     def create_model_card(self, tags=None, **kwargs) -> None:
-        """`Trainer.create_model_card` with the `snake-learning` tag and a section on the plan, shards, bytes moved,
-        per-node peak memory and evaluation metrics (what `push_to_hub` uploads as README.md)."""
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        super().create_model_card(tags=[*tags, "snake-learning"], **kwargs)
-        if not self.is_world_process_zero():
-            return
-        card = Path(self.args.output_dir) / "README.md"
-        metrics = {
-            k: v
-            for h in self.state.log_history
-            for k, v in h.items()
-            if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second", "_preparation_time"))
-        }
-        self.snake_report.metrics = metrics
-        summary = self.shard_summary.to_markdown() if self.shard_summary is not None else ""
-        section = self.snake_report.model_card_section(plan=format_plan(self.plan), shards=summary)
-        card.write_text(card.read_text().rstrip("\n") + "\n\n" + section + "\n")
+        """Writes `output_dir/README.md` for this run (what `push_to_hub` uploads): the base model's Hub id, the plan
+        and hyperparameters that ran, evaluation before and after, and `communication` and `memory` metadata
+        (`snake_hf.model_card`). Takes `Trainer.create_model_card`'s arguments (`finetuned_from`, `dataset`, `tasks`,
+        `model_name`, ...)."""
+        if self.session.is_main and self.is_world_process_zero():  # distributed: every rank holds the same state
+            write_model_card(self, tags=tags, **kwargs)
 
 
 def _tag_model(model: nn.Module) -> None:

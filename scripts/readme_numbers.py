@@ -1,0 +1,416 @@
+"""Every measured number README.md and docs/ quote, generated from the committed results in benchmarks/results/.
+
+    python scripts/readme_numbers.py           # check: exit 1 if a page disagrees with the results (CI runs this)
+    python scripts/readme_numbers.py --write   # rewrite the generated parts of the pages from the results
+
+A page holds generated parts between `<!-- numbers:NAME -->` and `<!-- /numbers:NAME -->`; `BLOCKS[NAME]` writes each
+from results JSON files, and ends it with the files it read, their commands, machine and date
+(benchmarks/results/provenance.json). Outside those parts a page quotes no measured number: the check also fails on a
+decimal number, a number with thousands separators, or a number with a unit (MiB, %, s, minutes) in prose outside
+code, except the settings `ALLOWED` lists. One script, one source per figure: sections cannot disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import textwrap
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAGES = [
+    "README.md",
+    "docs/benchmarks.md",
+    "docs/non_iid.md",
+    "docs/distributed.md",
+    "docs/fault_tolerance.md",
+    "docs/memory_and_nodes.md",
+    "docs/outputs.md",
+    "docs/layout.md",
+]
+MiB = 2**20
+
+# Numbers prose may carry: settings and names, not measurements.
+ALLOWED = [
+    r"α=\d+(\.\d+)?",
+    r"alpha[ =]\d+(\.\d+)?",
+    r"Dirichlet\(?α?=?\d+(\.\d+)?\)?",
+    r"Dirichlet \d+(\.\d+)?",
+    r"torch[ =]=?\d+(\.\d+)+",
+    r"Python \d+(\.\d+)+",
+    r"2405\.03372",
+    r"\d+e-\d+",
+    r"=\d+\.\d+",
+    r"\d+(\.\d+)? seconds? per",
+]
+
+
+@cache
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def source(*names: str) -> str:
+    """`(from <file>: `<command>`, <machine>, <date>; ...)` for the results files a part read."""
+    provenance = load("provenance.json")
+    parts = []
+    for name in names:
+        info = provenance[name]
+        if name == "main_job.json":
+            run = load(name)
+            machine = run["machine"]
+            info = {
+                "command": run["command"].replace("bash scripts/main_job.sh", "time bash scripts/main_job.sh").strip(),
+                "machine": f"{machine['cpu_count']} shared CPU cores ({machine['cpu']}), torch {machine['torch']}",
+                "date": run["date"][:10],
+            }
+        parts.append(f"`benchmarks/results/{name}`: `{info['command']}`, {info['machine']}, {info['date']}")
+    return "<sub>Source: " + "; ".join(parts) + ".</sub>"
+
+
+def acc(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def mib(num_bytes: float, digits: int = 2) -> str:
+    return f"{num_bytes / MiB:,.{digits}f}"
+
+
+def method(name: str, key: str):
+    return load(name)["methods"][key]
+
+
+IID, D01, D1 = (
+    "compare_minilm_rt_iid_full.json",
+    "compare_minilm_rt_dirichlet0.1_full.json",
+    "compare_minilm_rt_dirichlet1_full.json",
+)
+BF16, LM = "compare_minilm_rt_iid_full_bfloat16.json", "compare_smollm2_lm_full.json"
+MEM6, MEM10 = "compare_memory_full_full.json", "memory_full_10_nodes/compare_memory_full_full.json"
+NONIID, DIST, VISION, MAIN = "non_iid_full.json", "distributed_overhead.json", "vision_quick.json", "main_job.json"
+
+
+def memory_full(name: str) -> tuple[float, float, float, int]:
+    """(ratio, Snake's largest node peak, full fine-tuning's peak, nodes) of a memory_full run, peaks in bytes."""
+    data = load(name)
+    snake, full = data["methods"]["snake_full"], data["methods"]["full_finetune"]
+    return (
+        data["summary"]["memory_ratio"],
+        snake["peak_memory_max"],
+        full["peak_memory_max"],
+        data["settings"]["num_nodes"],
+    )
+
+
+# ---- the generated parts ----------------------------------------------------------------------------------------
+
+
+def headline() -> str:
+    snake, fedavg, split = (method(IID, m) for m in ("snake_serpentine", "fedavg_lora", "split"))
+    central = method(IID, "centralized")
+    to_target = snake["bytes_to_target"] / split["bytes_to_target"]
+    ratio6, snake6, full6, nodes6 = memory_full(MEM6)
+    ratio10, _, _, nodes10 = memory_full(MEM10)
+    mitigated, fed1, central1 = (method(D1, m) for m in ("snake_serpentine+mitigation", "fedavg_lora", "centralized"))
+    return "\n".join(
+        [
+            f"* **Bytes**: over the same {load(IID)['total_steps']} steps Snake moves {mib(snake['bytes_total'])} MiB "
+            f"between nodes, {snake['bytes_total'] / fedavg['bytes_total']:.2f}x FedAvg-LoRA's "
+            f"{mib(fedavg['bytes_total'])} MiB, and reaches centralized accuracy minus 1 point after "
+            f"{mib(snake['bytes_to_target'])} MiB, 1/{1 / to_target:.0f} of split learning's "
+            f"{mib(split['bytes_to_target'])} MiB (MiniLM + LoRA, Rotten Tomatoes, 4 IID nodes).",
+            f"* **Memory**: fine-tuning every weight of SmolLM2-135M, a Snake node needs {ratio6:.3f}x the memory of "
+            f"full fine-tuning with {nodes6} nodes ({mib(snake6, 0)} vs {mib(full6, 0)} MiB above the loaded model) "
+            f"and {ratio10:.3f}x with {nodes10} nodes.",
+            f"* **Accuracy**: on IID nodes Snake reaches {acc(snake['final_metric'])} against centralized training's "
+            f"{acc(central['final_metric'])} and FedAvg-LoRA's {acc(fedavg['final_metric'])}; on label-skewed nodes "
+            f"(Dirichlet α=1.0) with the classification recipe's default mitigation, {acc(mitigated['final_metric'])} "
+            f"against centralized {acc(central1['final_metric'])} and FedAvg-LoRA {acc(fed1['final_metric'])}.",
+            "",
+            source(IID, D1, MEM6, MEM10),
+        ]
+    )
+
+
+def main_job() -> str:
+    run = load(MAIN)
+    comm = run["communication"]
+    minutes, seconds = divmod(round(run["total_seconds"]), 60)
+    peaks = [n["peak_above_model_bytes"] for n in run["memory"]["per_node"]]
+    machine = run["machine"]
+    return "\n".join(
+        [
+            f"Measured: held-out accuracy **{acc(run['before']['eval_accuracy'])} → {acc(run['after']['eval_accuracy'])}**"
+            f" on {run['eval_examples']:,} sentences after {run['total_steps']} steps; {mib(comm['bytes_total'])} MiB "
+            f"moved between nodes in {comm['num_hops']} hops, {comm['bytes_total'] / comm['fedavg_lora_bytes']:.2f}x "
+            f"what FedAvg-LoRA would move for the same steps ({mib(comm['fedavg_lora_bytes'])} MiB); "
+            f"{mib(min(peaks), 0)}-{mib(max(peaks), 0)} MiB per node above the loaded model. **{minutes} min "
+            f"{seconds} s** of wall time, of which {run['recipe_cpu_seconds'] / 60:.1f} min of CPU time (one torch "
+            f"thread), on {machine['cpu_count']} CPU cores shared with the test suite and other jobs (load average "
+            f"{run['load_average_1m_at_start']:.1f} at the start, {machine['load_average_1m']:.1f} at the end); "
+            + (
+                "installation skipped (`SKIP_INSTALL=1`: everything was installed)."
+                if run["command"].startswith("SKIP_INSTALL=1")
+                else "installation included."
+            ),
+            "",
+            f"The same plan in the benchmarks' own runs reached {acc(method(D1, 'snake_serpentine+mitigation')['final_metric'])}"
+            f" (`compare.py`) and {acc(load(NONIID)['results']['1']['logit_adj+min_share']['final_metric'])} "
+            "(`non_iid.py`): one seed each, and on this evaluation set one standard error is about "
+            f"{100 * (0.75 * 0.25 / run['eval_examples']) ** 0.5:.1f} points.",
+            "",
+            source(MAIN, D1, NONIID),
+        ]
+    )
+
+
+def minilm_table() -> str:
+    rows = [
+        "| method | IID acc. | IID MiB moved | IID MiB to target | Dirichlet 0.1 acc. | Dirichlet 1.0 acc. "
+        "| peak MiB per node above the loaded model (IID) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    names = list(load(D01)["methods"])
+    for name in names:
+        iid = load(IID)["methods"].get(name)
+        cells = [f"`{name}`"]
+        if iid is None:
+            cells += ["-", "-", "-"]
+        else:
+            to_target = iid["bytes_to_target"]
+            cells += [
+                acc(iid["final_metric"]),
+                mib(iid["bytes_total"]),
+                "never" if to_target is None else mib(to_target),
+            ]
+        cells += [acc(method(D01, name)["final_metric"]), acc(method(D1, name)["final_metric"])]
+        cells.append("-" if iid is None else mib(iid["peak_memory_max"], 0))
+        rows.append("| " + " | ".join(cells) + " |")
+    settings = load(IID)["settings"]
+    return "\n".join(
+        [
+            f"{settings['num_nodes']} nodes, {load(IID)['total_steps']} steps of batch {settings['batch_size']} for "
+            f"every method, accuracy on {settings['eval_size']:,} held-out sentences; target = centralized minus 1 "
+            "point.",
+            "",
+            *rows,
+            "",
+            source(IID, D01, D1),
+        ]
+    )
+
+
+def minilm_notes() -> str:
+    snake, fedavg, split, central = (
+        method(IID, m) for m in ("snake_serpentine", "fedavg_lora", "split", "centralized")
+    )
+    bf16 = method(BF16, "snake_serpentine")
+    mitigated01, central01 = method(D01, "snake_serpentine+mitigation"), method(D01, "centralized")
+    mitigated1, central1 = method(D1, "snake_serpentine+mitigation"), method(D1, "centralized")
+    return "\n".join(
+        [
+            f"* **Bytes**: Snake reached the target after {mib(snake['bytes_to_target'])} MiB, 1/"
+            f"{split['bytes_to_target'] / snake['bytes_to_target']:.0f} of split learning's "
+            f"{mib(split['bytes_to_target'])} MiB; FedAvg-LoRA never reached it. Over the whole run Snake moved "
+            f"{snake['bytes_total'] / fedavg['bytes_total']:.2f}x FedAvg-LoRA's bytes and 1/"
+            f'{split["bytes_total"] / snake["bytes_total"]:.0f} of split learning\'s. With `payload_dtype="bfloat16"` '
+            f"Snake reached {acc(bf16['final_metric'])} and the target after {mib(bf16['bytes_to_target'])} MiB "
+            f"({mib(bf16['bytes_total'])} MiB in all).",
+            f"* **Accuracy**: IID, Snake {acc(snake['final_metric'])} against centralized {acc(central['final_metric'])}."
+            f" Under Dirichlet 0.1 every method that trains node after node without a mitigation, and FedAvg, ends at or "
+            f"near the majority class; Snake with the recipe's default mitigation reaches {acc(mitigated01['final_metric'])}"
+            f" (centralized {acc(central01['final_metric'])}). Under Dirichlet 1.0 it reaches "
+            f"{acc(mitigated1['final_metric'])} (centralized {acc(central1['final_metric'])}). The centralized runs "
+            "differ only in the pooled shards' order, so their gap shows the noise at this size.",
+            "",
+            source(IID, BF16, D01, D1),
+        ]
+    )
+
+
+def smollm2() -> str:
+    data = load(LM)
+    m = data["methods"]
+    names = ["centralized", "split", "cyclic", "snake_serpentine", "snake_designated", "fedavg_lora"]
+    figures = ", ".join(f"`{n}` {m[n]['final_metric']:.2f} ({mib(m[n]['bytes_total'], 1)} MiB)" for n in names)
+    settings = data["settings"]
+    return "\n".join(
+        [
+            f"Perplexity on held-out blocks after {data['total_steps']} steps of batch {settings['batch_size']} x "
+            f"{settings['max_length']} tokens (bytes moved in brackets): {figures}. Each of Snake's groups trains for "
+            "a third of the steps that cyclic and split learning give every layer; no Snake run reached the target "
+            "(centralized x 1.01) at this budget.",
+            "",
+            source(LM),
+        ]
+    )
+
+
+def memory_full_part() -> str:
+    ratio6, snake6, full6, nodes6 = memory_full(MEM6)
+    ratio10, snake10, _, nodes10 = memory_full(MEM10)
+    return "\n".join(
+        [
+            f"Per-node peak above the loaded model, Snake / full fine-tuning: **{ratio6:.3f} with {nodes6} nodes** "
+            f"({mib(snake6, 0)} vs {mib(full6, 0)} MiB) and **{ratio10:.3f} with {nodes10} nodes** "
+            f"({mib(snake10, 0)} MiB); the paper reports {load(MEM6)['summary']['paper_memory_ratio']:.2f}.",
+            "",
+            source(MEM6, MEM10),
+        ]
+    )
+
+
+def distributed_part() -> str:
+    runs = load(DIST)["runs"]
+    shares = [r["distributed"]["hop_share"] * 100 for r in runs]
+    ratios = [r["distributed"]["hop_nbytes"] / r["distributed"]["hop_min_nbytes"] for r in runs]
+    return "\n".join(
+        [
+            f"With 2-4 processes on loopback, hops take {min(shares):.1f}-{max(shares):.1f}% of a run's wall time, and "
+            f"a payload is {max(ratios):.4f}x the bytes of the tensors it carries.",
+            "",
+            source(DIST),
+        ]
+    )
+
+
+def vision_part() -> str:
+    data = load(VISION)["splits"]["iid"]["methods"]
+    snake, fedavg = data["snake"], data["fedavg"]
+    return "\n".join(
+        [
+            f"VGG-11 (width x0.25) on Fashion-MNIST, 3 IID nodes, full mode: Snake {snake['curve'][-1][1]:.3f} against "
+            f"FedAvg {fedavg['curve'][-1][1]:.3f}, moving {fedavg['bytes_moved'] / snake['bytes_moved']:.1f}x fewer "
+            "bytes.",
+            "",
+            source(VISION),
+        ]
+    )
+
+
+def non_iid_table() -> str:
+    data = load(NONIID)
+    alphas = [str(a).removesuffix(".0") if str(a).endswith(".0") and a != 1.0 else str(a) for a in data["alphas"]]
+    keys = list(data["results"])
+    rows = ["| method (same steps) | " + " | ".join(f"Dirichlet α={a}" for a in data["alphas"]) + " |"]
+    rows.append("| --- |" + " ---: |" * len(keys))
+    for variant, options in {"fedavg_lora": "FedAvg-LoRA", **data["variants"]}.items():
+        label = options if variant == "fedavg_lora" else (f"Snake + `{options}`" if options else "Snake, naive")
+        cells = [acc(data["results"][k][variant]["final_metric"]) for k in keys]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    del alphas
+    settings = data["settings"]
+    return "\n".join(
+        [
+            f"{settings['num_nodes']} nodes, {data['total_steps']} steps of batch {settings['batch_size']}, accuracy "
+            f"on {settings['eval_size']:,} held-out sentences (standard error about "
+            f"{100 * (0.75 * 0.25 / settings['eval_size']) ** 0.5:.1f} points; one seed). Centralized LoRA on the "
+            f"pooled shards: **{acc(data['centralized']['final_metric'])}**; majority class: "
+            f"{acc(data['majority_accuracy'])}.",
+            "",
+            *rows,
+            "",
+            source(NONIID),
+        ]
+    )
+
+
+def shards_table() -> str:
+    shards = method(D01, "snake_serpentine")["shards"]
+    rows = ["| node | size | rotten | fresh | entropy (bits) |", "| ---: | ---: | ---: | ---: | ---: |"]
+    for row in shards["rows"]:
+        counts = row["label_counts"]
+        rows.append(f"| {row['node']} | {row['size']:,} | {counts['0']:,} | {counts['1']:,} | {row['entropy']:.3f} |")
+    return "\n".join([*rows, "", source(D01)])
+
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "headline": headline,
+    "main_job": main_job,
+    "minilm_table": minilm_table,
+    "minilm_notes": minilm_notes,
+    "smollm2": smollm2,
+    "memory_full": memory_full_part,
+    "distributed": distributed_part,
+    "vision": vision_part,
+    "non_iid_table": non_iid_table,
+    "shards": shards_table,
+}
+_PART = re.compile(r"<!-- numbers:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /numbers:(?P=name) -->", re.S)
+_MEASURED = re.compile(r"\d+(?:\.\d+)?\s?(?:MiB|MB|GiB|GB|KiB|%|s\b|minutes?\b|min\b)|\d+\.\d+|\d{1,3}(?:,\d{3})+")
+
+
+def _wrap(text: str) -> str:
+    """Paragraphs and bullets wrapped at 119 columns, as the pages' own text; tables as they are."""
+    lines = []
+    for line in text.split("\n"):
+        if line.startswith("|") or not line.strip():
+            lines.append(line)
+        else:
+            indent = "  " if line.startswith("* ") else ""
+            lines.append(textwrap.fill(line, width=119, subsequent_indent=indent, break_on_hyphens=False))
+    return "\n".join(lines)
+
+
+def render(text: str) -> str:
+    """`text` with every generated part rewritten from the results."""
+
+    def part(match: re.Match) -> str:
+        name = match.group("name")
+        return f"<!-- numbers:{name} -->\n{_wrap(BLOCKS[name]())}\n<!-- /numbers:{name} -->"
+
+    return _PART.sub(part, text)
+
+
+def stray_numbers(text: str) -> list[str]:
+    """Measured-looking numbers in `text` outside generated parts, code blocks, inline code and `ALLOWED` settings."""
+    text = _PART.sub("", text)
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"\]\([^)]*\)", "]", text)  # link targets
+    for pattern in ALLOWED:
+        text = re.sub(pattern, "", text)
+    return [m.group(0) for m in _MEASURED.finditer(text)]
+
+
+def check_page(path: Path) -> list[str]:
+    """What is wrong with one page: unknown parts, parts that disagree with the results, stray numbers."""
+    text = path.read_text()
+    problems = [
+        f"{path.name}: unknown part `{m.group('name')}`" for m in _PART.finditer(text) if m.group("name") not in BLOCKS
+    ]
+    if problems:
+        return problems
+    if render(text) != text:
+        problems.append(f"{path.relative_to(ROOT)}: generated numbers disagree with benchmarks/results (run --write)")
+    problems += [
+        f"{path.relative_to(ROOT)}: a measured number outside a generated part: {n!r}" for n in stray_numbers(text)
+    ]
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="rewrite the generated parts from the results")
+    cli = parser.parse_args()
+    pages = [ROOT / page for page in PAGES if (ROOT / page).is_file()]
+    if cli.write:
+        for page in pages:
+            page.write_text(render(page.read_text()))
+    problems = [problem for page in pages for problem in check_page(page)]
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    used = {m.group("name") for page in pages for m in _PART.finditer(page.read_text())}
+    print(f"{len(pages)} pages, {len(used)} generated parts, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
