@@ -33,6 +33,7 @@ PAGES = [
     "docs/memory_and_nodes.md",
     "docs/outputs.md",
     "docs/layout.md",
+    "docs/trainer_conformance.md",
 ]
 MiB = 2**20
 
