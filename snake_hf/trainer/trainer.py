@@ -112,7 +112,9 @@ class SnakeTrainer(Trainer):
             )
         if kwargs.get("model_init") is not None:
             raise ValueError("`model_init` is not supported by SnakeTrainer; pass the model itself.")
-        self.session = Session(resolve_launch(args), args.num_nodes, args.topology, args.hop_timeout)
+        self.session = Session(
+            resolve_launch(args), args.num_nodes, args.topology, args.hop_timeout, run_secret=args.run_secret
+        )
         prepared = prepare_run(model, args, train_dataset, peft_config, partitioner, self.session)
         self.groups, self.node_data, self.capacity = prepared.groups, prepared.node_data, prepared.capacity
         self.plan, self.part_map, self._spec = prepared.plan, prepared.part_map, prepared.spec
