@@ -52,6 +52,7 @@ def entry(target, rank, world_size, port, out, kwargs, ready, go):
             result = target(transport) or {}
         finally:
             transport.close()
+        result["link_bytes"] = [[a, b, n] for (a, b), n in transport.link_bytes.items()]
     except Exception as error:  # reported to the test, which asserts on it
         result = {"error": type(error).__name__, "message": str(error), "traceback": traceback.format_exc()}
     result["seconds"] = time.monotonic() - start
@@ -129,10 +130,19 @@ def intrude(port: int, mode: str, world_size: int, out: str, seconds: float = 60
     * `forger`: once the run is under way, keeps overwriting every rank's heartbeat and the hop flags with forged and
       replayed (copied from another key) values.
     """
+    import socket
+
     from torch.distributed import TCPStore
 
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:  # wait for rank 0's store to listen (a TCPStore client may stall otherwise)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
     store = TCPStore("127.0.0.1", port, None, False, timedelta(seconds=30))
-    seen, deadline = {}, time.monotonic() + seconds
+    seen, record = {}, Path(out, "intruder.json")
     joined = [f"snake/join/{r}/done" for r in range(world_size)]
     while not store.check(joined) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -140,6 +150,7 @@ def intrude(port: int, mode: str, world_size: int, out: str, seconds: float = 60
         store.set(f"snake/join/{rank}/hello", json.dumps({"auth": True, "nonce": "intruder"}))
         store.set(f"snake/join/{rank}/proof", "0" * 64)
     actions = 0
+    record.write_text(json.dumps({"actions": actions, "read": [], "joined_at": time.time()}))
     try:
         while time.monotonic() < deadline:
             for rank in range(world_size):
@@ -159,10 +170,10 @@ def intrude(port: int, mode: str, world_size: int, out: str, seconds: float = 60
             elif mode == "lurker":
                 store.set("snake/intruder/was-here", str(actions))
                 actions += 1
+            record.write_text(json.dumps({"actions": actions, "read": sorted(seen)}))
             time.sleep(0.05)
     except RuntimeError:  # the run is over: its store went away
         pass
-    Path(out, "intruder.json").write_text(json.dumps({"actions": actions, "read": sorted(seen)}))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import torch
 from _snake_run import run
 from safetensors.torch import load_file
 
+from snake_hf.engine.auth import SEAL_NBYTES
+
 
 pytestmark = [
     pytest.mark.slow,
@@ -93,6 +95,8 @@ def test_authenticated_hops_arrive_bit_identical_with_seal_bytes_counted(tmp_pat
     }
     results = _run(targets, _secret(2), tmp_path)
     assert "error" not in results[0] and results[1]["arrived"] == {str(s): True for s in stages}, results
+    sealed = sum(attacks.payload(s).nbytes + SEAL_NBYTES for s in stages)  # a 64-byte seal per payload
+    assert results[0]["link_bytes"] == [[0, 1, sealed]] and results[1]["link_bytes"] == [[0, 1, sealed]]
 
 
 def test_forged_payload_from_a_process_without_the_secret_is_refused(tmp_path):
@@ -223,6 +227,7 @@ def test_authenticated_run_matches_the_simulation_and_writes_the_secret_nowhere(
     for rank, (code, output) in enumerate(outputs):
         assert code == 0, f"rank {rank} failed:\n{output[-3000:]}"
         assert SECRET not in output, f"rank {rank} logged the secret"
+        assert f"Rank {rank} joined an authenticated run" in output  # the secret reached the transport
     for rank in range(2):
         adapters = load_file(str(out / f"adapters-{rank}.safetensors"))
         assert all(torch.equal(adapters[k], simulated_2[k]) for k in simulated_2), f"rank {rank} differs"
@@ -254,7 +259,9 @@ def test_intruder_on_the_store_cannot_make_a_rank_load_or_hang(tmp_path, simulat
         elapsed = time.monotonic() - start
     finally:
         intruder.kill()
-        intruder.wait(10)
+        intruder_output = intruder.communicate(timeout=10)[0]
+    acted = json.loads((tmp_path / "intruder.json").read_text())
+    assert acted["actions"] > 0 and acted["read"] == ["snake/alive/0", "snake/alive/1"], intruder_output
     if mode == "lurker":
         for rank, (code, output) in enumerate(outputs):
             assert code == 0, f"rank {rank} failed under a lurking intruder:\n{output[-3000:]}"
@@ -262,7 +269,9 @@ def test_intruder_on_the_store_cannot_make_a_rank_load_or_hang(tmp_path, simulat
             adapters = load_file(str(out / f"adapters-{rank}.safetensors"))
             assert all(torch.equal(adapters[k], simulated_2[k]) for k in simulated_2), f"rank {rank} differs"
         return
-    assert all(code != 0 for code, _ in outputs), "a rank completed while an intruder forged its heartbeats"
+    assert all(code != 0 for code, _ in outputs), f"a rank completed under a forging intruder: {intruder_output}"
     assert any("AuthenticationError" in output and "refused the" in output for _, output in outputs), outputs
+    for code, output in outputs:  # the others stop because a peer stopped, named too; nothing else goes wrong
+        assert "AuthenticationError" in output or "HopTimeoutError" in output, output[-3000:]
     assert not list(out.glob("adapters-*.safetensors")), "a rank finished with adapters under attack"
     assert elapsed < 240, f"the ranks took {elapsed:.0f} s to stop"

@@ -465,6 +465,7 @@ class DistributedTransport(CoordinatedTransport):
             self._leave_join(str(error))
             raise
         self.store.set(_JOIN.format(self.rank, "done"), "ok")
+        logger.info(f"Rank {self.rank} joined an authenticated run: all {self.world_size} ranks hold its run_secret.")
 
     def _nonce(self, rank: int, hello: str) -> str:
         try:
