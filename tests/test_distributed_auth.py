@@ -271,7 +271,7 @@ def test_intruder_on_the_store_cannot_make_a_rank_load_or_hang(tmp_path, simulat
         return
     assert all(code != 0 for code, _ in outputs), f"a rank completed under a forging intruder: {intruder_output}"
     assert any("AuthenticationError" in output and "refused the" in output for _, output in outputs), outputs
-    for code, output in outputs:  # the others stop because a peer stopped, named too; nothing else goes wrong
+    for _, output in outputs:  # the others stop because a peer stopped, named too; nothing else goes wrong
         assert "AuthenticationError" in output or "HopTimeoutError" in output, output[-3000:]
     assert not list(out.glob("adapters-*.safetensors")), "a rank finished with adapters under attack"
     assert elapsed < 240, f"the ranks took {elapsed:.0f} s to stop"
