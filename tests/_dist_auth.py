@@ -119,6 +119,27 @@ def exchange(transport):
     return {"texts": transport.exchange_text("sizes", f"size-of-{transport.rank}")}
 
 
+def exchange_then_send(transport):
+    exchange(transport)
+    transport.send(transport.rank, 1, payload(1), 1)
+
+
+def exchange_lost_then_receive(transport):
+    """Rank 1's exchanged text is deleted from the store the moment it lands (an intruder quicker than any reader);
+    then rank 1 waits for rank 0's payload, which rank 0 sends only after the exchange: without a defence both ranks
+    would wait for each other for ever, each heartbeat telling the other that it lives."""
+    publish = transport.publish
+
+    def publish_and_lose(key, text):
+        publish(key, text)
+        if key.startswith("snake/exchange/"):
+            transport.store.delete_key(key)
+
+    transport.publish = publish_and_lose
+    exchange(transport)
+    transport.recv(0, 1, 1)
+
+
 # -- the intruder -----------------------------------------------------------------------------------------------------
 
 

@@ -173,6 +173,15 @@ def test_store_message_forged_by_an_intruder_is_refused_naming_it(tmp_path):
     )
 
 
+def test_message_deleted_from_the_store_stops_the_waiting_rank_instead_of_a_hang(tmp_path):
+    targets = {0: attacks.exchange_then_send, 1: attacks.exchange_lost_then_receive}
+    results = _run(targets, _secret(2), tmp_path, timeout=60)
+    assert results[0]["error"] == "AuthenticationError", results[0]
+    assert "published 'snake/exchange/sizes/0/1' but the store no longer holds it" in results[0]["message"]
+    assert results[0]["seconds"] < attacks.FAST["heartbeat_timeout"] + 5
+    assert results[1]["error"] == "HopTimeoutError" and "rank 0 closed its transport first" in results[1]["message"]
+
+
 # -- whole runs (SnakeTrainer, one process per node) ---------------------------------------------------------------
 
 

@@ -35,7 +35,7 @@ import json
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -56,6 +56,7 @@ __all__ = ["DistributedTransport", "HiddenLaunchEnv", "LaunchInfo", "hide_launch
 _STAGE_TAGS = 1 << 28  # gloo tags are int32: 4 tags per stage (header, manifest, data, seal), then the final block
 _FINAL_TAG = 4 * _STAGE_TAGS
 _ALIVE, _CLOSED = "snake/alive/{}", "snake/closed/{}"  # heartbeat counter, and "closed its transport", per rank
+_RECENT_KEYS = 64  # keys a rank's heartbeat lists as published lately (a deleted one is noticed, not waited for)
 _JOIN = "snake/join/{}/{}"  # per rank: "hello" (whether it authenticates, its nonce), "proof", "done"
 _exposure_warned = threading.Event()  # a process without a secret warns once that its store is exposed
 # Polling the store while a peer is not there yet: from _MIN_POLL, doubling up to _MAX_POLL (see `_await_keys`).
@@ -142,6 +143,8 @@ class DistributedTransport(CoordinatedTransport):
             if warning and not _exposure_warned.is_set():
                 _exposure_warned.set()
                 logger.warning(warning)
+        self._recent: deque[str] = deque(maxlen=_RECENT_KEYS)  # keys this rank published lately, in its heartbeat
+        self._peer_recent: dict[int, list[str]] = {}  # the same, per peer, from its last heartbeat
         self._beat_count = 1
         self._set_alive(self.store, self._beat_count)
         self._stop = threading.Event()
@@ -182,6 +185,8 @@ class DistributedTransport(CoordinatedTransport):
     def publish(self, key: str, text: str) -> None:
         """Sets `key` to `text` in the store, sealed as this rank's when the run has a secret."""
         self.store.set(key, self._auth.seal_text(key, self.rank, text))
+        if self._auth.enabled:
+            self._recent.append(key)
 
     def read(self, key: str, writer: int, what: str = "message") -> str:
         """The text rank `writer` published under `key` (which must be set); with a secret, raises
@@ -389,6 +394,7 @@ class DistributedTransport(CoordinatedTransport):
                     beats = self._beats(peer)
                     if beats > seen[peer][0]:  # a replayed (older) heartbeat does not count
                         seen[peer] = (beats, now)
+                    self._check_not_deleted(peer, keys[peer], describe)
                     reason = self._absence(peer, beats, now - seen[peer][1])
                     if reason and not self.store.check([keys[peer]]):
                         if not drop_absent:
@@ -397,6 +403,18 @@ class DistributedTransport(CoordinatedTransport):
                         del keys[peer]
             time.sleep(delay)
             delay = min(2 * delay, _MAX_POLL)
+
+    def _check_not_deleted(self, peer: int, key: str, describe: Callable[[str], str]) -> None:
+        """With a secret: `peer`'s sealed heartbeat lists the keys it published lately. One of them missing from the
+        store while this rank waits for it was deleted by someone else (no rank deletes a key another still awaits):
+        stop, named, rather than wait for a message that will not come while the peer's heartbeat says it lives."""
+        if key in self._peer_recent.get(peer, ()) and not self.store.check([key]):
+            raise AuthenticationError(
+                describe(
+                    f"rank {peer} published {key!r} but the store no longer holds it: a process on the rendezvous "
+                    "store deleted it (tampering; see docs/security.md)"
+                )
+            )
 
     def _absence(self, peer: int, beats: int, still: float) -> str | None:
         """Why `peer` will not come: it closed, never joined, or its heartbeat stopped; None while it lives."""
@@ -427,7 +445,8 @@ class DistributedTransport(CoordinatedTransport):
     def _set_alive(self, store: dist.Store, count: int) -> None:
         key = _ALIVE.format(self.rank)
         if self._auth.enabled:  # a sealed count: a forger cannot keep a dead rank alive, a replay does not move it
-            store.set(key, self._auth.seal_text(key, self.rank, str(count)))
+            beat = json.dumps({"n": count, "published": list(self._recent)})
+            store.set(key, self._auth.seal_text(key, self.rank, beat))
         else:
             store.add(key, 1)
 
@@ -435,7 +454,11 @@ class DistributedTransport(CoordinatedTransport):
         key = _ALIVE.format(peer)
         if not self._auth.enabled:
             return self.store.add(key, 0)
-        return int(self.read(key, peer, "heartbeat")) if self.store.check([key]) else 0
+        if not self.store.check([key]):
+            return 0
+        beat = json.loads(self.read(key, peer, "heartbeat"))
+        self._peer_recent[peer] = beat["published"]
+        return int(beat["n"])
 
     # -- joining ----------------------------------------------------------------------------------------------------
 
