@@ -249,6 +249,26 @@ def test_authenticated_run_matches_the_simulation_and_writes_the_secret_nowhere(
     assert loaded.run_secret is None and loaded.num_nodes == 2
 
 
+def test_authenticated_cs_run_matches_the_simulation(tmp_path):
+    """cs topology: turns, plans, uploads, forwarding, the final hand-off and the report merge all sealed."""
+    threads = torch.get_num_threads()
+    try:
+        simulation = run(str(tmp_path), "p2p", 3, engine="simulation")
+    finally:
+        torch.set_num_threads(threads)
+    expected = load_file(str(tmp_path / "adapters-0.safetensors"))
+    out = tmp_path / "run"
+    out.mkdir()
+    _, procs = _launch(out, 3, {"SNAKE_RUN_SECRET": SECRET}, args=("cs",))
+    for rank, (code, output) in enumerate(_collect(procs, timeout=300)):
+        assert code == 0, f"rank {rank} failed:\n{output[-3000:]}"
+    for rank in range(3):
+        adapters = load_file(str(out / f"adapters-{rank}.safetensors"))
+        assert all(torch.equal(adapters[k], expected[k]) for k in expected), f"rank {rank} differs"
+    report = json.loads((out / "report.json").read_text())
+    assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in simulation.snake_report.stages]
+
+
 @pytest.mark.parametrize("mode", ["lurker", "forger"])
 def test_intruder_on_the_store_cannot_make_a_rank_load_or_hang(tmp_path, simulated_2, mode):
     """An intruder without the secret on the rendezvous store during a run: the run completes bit-identical to the

@@ -4,9 +4,9 @@ The rendezvous store and the gloo links are open to anyone who reaches their por
 and a payload's SHA-256 checksums catch corruption, not forgery (anyone can compute them). With a `run_secret`, every
 rank derives one key from it, and
 
-* **joins** with a challenge-response through the store: each rank publishes a fresh random nonce; the session id is
-  the hash of every rank's nonce (its own as it generated it, the others' as read), and each rank proves it holds the
-  key by publishing `HMAC(key, session id, rank)`. A rank checks every other rank's proof before the run starts, so a
+* **joins** with a challenge-response through the store (`snake_hf.engine.join`): each rank publishes a fresh random
+  nonce; the session id is the hash of every rank's nonce (its own as it generated it, the others' as read), and each
+  rank proves it holds the key by publishing `HMAC(key, session id, rank)`. A rank checks every other rank's proof before the run starts, so a
   process without the secret cannot take a rank's place, and a rank with a different secret fails at start on both
   sides (docs/security.md);
 * **seals** every store message the engine reads (turns, plans, liveness, hop flags, exchanges, reports) with

@@ -27,6 +27,15 @@ coordinator itself routes with `send_to` / `recv_from` and decides who trains ne
 
 Wire protocol per payload: the int64 header, then the uint8 manifest, then the uint8 data (skipped when empty); the
 receiver reads the header to allocate the other two. Nothing is pickled.
+
+**With a `run_secret`** (`snake_hf.engine.auth`, docs/security.md) the ranks first pass a join check through the store
+(each proves it holds the secret, for this launch's session id), every value the engine reads from the store is sealed
+by its writer (turns, plans, heartbeats, hop and closed flags, exchanged and gathered texts, barriers) and checked by
+its reader, and each payload is followed by a 64-byte seal on its own tag: the header's tag, checked before anything
+is allocated from it, then the whole payload's, bound to the session, hop, both ranks and the link's sequence number.
+A heartbeat also lists the keys its rank published lately, so a message deleted from the store while a peer waits for
+it stops that peer, named, instead of leaving it waiting on a live rank. A refusal raises [`AuthenticationError`]
+(a `PayloadError`: nothing was loaded) naming the hop or message and the rank it claims to come from.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from transformers.utils import logging
 
 from ..launch import TOPOLOGIES, HiddenLaunchEnv, LaunchInfo, hide_launch_env, launch_info
 from .auth import SEAL_NBYTES, AuthenticationError, RunAuth, exposure_warning
+from .join import JoinCheck
 from .payload import HEADER_NUMEL, EncodedPayload, PayloadError, check_header
 from .transport import CoordinatedTransport, HopTimeoutError
 
@@ -57,7 +67,6 @@ _STAGE_TAGS = 1 << 28  # gloo tags are int32: 4 tags per stage (header, manifest
 _FINAL_TAG = 4 * _STAGE_TAGS
 _ALIVE, _CLOSED = "snake/alive/{}", "snake/closed/{}"  # heartbeat counter, and "closed its transport", per rank
 _RECENT_KEYS = 64  # keys a rank's heartbeat lists as published lately (a deleted one is noticed, not waited for)
-_JOIN = "snake/join/{}/{}"  # per rank: "hello" (whether it authenticates, its nonce), "proof", "done"
 _exposure_warned = threading.Event()  # a process without a secret warns once that its store is exposed
 # Polling the store while a peer is not there yet: from _MIN_POLL, doubling up to _MAX_POLL (see `_await_keys`).
 _MIN_POLL, _MAX_POLL = 0.001, 0.005
@@ -134,17 +143,20 @@ class DistributedTransport(CoordinatedTransport):
         self._seq_out: dict[int, int] = defaultdict(int)  # payloads sent to / taken from each peer: the sequence
         self._seq_in: dict[int, int] = defaultdict(int)  # numbers their seals are bound to
         self._closed = False
+        self._recent: deque[str] = deque(maxlen=_RECENT_KEYS)  # keys this rank published lately, in its heartbeat
+        self._peer_recent: dict[int, list[str]] = {}  # the same, per peer, from its last heartbeat
         self._auth = RunAuth(run_secret)
+        self._join_check = JoinCheck(
+            self.store, rank, world_size, self.heartbeat_timeout, self._store_server, topology
+        )
         if self._auth.enabled:
-            self._join()
+            self._join_check.authenticate(self._auth)
         else:
-            self.store.set(_JOIN.format(rank, "hello"), json.dumps({"auth": False}))
+            self._join_check.announce_unauthenticated()
             warning = exposure_warning(addr, port)
             if warning and not _exposure_warned.is_set():
                 _exposure_warned.set()
                 logger.warning(warning)
-        self._recent: deque[str] = deque(maxlen=_RECENT_KEYS)  # keys this rank published lately, in its heartbeat
-        self._peer_recent: dict[int, list[str]] = {}  # the same, per peer, from its last heartbeat
         self._beat_count = 1
         self._set_alive(self.store, self._beat_count)
         self._stop = threading.Event()
@@ -422,7 +434,7 @@ class DistributedTransport(CoordinatedTransport):
             self.read(_CLOSED.format(peer), peer, "'closed' flag")
             return f"rank {peer} closed its transport first"
         if not self._auth.enabled:
-            self._check_peer_unauthenticated(peer)
+            self._join_check.check_peer_unauthenticated(peer)
         if still > self.heartbeat_timeout:
             return (
                 f"rank {peer} {'never joined' if beats == 0 else 'sent no heartbeat'} for {self.heartbeat_timeout} s"
@@ -459,93 +471,6 @@ class DistributedTransport(CoordinatedTransport):
         beat = json.loads(self.read(key, peer, "heartbeat"))
         self._peer_recent[peer] = beat["published"]
         return int(beat["n"])
-
-    # -- joining ----------------------------------------------------------------------------------------------------
-
-    def _join(self) -> None:
-        """Challenge-response through the store (module docstring of `snake_hf.engine.auth`): every rank must prove
-        it holds this run's secret before any message is trusted; a failure stops every rank at start, named."""
-        nonce = RunAuth.new_nonce()
-        self.store.set(_JOIN.format(self.rank, "hello"), json.dumps({"auth": True, "nonce": nonce}))
-        others = [r for r in range(self.world_size) if r != self.rank]
-        deadline = time.monotonic() + self.heartbeat_timeout
-        try:
-            hellos = self._await_join("hello", others, deadline)
-            nonces = [nonce if r == self.rank else self._nonce(r, hellos[r]) for r in range(self.world_size)]
-            self._auth.session = RunAuth.session_id(nonces)
-            self.store.set(_JOIN.format(self.rank, "proof"), self._auth.join_proof(self.rank))
-            proofs = self._await_join("proof", others, deadline)
-            failed = [r for r in others if not self._auth.check_join_proof(r, proofs[r])]
-            if failed:
-                alone = len(failed) == len(others)  # every other rank failed: most likely this one is the odd one out
-                whose = "this rank's run_secret differs from theirs" if alone else "they hold a different run_secret"
-                raise AuthenticationError(
-                    f"Join check failed on rank {self.rank}: ranks {failed} did not prove they hold this run's "
-                    f"run_secret (most likely {whose}, or a process without it answered in their place). Give "
-                    "every rank the same run_secret and relaunch (docs/security.md)."
-                )
-        except (AuthenticationError, HopTimeoutError) as error:
-            self._leave_join(str(error))
-            raise
-        self.store.set(_JOIN.format(self.rank, "done"), "ok")
-        logger.info(f"Rank {self.rank} joined an authenticated run: all {self.world_size} ranks hold its run_secret.")
-
-    def _nonce(self, rank: int, hello: str) -> str:
-        try:
-            told = json.loads(hello)
-            authenticates, nonce = bool(told["auth"]), str(told.get("nonce", ""))
-        except (ValueError, KeyError, TypeError) as error:
-            raise AuthenticationError(
-                f"Join check failed on rank {self.rank}: the greeting of rank {rank} in the store is malformed "
-                "(not written by a snake_hf rank)."
-            ) from error
-        if not authenticates:
-            raise AuthenticationError(
-                f"Join check failed on rank {self.rank}: rank {rank} runs without a run_secret and this rank with "
-                "one. Give every rank the same run_secret (or $SNAKE_RUN_SECRET) and relaunch."
-            )
-        return nonce
-
-    def _await_join(self, kind: str, ranks: list[int], deadline: float) -> dict[int, str]:
-        keys, delay = {r: _JOIN.format(r, kind) for r in ranks}, _MIN_POLL
-        while not self.store.check(list(keys.values())):
-            if time.monotonic() > deadline:
-                missing = [r for r, key in keys.items() if not self.store.check([key])]
-                raise HopTimeoutError(
-                    f"Join check on rank {self.rank}: ranks {missing} never joined within {self.heartbeat_timeout} s "
-                    f"(topology {self.topology})."
-                )
-            time.sleep(delay)
-            delay = min(2 * delay, _MAX_POLL * 20)
-        return {r: self.store.get(key).decode("utf-8", errors="replace") for r, key in keys.items()}
-
-    def _leave_join(self, verdict: str) -> None:
-        """A failed join: says so, and the store's server waits (at most `heartbeat_timeout`) until the other ranks
-        reached their own verdict, so that each stops with its own named error rather than a vanished store."""
-        self.store.set(_JOIN.format(self.rank, "done"), "refused")
-        if not self._store_server:
-            return
-        deadline = time.monotonic() + self.heartbeat_timeout
-        others = [_JOIN.format(r, "done") for r in range(self.world_size) if r != self.rank]
-        while time.monotonic() < deadline and not self.store.check(others):
-            time.sleep(_MAX_POLL * 20)
-        logger.warning(f"Rank {self.rank} leaves the run at its join check: {verdict}")
-
-    def _check_peer_unauthenticated(self, peer: int) -> None:
-        """This rank has no secret: a peer that has one joined another kind of run; say so on this side too."""
-        hello = _JOIN.format(peer, "hello")
-        if not self.store.check([hello]):
-            return
-        try:
-            authenticates = bool(json.loads(self.store.get(hello).decode())["auth"])
-        except (ValueError, KeyError, TypeError):
-            return
-        if authenticates:
-            self.store.set(_JOIN.format(self.rank, "done"), "refused")
-            raise AuthenticationError(
-                f"Join check failed on rank {self.rank}: rank {peer} runs with a run_secret and this rank without "
-                "one. Give every rank the same run_secret (or $SNAKE_RUN_SECRET) and relaunch."
-            )
 
     # -- names ----------------------------------------------------------------------------------------------------
 
