@@ -185,7 +185,8 @@ def test_message_deleted_from_the_store_stops_the_waiting_rank_instead_of_a_hang
 # -- whole runs (SnakeTrainer, one process per node) ---------------------------------------------------------------
 
 
-def _launch(out: Path, num_nodes: int, env_extra: dict, script: str = "_snake_run.py", args=("p2p",)):
+def _launch(out: Path, num_nodes: int, env_extra: dict, topology: str = "p2p"):
+    """Starts one `_dist_auth_run.py` process per rank; returns the store's port and the processes."""
     port = _free_port()
     procs = []
     for rank in range(num_nodes):
@@ -194,7 +195,7 @@ def _launch(out: Path, num_nodes: int, env_extra: dict, script: str = "_snake_ru
                    PYTHONHASHSEED=str(101 + 17 * rank), **env_extra)  # fmt: skip
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(HERE / script), str(out), *args, str(num_nodes)],
+                [sys.executable, str(HERE / "_dist_auth_run.py"), str(out), topology, str(num_nodes)],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -231,12 +232,12 @@ def test_authenticated_run_matches_the_simulation_and_writes_the_secret_nowhere(
     logging: neither a file under the output folder nor any log line holds the secret."""
     out = tmp_path / "run"
     out.mkdir()
-    _, procs = _launch(out, 2, {"SNAKE_TEST_SECRET_IN_CONFIG": SECRET}, script="_dist_auth_run.py", args=())
+    _, procs = _launch(out, 2, {"SNAKE_TEST_SECRET_IN_CONFIG": SECRET})
     outputs = _collect(procs, timeout=300)
     for rank, (code, output) in enumerate(outputs):
         assert code == 0, f"rank {rank} failed:\n{output[-3000:]}"
         assert SECRET not in output, f"rank {rank} logged the secret"
-        assert f"Rank {rank} joined an authenticated run" in output  # the secret reached the transport
+        assert "authenticated transport: True" in output  # the config's secret reached the transport
     for rank in range(2):
         adapters = load_file(str(out / f"adapters-{rank}.safetensors"))
         assert all(torch.equal(adapters[k], simulated_2[k]) for k in simulated_2), f"rank {rank} differs"
@@ -259,9 +260,10 @@ def test_authenticated_cs_run_matches_the_simulation(tmp_path):
     expected = load_file(str(tmp_path / "adapters-0.safetensors"))
     out = tmp_path / "run"
     out.mkdir()
-    _, procs = _launch(out, 3, {"SNAKE_RUN_SECRET": SECRET}, args=("cs",))
+    _, procs = _launch(out, 3, {"SNAKE_RUN_SECRET": SECRET}, topology="cs")
     for rank, (code, output) in enumerate(_collect(procs, timeout=300)):
         assert code == 0, f"rank {rank} failed:\n{output[-3000:]}"
+        assert "authenticated transport: True" in output
     for rank in range(3):
         adapters = load_file(str(out / f"adapters-{rank}.safetensors"))
         assert all(torch.equal(adapters[k], expected[k]) for k in expected), f"rank {rank} differs"
@@ -294,6 +296,7 @@ def test_intruder_on_the_store_cannot_make_a_rank_load_or_hang(tmp_path, simulat
     if mode == "lurker":
         for rank, (code, output) in enumerate(outputs):
             assert code == 0, f"rank {rank} failed under a lurking intruder:\n{output[-3000:]}"
+            assert "authenticated transport: True" in output
         for rank in range(2):
             adapters = load_file(str(out / f"adapters-{rank}.safetensors"))
             assert all(torch.equal(adapters[k], simulated_2[k]) for k in simulated_2), f"rank {rank} differs"

@@ -176,6 +176,11 @@ class DistributedTransport(CoordinatedTransport):
         kwargs.setdefault("master_port", info.master_port)
         return cls(info.rank, info.world_size, **kwargs)
 
+    @property
+    def authenticated(self) -> bool:
+        """Whether this rank passed the join check and seals and checks every payload and store message."""
+        return self._auth.enabled and bool(self._auth.session)
+
     # -- the Transport interface ------------------------------------------------------------------------------------
 
     def send(self, src: int, dst: int, encoded: EncodedPayload, stage: int) -> None:
@@ -203,7 +208,13 @@ class DistributedTransport(CoordinatedTransport):
     def read(self, key: str, writer: int, what: str = "message") -> str:
         """The text rank `writer` published under `key` (which must be set); with a secret, raises
         [`AuthenticationError`] naming `what` and `writer` when it is not that rank's for that key in this run."""
-        raw = self.store.get(key).decode("utf-8", errors="replace")
+        try:
+            raw = self.store.get(key).decode("utf-8", errors="replace")
+        except RuntimeError as error:  # the key vanished after it was seen (deleted), or the store's server is gone
+            raise HopTimeoutError(
+                f"Rank {self.rank} could not read the {what} (store key {key!r}) of rank {writer}: {error} "
+                f"(topology {self.topology})"
+            ) from error
         describe = lambda reason: (  # noqa: E731
             f"Rank {self.rank} refused the {what} (store key {key!r}) that claims to come from rank {writer}: "
             f"{reason} (topology {self.topology})."
