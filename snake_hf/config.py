@@ -377,12 +377,11 @@ class SnakeConfig(TrainingArguments):
     # The run secret never leaves the process: not in str()/repr() (logs), not in a pickle (`training_args.bin` in
     # every checkpoint), while copies made in the process keep it.
     def __str__(self) -> str:
-        shown = self.run_secret
-        try:
-            self.run_secret = None if shown is None else _REDACTED_SECRET
+        if self.run_secret is None:
             return super().__str__()
-        finally:
-            self.run_secret = shown
+        shown = copy.copy(self)  # a shallow copy with the placeholder: this config is left as it is
+        shown.run_secret = _REDACTED_SECRET
+        return TrainingArguments.__str__(shown)
 
     __repr__ = __str__
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -150,7 +151,7 @@ class RunAuth:
     @staticmethod
     def session_id(nonces: Sequence[str]) -> str:
         """The session id of a run whose ranks drew `nonces` (in rank order)."""
-        return hashlib.sha256("|".join(nonces).encode()).hexdigest()[:32]
+        return hashlib.sha256(json.dumps(list(nonces)).encode()).hexdigest()[:32]  # JSON: no two lists run together
 
     def join_proof(self, rank: int) -> str:
         """What `rank` publishes to prove it holds the key, for this session."""
