@@ -26,10 +26,17 @@ The final hand-off (every rank gets the final adapters) happens once per run and
 Bytes: per hop `nbytes` (header + manifest + data on the wire) against `tensor_nbytes`, the carried tensors alone,
 which must equal the sum of `part_nbytes` over the parts the receiver lacked (the theoretical minimum).
 
+**Authentication** (`--auth off on`, the default): every distributed run runs without and with a `run_secret`
+(docs/security.md), and a table compares the warm hop times: the ratio authenticated / unauthenticated is the time an
+authenticated hop adds (its seal over header, manifest and data, and the sealed store flags it waits on). A second
+table times sealing and checking payloads of several sizes alone (HMAC-SHA256, one thread), since on a small model the
+hop's bytes are few and the ratio mostly shows the store handshake.
+
 Usage:
     python benchmarks/distributed_overhead.py           # 2, 3, 4 ranks, p2p and cs: a few minutes on 2 CPU cores
     python benchmarks/distributed_overhead.py --quick   # a tiny model, 3 ranks: under 2 minutes (a smoke test)
     python benchmarks/distributed_overhead.py --world_sizes 2 --topologies p2p --stage_steps 4   # any setting
+    python benchmarks/distributed_overhead.py --quick --out_dir benchmarks/results --name distributed_overhead_auth_quick
 
 Writes `distributed_overhead.json` (machine, config, per-run details and both reports) and
 `distributed_overhead.md` to `--out_dir` (default `benchmarks/results`; with `--quick` a temporary folder, so that a
@@ -77,9 +84,11 @@ class BenchConfig:
     num_passes: int = 1
     seed: int = 0
     timeout: float = 600.0
+    auth: list[str] = field(default_factory=lambda: ["off", "on"])  # distributed runs without / with a run_secret
 
 
 # 3 ranks: in cs one hop then goes between two other ranks through the coordinator (with 2 ranks none does)
+BENCH_SECRET = "benchmark-run-secret-0123456789abcdef"  # a benchmark's secret: nothing to protect here
 QUICK = dict(world_sizes=[3], n_layer=4, n_embd=64, n_head=2, vocab_size=256, seq_len=32, batch_size=4, stage_steps=1)
 
 
@@ -129,12 +138,14 @@ def run_worker(config: BenchConfig, jobs: list[dict], out_dir: Path) -> None:
     for job in jobs:
         if job["port"] is not None:
             os.environ.update(launch_env, MASTER_PORT=str(job["port"]))
-        record = _run_job(config, job["num_nodes"], job["topology"], job["port"] is not None, out_dir)
+        record = _run_job(config, job["num_nodes"], job["topology"], job["port"] is not None, out_dir, job["auth"])
         (out_dir / _record_name(job, record["rank"])).write_text(json.dumps(record))
         print(f"job {job} done", flush=True)
 
 
-def _run_job(config: BenchConfig, num_nodes: int, topology: str, distributed: bool, out_dir: Path) -> dict:
+def _run_job(
+    config: BenchConfig, num_nodes: int, topology: str, distributed: bool, out_dir: Path, auth: str = "off"
+) -> dict:
     import datasets
     import torch
     from peft import LoraConfig
@@ -148,6 +159,7 @@ def _run_job(config: BenchConfig, num_nodes: int, topology: str, distributed: bo
         per_device_train_batch_size=config.batch_size, learning_rate=1e-3, warmup_steps=1, topology=topology,
         engine="distributed" if distributed else "simulation", hop_timeout=config.timeout, report_to="none",
         use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=10**6, seed=config.seed,
+        run_secret=BENCH_SECRET if auth == "on" else None,
     )  # fmt: skip
     samples = num_nodes * config.num_block_groups * config.num_passes * config.stage_steps * config.batch_size
     generator = torch.Generator().manual_seed(config.seed + 1)
@@ -196,7 +208,7 @@ def _warm_up(config: BenchConfig) -> None:
 
 
 def _record_name(job: dict, rank: int) -> str:
-    engine = job["topology"] if job["port"] is not None else "simulation"
+    engine = f"{job['topology']}-auth-{job['auth']}" if job["port"] is not None else "simulation"
     return f"{engine}-{job['num_nodes']}-rank-{rank}.json"
 
 
@@ -365,7 +377,7 @@ def _mean(values) -> float:
 def run_benchmark(config: BenchConfig, work: Path) -> list[dict]:
     """The simulations (one process), then per world size one set of ranks running each topology in turn."""
     started = time.monotonic()
-    sim_jobs = [{"num_nodes": n, "topology": "p2p", "port": None} for n in config.world_sizes]
+    sim_jobs = [{"num_nodes": n, "topology": "p2p", "port": None, "auth": "off"} for n in config.world_sizes]
     simulations = {}
     for job, records in zip(sim_jobs, _launch(config, sim_jobs, 1, work, "simulation")):
         report = records[0].pop("report")
@@ -374,7 +386,11 @@ def run_benchmark(config: BenchConfig, work: Path) -> list[dict]:
     runs = []
     for num_nodes in config.world_sizes:
         started = time.monotonic()
-        jobs = [{"num_nodes": num_nodes, "topology": t, "port": _free_port()} for t in config.topologies]
+        jobs = [
+            {"num_nodes": num_nodes, "topology": t, "port": _free_port(), "auth": a}
+            for t in config.topologies
+            for a in config.auth
+        ]
         sim_report, simulation = simulations[num_nodes]
         for job, records in zip(jobs, _launch(config, jobs, num_nodes, work, f"ranks{num_nodes}")):
             report = records[0].pop("report")
@@ -382,6 +398,7 @@ def run_benchmark(config: BenchConfig, work: Path) -> list[dict]:
                 {
                     "world_size": num_nodes,
                     "topology": job["topology"],
+                    "auth": job["auth"],
                     "distributed": summarise(report, records, distributed=True, topology=job["topology"]),
                     "simulation": simulation,
                     "losses_match_simulation": _losses(report) == _losses(sim_report),
@@ -390,7 +407,8 @@ def run_benchmark(config: BenchConfig, work: Path) -> list[dict]:
                     "simulation_report": sim_report,
                 }
             )
-        print(f"  {num_nodes} ranks ({', '.join(config.topologies)}): {time.monotonic() - started:.0f} s", flush=True)
+        what = f"{', '.join(config.topologies)}; auth {', '.join(config.auth)}"
+        print(f"  {num_nodes} ranks ({what}): {time.monotonic() - started:.0f} s", flush=True)
     return runs
 
 
@@ -404,16 +422,17 @@ def _hop_bytes(report: dict) -> list[int]:
 
 def time_table(runs: list[dict]) -> str:
     lines = [
-        "| ranks | topology | hops (first on a link) | training s | hops s | **hop share** | worst rank "
+        "| ranks | topology | auth | hops (first on a link) | training s | hops s | **hop share** | worst rank "
         "| ms per hop: encode + wire + load = mean (max) | turn wait s | final hand-off s | run wall s "
         "| simulation: hop share, ms per hop |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in runs:
         d, s = run["distributed"], run["simulation"]
         encode, wire, load = (1000 * _mean(h[key] for h in d["hops"]) for key in ("encode_s", "wire_s", "load_s"))
         lines.append(
-            f"| {run['world_size']} | {run['topology']} | {d['num_hops']} ({d['num_first_on_link']}) "
+            f"| {run['world_size']} | {run['topology']} | {run.get('auth', 'off')} | {d['num_hops']} "
+            f"({d['num_first_on_link']}) "
             f"| {d['train_s']:.1f} | {d['hop_s']:.2f} | **{100 * d['hop_share']:.2f}%** "
             f"| {100 * d['max_rank_hop_share']:.2f}% "
             f"| {encode:.1f} + {wire:.1f} + {load:.1f} = {d['hop_ms_mean']:.1f} ({d['hop_ms_max']:.1f}) "
@@ -425,19 +444,71 @@ def time_table(runs: list[dict]) -> str:
 
 def bytes_table(runs: list[dict]) -> str:
     lines = [
-        "| ranks | topology | hops | bytes per hop | minimum (tensors) per hop | overhead per hop | ratio "
+        "| ranks | topology | auth | hops | bytes per hop | minimum (tensors) per hop | overhead per hop | ratio "
         "| bytes on all links | same bytes and losses as simulation |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for run in runs:
         d = run["distributed"]
         hops = max(d["num_hops"], 1)
         same = "yes" if run["losses_match_simulation"] and run["hop_bytes_match_simulation"] else "**no**"
         lines.append(
-            f"| {run['world_size']} | {run['topology']} | {d['num_hops']} | {d['hop_nbytes'] / hops:,.0f} "
+            f"| {run['world_size']} | {run['topology']} | {run.get('auth', 'off')} | {d['num_hops']} "
+            f"| {d['hop_nbytes'] / hops:,.0f} "
             f"| {d['hop_min_nbytes'] / hops:,.0f} | {(d['hop_nbytes'] - d['hop_tensor_nbytes']) / hops:,.0f} "
             f"| {d['hop_nbytes'] / max(d['hop_min_nbytes'], 1):.4f} | {d['wire_nbytes']:,} | {same} |"
         )
+    return "\n".join(lines)
+
+
+def auth_table(runs: list[dict]) -> str:
+    """Warm hops with a run_secret against the same run without: the time an authenticated hop adds."""
+    lines = [
+        "| ranks | topology | warm hops | ms per warm hop, no secret | with secret | **ratio** "
+        "| wire ms, no secret | with secret | load ms, no secret | with secret |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    by_key = {(r["world_size"], r["topology"], r.get("auth", "off")): r["distributed"] for r in runs}
+    for (world_size, topology, auth), on in by_key.items():
+        off = by_key.get((world_size, topology, "off"))
+        if auth != "on" or off is None:
+            continue
+        lines.append(
+            f"| {world_size} | {topology} | {on['num_hops'] - on['num_first_on_link']} | {off['warm_hop_ms_mean']:.2f} "
+            f"| {on['warm_hop_ms_mean']:.2f} | **{on['warm_hop_ms_mean'] / max(off['warm_hop_ms_mean'], 1e-9):.3f}** "
+            f"| {off['warm_wire_ms_mean']:.2f} | {on['warm_wire_ms_mean']:.2f} | {off['warm_load_ms_mean']:.2f} "
+            f"| {on['warm_load_ms_mean']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def seal_costs(sizes: tuple[int, ...] = (64 << 10, 1 << 20, 16 << 20, 64 << 20), repeats: int = 5) -> list[dict]:
+    """Seconds to seal and to check one payload of each size (HMAC-SHA256 in one thread), median of `repeats`."""
+    from snake_hf.engine.auth import RunAuth
+
+    auth = RunAuth(BENCH_SECRET)
+    auth.session = "benchmark"
+    header, results = b"\0" * 32, []
+    for nbytes in sizes:
+        body = [bytes(nbytes)]
+        seal_s, check_s = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            seal = auth.seal_payload(1, 0, 1, 0, header, body)
+            seal_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            auth.check_payload(seal, 1, 0, 1, 0, header, body, str)
+            check_s.append(time.perf_counter() - start)
+        seal_ms, check_ms = 1000 * statistics.median(seal_s), 1000 * statistics.median(check_s)
+        results.append({"nbytes": nbytes, "seal_ms": seal_ms, "check_ms": check_ms,
+                        "mb_per_s": nbytes / 1e6 / max(seal_ms / 1000, 1e-12)})  # fmt: skip
+    return results
+
+
+def seal_table(costs: list[dict]) -> str:
+    lines = ["| payload bytes | seal ms | check ms | MB/s |", "| ---: | ---: | ---: | ---: |"]
+    for c in costs:
+        lines.append(f"| {c['nbytes']:,} | {c['seal_ms']:.3f} | {c['check_ms']:.3f} | {c['mb_per_s']:,.0f} |")
     return "\n".join(lines)
 
 
@@ -464,11 +535,12 @@ def _parse() -> tuple[argparse.Namespace, BenchConfig]:
     parser.add_argument(
         "--out_dir", default=None, help="Where the JSON and markdown go (benchmarks/results; --quick: a temp folder)."
     )
+    parser.add_argument("--name", default="distributed_overhead", help="File name of the JSON and markdown.")
     defaults = BenchConfig()
     for f in dataclasses.fields(BenchConfig):
         kind = type(getattr(defaults, f.name))
         if kind is list:
-            element = str if f.name == "topologies" else int
+            element = str if f.name in ("topologies", "auth") else int
             parser.add_argument(f"--{f.name}", type=element, nargs="+", default=None)
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=None)
@@ -494,17 +566,25 @@ def main() -> None:
     started, load_at_start = time.monotonic(), os.getloadavg()[0]  # the cores may be shared: note how busy they were
     with tempfile.TemporaryDirectory(prefix="snake_bench_") as work:
         runs = run_benchmark(config, Path(work))
+    costs = seal_costs()
     tables = f"{time_table(runs)}\n\n{bytes_table(runs)}"
+    if "on" in config.auth:
+        tables += (
+            "\n\n**Authenticated hops** (run_secret set; docs/security.md): warm hops (not the first on a link) "
+            f"with and without a secret, same model, plan and seed.\n\n{auth_table(runs)}\n\n"
+            f"Sealing and checking alone (HMAC-SHA256 over the payload's bytes, one thread):\n\n{seal_table(costs)}"
+        )
     quick_dir = Path(tempfile.gettempdir()) / "snake_bench_quick"
     out_dir = Path(args.out_dir or (quick_dir if args.quick else HERE / "results"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "distributed_overhead"
+    name = args.name
     result = {
         "benchmark": "distributed_overhead",
         "quick": args.quick,
         "machine": machine_info() | {"load_average_1m_at_start": load_at_start},
         "config": dataclasses.asdict(config),
         "seconds": time.monotonic() - started,
+        "seal_costs": costs,
         "runs": runs,
     }
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,6 +24,7 @@ SCHEDULES = ("serpentine", "designated")
 TRAIN_MODES = ("lora", "full")
 ENGINES = ("auto", "simulation", "distributed")
 PARTITIONS = ("iid", "dirichlet", "shard", "pathological", "length")
+_REDACTED_SECRET = "<RUN_SECRET>"  # what dumps of a config show instead of its run_secret
 
 # What `schedule` and `node_profiles` accept, for type checkers; `HfArgumentParser` (transformers 5.23-5.24) keeps the
 # non-str member of a union and cannot parse a list of stages or dicts, so at run time the command line sees strings
@@ -154,6 +156,13 @@ class SnakeConfig(TrainingArguments):
             skipped. Either way the run finishes on the live nodes and `snake_report.json` lists the failure (see
             `snake_hf.engine.coordinator`). A dead coordinator (rank 0) is not survivable; p2p runs stop with
             `HopTimeoutError` and resume from their stage checkpoints.
+        run_secret (`str`, *optional*):
+            Distributed mode: a secret shared by every rank of the run (at least 16 characters; when unset, the
+            `SNAKE_RUN_SECRET` environment variable or the file `SNAKE_RUN_SECRET_FILE` names). Every rank then
+            proves it holds it when it joins, and every payload and engine message is authenticated (HMAC-SHA256),
+            so nobody without it can take part or have a forged payload loaded (docs/security.md). It is never
+            logged or saved: `to_dict()`, `str()` and dumps show `"<RUN_SECRET>"`, and a pickled config
+            (`training_args.bin`) holds `None`.
     """
 
     num_nodes: int = field(default=1, metadata={"help": "Number of nodes, each with a private data shard."})
@@ -238,6 +247,13 @@ class SnakeConfig(TrainingArguments):
     on_node_failure: str = field(
         default="replan", metadata={"help": "cs topology, a node stops answering: 'replan' its stages or 'drop' them."}
     )
+    run_secret: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "help": "Distributed: secret shared by every rank, authenticating ranks and payloads (never saved)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -315,6 +331,13 @@ class SnakeConfig(TrainingArguments):
                  f"use one of {list(PAYLOAD_DTYPES)}")  # fmt: skip
         _require(self.lm_loss_chunk_tokens >= 0, "lm_loss_chunk_tokens", self.lm_loss_chunk_tokens,
                  "use 0 (off) or a number of tokens, e.g. 128")  # fmt: skip
+        secret = self.run_secret  # the message never shows the secret, only what is wrong with it
+        if secret is not None and (not isinstance(secret, str) or len(secret) < 16 or secret == _REDACTED_SECRET):
+            raise ValueError(
+                "`run_secret` is not valid: use a string of at least 16 random characters (not the "
+                f"{_REDACTED_SECRET!r} a config dump shows), e.g. `python -c 'import secrets; "
+                "print(secrets.token_hex(32))'`, the same on every rank."
+            )
         _require(self.on_node_failure in ON_NODE_FAILURE, "on_node_failure", self.on_node_failure,
                  "use 'replan' (move a dead node's stages to a live node) or 'drop' (skip them)")  # fmt: skip
         if self.lm_loss_chunk_tokens and (
@@ -365,7 +388,34 @@ class SnakeConfig(TrainingArguments):
         data = super().to_dict()
         if isinstance(self.schedule, list):
             data["schedule"] = [stage.to_dict() for stage in self.schedule]
+        if self.run_secret is not None:  # as TrainingArguments hides `*_token` fields; every dump goes through here
+            data["run_secret"] = _REDACTED_SECRET
         return data
+
+    # The run secret never leaves the process: not in str()/repr() (logs), not in a pickle (`training_args.bin` in
+    # every checkpoint), while copies made in the process keep it.
+    def __str__(self) -> str:
+        if self.run_secret is None:
+            return super().__str__()
+        shown = copy.copy(self)  # a shallow copy with the placeholder: this config is left as it is
+        shown.run_secret = _REDACTED_SECRET
+        return TrainingArguments.__str__(shown)
+
+    __repr__ = __str__
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "run_secret": None}
+
+    def __copy__(self) -> SnakeConfig:
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict) -> SnakeConfig:
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
     def partition_kwargs(self) -> dict:
         """Arguments of the partitioner named by `partition` (see `snake_hf.data.shards.make_partitioner`)."""

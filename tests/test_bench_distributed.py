@@ -97,8 +97,9 @@ def quick_result(tmp_path_factory):
 def test_quick_benchmark_json_has_machine_config_and_a_run_per_world_size_and_topology(quick_result):
     assert {"date", "cpu_count", "torch_version"} <= quick_result["machine"].keys()
     config = quick_result["config"]
-    expected = [(n, t) for n in config["world_sizes"] for t in config["topologies"]]
-    assert [(run["world_size"], run["topology"]) for run in quick_result["runs"]] == expected
+    expected = [(n, t, a) for n in config["world_sizes"] for t in config["topologies"] for a in config["auth"]]
+    assert [(run["world_size"], run["topology"], run["auth"]) for run in quick_result["runs"]] == expected
+    assert [cost["nbytes"] for cost in quick_result["seal_costs"]] == [64 << 10, 1 << 20, 16 << 20, 64 << 20]
     for run in quick_result["runs"]:
         for engine in ("distributed", "simulation"):
             summary = run[engine]

@@ -133,7 +133,7 @@ class FailoverRelay(Relay):
         """The next stage this rank trains (None: the run is done). Blocks until the coordinator says which."""
         start, self._turn_seconds = time.perf_counter(), 0.0
         if not self._is_coordinator:  # the stages it trained so far, for the final report should it die
-            self.transport.store.set(_REPORT.format(self.rank), json.dumps(self.report.to_dict(), default=str))
+            self.transport.publish(_REPORT.format(self.rank), json.dumps(self.report.to_dict(), default=str))
         if self._current is not None:
             position = self._position(self._current) + 1
             if position < len(self.effective) and self.effective[position].node == self.rank:
@@ -154,7 +154,7 @@ class FailoverRelay(Relay):
                 "coordinator is not survivable)"
             ),
         )
-        turn = json.loads(self.transport.store.get(key).decode())
+        turn = json.loads(self.transport.read(key, self.coordinator, f"turn {count} of rank {self.rank}"))
         self._adopt(turn["generation"])
         self._current = None if turn["stage"] is None else self.effective[self._positions[turn["stage"]]]
         self._turn_seconds = time.perf_counter() - start
@@ -204,7 +204,7 @@ class FailoverRelay(Relay):
         count = self._turns.get(node, 0)
         self._turns[node] = count + 1
         turn = {"stage": stage, "generation": self.generation}
-        self.transport.store.set(_TURN.format(node, count), json.dumps(turn))
+        self.transport.publish(_TURN.format(node, count), json.dumps(turn))
 
     def _absorb(self, payload) -> None:
         """Coordinator: keeps the newest version of every part in its model (the authoritative state)."""
@@ -246,7 +246,7 @@ class FailoverRelay(Relay):
         self.failures.append(failure)
         self.report.failures = list(self.failures)
         published = {"effective": [s.to_dict() for s in self.effective], "failures": self.failures}
-        self.transport.store.set(_PLAN.format(self.generation), json.dumps(published))
+        self.transport.publish(_PLAN.format(self.generation), json.dumps(published))
         what = f"re-planned {moved}" if self.mode == "replan" else f"dropped stages {dropped}"
         logger.warning(f"Node {node} failed at stage {stage.index} ({error}); it is skipped from now on, {what}.")
         self._carry, self._awaiting, self._frontier = None, None, position
@@ -255,7 +255,7 @@ class FailoverRelay(Relay):
         """A node: takes over the effective plan the coordinator published as `generation`."""
         if generation == self.generation:
             return
-        published = json.loads(self.transport.store.get(_PLAN.format(generation)).decode())
+        published = json.loads(self.transport.read(_PLAN.format(generation), self.coordinator, f"plan {generation}"))
         self.effective = [Stage.from_dict(s) for s in published["effective"]]
         self._positions = {s.index: i for i, s in enumerate(self.effective)}
         self.failures = published["failures"]
@@ -360,7 +360,7 @@ class FailoverRelay(Relay):
         """Every live rank's `text` on the coordinator, plus the last report each failed rank published."""
         final = f"{_REPORT.format(self.rank)}/{name}"
         if not self._is_coordinator:
-            self.transport.store.set(final, text)
+            self.transport.publish(final, text)
             return None
         others = [r for r in range(self.ledger.num_nodes) if r != self.rank]
         live = {r: f"{_REPORT.format(r)}/{name}" for r in others if r not in self.failed}
@@ -370,7 +370,7 @@ class FailoverRelay(Relay):
         for r in others:
             for key in (f"{_REPORT.format(r)}/{name}", _REPORT.format(r)):
                 if store.check([key]):
-                    texts.append(store.get(key).decode())
+                    texts.append(self.transport.read(key, r, f"report of rank {r}"))
                     break
         return texts
 

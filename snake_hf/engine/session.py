@@ -25,6 +25,7 @@ from ..blocks import PartMap
 from ..launch import LaunchInfo
 from ..plan import Stage
 from ..report import HopRecord, SnakeReport, StageRecord
+from .auth import resolve_run_secret
 from .coordinator import FailoverRelay
 from .payload import PayloadSpec
 from .relay import Relay
@@ -43,6 +44,9 @@ class Session:
         topology (`str`, defaults to `"p2p"`): `"p2p"` or `"cs"` (distributed only).
         hop_timeout (`float`, defaults to 600.0): seconds a transfer may take once both ends are at a hop.
         transport (`Transport`, *optional*): a transport to use instead of building one (tests, custom wires).
+        run_secret (`str`, *optional*): the run's shared secret (`SnakeConfig.run_secret`); when None, the
+            `SNAKE_RUN_SECRET` environment variable or the file `SNAKE_RUN_SECRET_FILE` names. Distributed runs with a
+            secret authenticate every rank, store message and payload (`snake_hf.engine.auth`, docs/security.md).
 
     Example:
         ```python
@@ -59,18 +63,23 @@ class Session:
         topology: str = "p2p",
         hop_timeout: float = 600.0,
         transport: Transport | None = None,
+        run_secret: str | None = None,
     ):
         self.launch = launch
         self.num_nodes = num_nodes
         self.topology = topology
-        self.transport = transport if transport is not None else self._build_transport(hop_timeout)
+        # Read once, and only where a run is distributed: the simulation's in-memory wire needs no secret.
+        secret = resolve_run_secret(run_secret) if launch is not None and transport is None else None
+        self.transport = transport if transport is not None else self._build_transport(hop_timeout, secret)
 
-    def _build_transport(self, hop_timeout: float) -> Transport:
+    def _build_transport(self, hop_timeout: float, secret: str | None) -> Transport:
         if self.launch is None:
             return InMemoryTransport()
         from .torch_dist import DistributedTransport  # torch.distributed only where a run is distributed
 
-        return DistributedTransport.from_launch(self.launch, topology=self.topology, hop_timeout=hop_timeout)
+        return DistributedTransport.from_launch(
+            self.launch, topology=self.topology, hop_timeout=hop_timeout, run_secret=secret
+        )
 
     # -- who ---------------------------------------------------------------------------------------------------------
 

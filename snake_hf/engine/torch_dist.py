@@ -27,14 +27,24 @@ coordinator itself routes with `send_to` / `recv_from` and decides who trains ne
 
 Wire protocol per payload: the int64 header, then the uint8 manifest, then the uint8 data (skipped when empty); the
 receiver reads the header to allocate the other two. Nothing is pickled.
+
+**With a `run_secret`** (`snake_hf.engine.auth`, docs/security.md) the ranks first pass a join check through the store
+(each proves it holds the secret, for this launch's session id), every value the engine reads from the store is sealed
+by its writer (turns, plans, heartbeats, hop and closed flags, exchanged and gathered texts, barriers) and checked by
+its reader, and each payload is followed by a 64-byte seal on its own tag: the header's tag, checked before anything
+is allocated from it, then the whole payload's, bound to the session, hop, both ranks and the link's sequence number.
+A heartbeat also lists the keys its rank published lately, so a message deleted from the store while a peer waits for
+it stops that peer, named, instead of leaving it waiting on a live rank. A refusal raises [`AuthenticationError`]
+(a `PayloadError`: nothing was loaded) naming the hop or message and the rank it claims to come from.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -43,6 +53,8 @@ import torch.distributed as dist
 from transformers.utils import logging
 
 from ..launch import TOPOLOGIES, HiddenLaunchEnv, LaunchInfo, hide_launch_env, launch_info
+from .auth import SEAL_NBYTES, AuthenticationError, RunAuth, exposure_warning
+from .join import JoinCheck
 from .payload import HEADER_NUMEL, EncodedPayload, PayloadError, check_header
 from .transport import CoordinatedTransport, HopTimeoutError
 
@@ -51,9 +63,11 @@ logger = logging.get_logger(__name__)
 
 __all__ = ["DistributedTransport", "HiddenLaunchEnv", "LaunchInfo", "hide_launch_env", "launch_info"]
 
-_STAGE_TAGS = 1 << 28  # gloo tags are int32: 3 tags per stage, then a block for the final broadcast
-_FINAL_TAG = 3 * _STAGE_TAGS
+_STAGE_TAGS = 1 << 28  # gloo tags are int32: 4 tags per stage (header, manifest, data, seal), then the final block
+_FINAL_TAG = 4 * _STAGE_TAGS
 _ALIVE, _CLOSED = "snake/alive/{}", "snake/closed/{}"  # heartbeat counter, and "closed its transport", per rank
+_RECENT_KEYS = 64  # keys a rank's heartbeat lists as published lately (a deleted one is noticed, not waited for)
+_exposure_warned = threading.Event()  # a process without a secret warns once that its store is exposed
 # Polling the store while a peer is not there yet: from _MIN_POLL, doubling up to _MAX_POLL (see `_await_keys`).
 _MIN_POLL, _MAX_POLL = 0.001, 0.005
 
@@ -76,6 +90,10 @@ class DistributedTransport(CoordinatedTransport):
             `hop_timeout`).
         store_server (`bool`, *optional*): whether the store lives in this process, so that `close()` must wait for
             the others (default: rank 0 when no `store` is given).
+        run_secret (`str`, *optional*): the run's shared secret ([`resolve_run_secret`]). With it the rank joins with
+            a challenge-response (every rank must hold the same secret; a rank that does not joins no run) and every
+            store message and payload is sealed and checked ([`snake_hf.engine.auth`]). Without it, today's wire,
+            and one warning when the store is reachable beyond this host.
 
     Example:
         ```python
@@ -99,6 +117,7 @@ class DistributedTransport(CoordinatedTransport):
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float | None = None,
         store_server: bool | None = None,
+        run_secret: str | None = None,
     ):
         if topology not in TOPOLOGIES:
             raise ValueError(f"`topology` ({topology!r}) must be one of {TOPOLOGIES}.")
@@ -110,9 +129,9 @@ class DistributedTransport(CoordinatedTransport):
         self.heartbeat_timeout = hop_timeout if heartbeat_timeout is None else heartbeat_timeout
         self.link_bytes: dict[tuple[int, int], int] = defaultdict(int)
         self._store_server = rank == 0 and store is None if store_server is None else store_server
+        addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+        port = int(master_port or os.environ.get("MASTER_PORT", "29500"))
         if store is None:
-            addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
-            port = int(master_port or os.environ.get("MASTER_PORT", "29500"))
             store = dist.TCPStore(
                 addr, port, None, self._store_server, timedelta(seconds=hop_timeout), wait_for_workers=False
             )
@@ -120,8 +139,26 @@ class DistributedTransport(CoordinatedTransport):
         self._groups: dict[tuple[int, int], dist.ProcessGroup | None] = {}
         self._final_count = 0
         self._barrier_count: dict[str, int] = defaultdict(int)
+        self._exchange_count: dict[str, int] = defaultdict(int)
+        self._seq_out: dict[int, int] = defaultdict(int)  # payloads sent to / taken from each peer: the sequence
+        self._seq_in: dict[int, int] = defaultdict(int)  # numbers their seals are bound to
         self._closed = False
-        self.store.add(_ALIVE.format(rank), 1)
+        self._recent: deque[str] = deque(maxlen=_RECENT_KEYS)  # keys this rank published lately, in its heartbeat
+        self._peer_recent: dict[int, list[str]] = {}  # the same, per peer, from its last heartbeat
+        self._auth = RunAuth(run_secret)
+        self._join_check = JoinCheck(
+            self.store, rank, world_size, self.heartbeat_timeout, self._store_server, topology
+        )
+        if self._auth.enabled:
+            self._join_check.authenticate(self._auth)
+        else:
+            self._join_check.announce_unauthenticated()
+            warning = exposure_warning(addr, port)
+            if warning and not _exposure_warned.is_set():
+                _exposure_warned.set()
+                logger.warning(warning)
+        self._beat_count = 1
+        self._set_alive(self.store, self._beat_count)
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name=f"snake-heartbeat-{rank}", daemon=True)
         self._heartbeat.start()
@@ -138,6 +175,11 @@ class DistributedTransport(CoordinatedTransport):
         kwargs.setdefault("master_addr", info.master_addr)
         kwargs.setdefault("master_port", info.master_port)
         return cls(info.rank, info.world_size, **kwargs)
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether this rank passed the join check and seals and checks every payload and store message."""
+        return self._auth.enabled and bool(self._auth.session)
 
     # -- the Transport interface ------------------------------------------------------------------------------------
 
@@ -157,32 +199,60 @@ class DistributedTransport(CoordinatedTransport):
     def recv_from(self, peer: int, hop: int | str, src: int, dst: int) -> EncodedPayload:
         return self._wire_recv(peer, hop, f"stage {hop}" if isinstance(hop, int) else hop, src, dst)
 
+    def publish(self, key: str, text: str) -> None:
+        """Sets `key` to `text` in the store, sealed as this rank's when the run has a secret."""
+        self.store.set(key, self._auth.seal_text(key, self.rank, text))
+        if self._auth.enabled:
+            self._recent.append(key)
+
+    def read(self, key: str, writer: int, what: str = "message") -> str:
+        """The text rank `writer` published under `key` (which must be set); with a secret, raises
+        [`AuthenticationError`] naming `what` and `writer` when it is not that rank's for that key in this run."""
+        try:
+            raw = self.store.get(key).decode("utf-8", errors="replace")
+        except RuntimeError as error:  # the key vanished after it was seen (deleted), or the store's server is gone
+            raise HopTimeoutError(
+                f"Rank {self.rank} could not read the {what} (store key {key!r}) of rank {writer}: {error} "
+                f"(topology {self.topology})"
+            ) from error
+        describe = lambda reason: (  # noqa: E731
+            f"Rank {self.rank} refused the {what} (store key {key!r}) that claims to come from rank {writer}: "
+            f"{reason} (topology {self.topology})."
+        )
+        return self._auth.open_text(key, writer, raw, describe)
+
     # -- texts, barriers and the final state --------------------------------------------------------------------------
 
     def exchange_text(self, name: str, text: str) -> list[str]:
         """Every rank's `text`, in rank order, on every rank (through the store; e.g. local shard sizes)."""
-        self.store.set(f"snake/exchange/{name}/{self.rank}", text)
-        keys = {r: f"snake/exchange/{name}/{r}" for r in range(self.world_size) if r != self.rank}
+        generation = self._exchange_count[name]  # each exchange of a name has its own keys: no stale text is read
+        self._exchange_count[name] += 1
+        prefix = f"snake/exchange/{name}/{generation}"
+        self.publish(f"{prefix}/{self.rank}", text)
+        keys = {r: f"{prefix}/{r}" for r in range(self.world_size) if r != self.rank}
         self.wait_for(keys, lambda reason: f"exchanging {name!r}: {reason} (topology {self.topology})")
-        return [text if r == self.rank else self.store.get(keys[r]).decode() for r in range(self.world_size)]
+        what = f"exchanged text {name!r}"
+        return [text if r == self.rank else self.read(keys[r], r, what) for r in range(self.world_size)]
 
     def gather_text(self, name: str, text: str) -> list[str] | None:
         """Collects every rank's `text` on rank 0 through the store (small JSON reports; nothing pickled)."""
-        self.store.set(f"snake/gather/{name}/{self.rank}", text)
+        self.publish(f"snake/gather/{name}/{self.rank}", text)
         if self.rank != 0:
             return None
         keys = {r: f"snake/gather/{name}/{r}" for r in range(1, self.world_size)}
         self.wait_for(keys, lambda reason: f"gathering {name!r}: {reason} (topology {self.topology})")
-        return [text] + [self.store.get(keys[r]).decode() for r in range(1, self.world_size)]
+        return [text] + [self.read(keys[r], r, f"gathered text {name!r}") for r in range(1, self.world_size)]
 
     def barrier(self, name: str) -> None:
         """Waits until every rank reached the barrier `name` (over the store; no collective), while they live."""
         generation = self._barrier_count[name]
         self._barrier_count[name] += 1
         prefix = f"snake/barrier/{name}/{generation}"
-        self.store.set(f"{prefix}/{self.rank}", "1")
+        self.publish(f"{prefix}/{self.rank}", "1")
         keys = {r: f"{prefix}/{r}" for r in range(self.world_size) if r != self.rank}
         self.wait_for(keys, lambda reason: f"barrier {name!r}: {reason} (topology {self.topology})")
+        for r, key in keys.items():
+            self.read(key, r, f"barrier {name!r} flag")
 
     def broadcast_final(self, encoded: EncodedPayload | None, src: int) -> EncodedPayload:
         """Hands `encoded` (given on rank `src`, None elsewhere) to every rank; returns it on all (cs: via coordinator)."""
@@ -207,7 +277,7 @@ class DistributedTransport(CoordinatedTransport):
             return
         self._closed = True
         try:
-            self.store.set(_CLOSED.format(self.rank), "1")
+            self.publish(_CLOSED.format(self.rank), "1")
             if self._store_server and wait:  # the store dies with this process: let every live rank finish first
                 others = {r: _CLOSED.format(r) for r in range(self.world_size) if r != self.rank}
                 self.wait_for(others, lambda reason: f"closing the store anyway: {reason}", drop_absent=True)
@@ -220,33 +290,67 @@ class DistributedTransport(CoordinatedTransport):
     # -- the wire -----------------------------------------------------------------------------------------------------
 
     def _wire_send(self, peer: int, encoded: EncodedPayload, hop: int | str, what: str, src: int, dst: int) -> None:
-        self.store.set(self._hop_key(hop, self.rank, peer, "sent"), "1")
+        self.publish(self._hop_key(hop, self.rank, peer, "sent"), "1")
         describe = self._describe(what, src, dst, receiving=False)
-        self.wait_for({peer: self._hop_key(hop, self.rank, peer, "ready")}, describe)
+        ready = self._hop_key(hop, self.rank, peer, "ready")
+        self.wait_for({peer: ready}, describe)
+        self.read(ready, peer, f"{what} 'ready' flag")
+        seal = self._seal(peer, hop, encoded)
         try:
             deadline = time.monotonic() + self.hop_timeout
             group, peer_in_link = self._link(peer)
-            self._push(group, peer_in_link, encoded, self._tag(hop), deadline)
+            self._push(group, peer_in_link, encoded, self._tag(hop), deadline, seal)
         except RuntimeError as error:
             self._groups[self._link_key(peer)] = None
             raise HopTimeoutError(describe(f"rank {peer} did not take it within {self.hop_timeout} s")) from error
-        self.link_bytes[(self.rank, peer)] += encoded.nbytes
+        self._seq_out[peer] += 1
+        self.link_bytes[(self.rank, peer)] += encoded.nbytes + (0 if seal is None else seal.numel())
 
-    def _push(self, group: dist.ProcessGroup, peer: int, encoded: EncodedPayload, tag: int, deadline: float) -> None:
+    def _push(
+        self,
+        group: dist.ProcessGroup,
+        peer: int,
+        encoded: EncodedPayload,
+        tag: int,
+        deadline: float,
+        seal: torch.Tensor | None = None,
+    ) -> None:
         tensors = [encoded.header, encoded.manifest] + ([encoded.data] if encoded.data.numel() else [])
         works = [group.send([t.contiguous()], peer, tag + i) for i, t in enumerate(tensors)]
+        if seal is not None:
+            works.append(group.send([seal], peer, tag + 3))
         for work in works:
             work.wait(_left(deadline))
 
+    def _seal(self, peer: int, hop: int | str, encoded: EncodedPayload) -> torch.Tensor | None:
+        """The seal of `encoded` for `peer` at `hop` (None without a secret): bound to this session, the hop, both
+        ranks and how many payloads this rank sent that peer before."""
+        if not self._auth.enabled:
+            return None
+        body = [_bytes_of(encoded.manifest), _bytes_of(encoded.data)]
+        seal = self._auth.seal_payload(hop, self.rank, peer, self._seq_out[peer], _bytes_of(encoded.header), body)
+        return torch.frombuffer(bytearray(seal), dtype=torch.uint8)
+
     def _wire_recv(self, peer: int, hop: int | str, what: str, src: int, dst: int) -> EncodedPayload:
-        self.store.set(self._hop_key(hop, peer, self.rank, "ready"), "1")
+        self.publish(self._hop_key(hop, peer, self.rank, "ready"), "1")
         describe = self._describe(what, src, dst, receiving=True)
-        self.wait_for({peer: self._hop_key(hop, peer, self.rank, "sent")}, describe)
+        sent = self._hop_key(hop, peer, self.rank, "sent")
+        self.wait_for({peer: sent}, describe)
+        self.read(sent, peer, f"{what} 'sent' flag")
         deadline, tag = time.monotonic() + self.hop_timeout, self._tag(hop)
+        refused = self._describe_refusal(what, peer, src, dst)
+        seq, seal = self._seq_in[peer], None
         try:
             group, peer_in_link = self._link(peer)
             header = torch.empty(HEADER_NUMEL, dtype=torch.int64)
-            group.recv([header], peer_in_link, tag).wait(_left(deadline))
+            works = [group.recv([header], peer_in_link, tag)]
+            if self._auth.enabled:  # the header's own tag is checked before anything is allocated from its sizes
+                seal = torch.empty(SEAL_NBYTES, dtype=torch.uint8)
+                works.append(group.recv([seal], peer_in_link, tag + 3))
+            for work in works:
+                work.wait(_left(deadline))
+            if seal is not None:
+                self._auth.check_payload_header(_bytes_of(seal), hop, peer, self.rank, seq, _bytes_of(header), refused)
             manifest_nbytes, data_nbytes = check_header(header.tolist(), describe)
             manifest = torch.empty(manifest_nbytes, dtype=torch.uint8)
             data = torch.empty(data_nbytes, dtype=torch.uint8)
@@ -255,6 +359,9 @@ class DistributedTransport(CoordinatedTransport):
                 works.append(group.recv([data], peer_in_link, tag + 2))
             for work in works:
                 work.wait(_left(deadline))
+            if seal is not None:
+                body = [_bytes_of(manifest), _bytes_of(data)]
+                self._auth.check_payload(_bytes_of(seal), hop, peer, self.rank, seq, _bytes_of(header), body, refused)
         except (RuntimeError, PayloadError) as error:
             self._groups[self._link_key(peer)] = None  # the stream on this link is out of step: never reuse it
             if isinstance(error, PayloadError):
@@ -264,7 +371,8 @@ class DistributedTransport(CoordinatedTransport):
         for kind in ("sent", "ready"):
             self.store.delete_key(self._hop_key(hop, peer, self.rank, kind))
         encoded = EncodedPayload(header=header, manifest=manifest, data=data)
-        self.link_bytes[(peer, self.rank)] += encoded.nbytes
+        self._seq_in[peer] += 1
+        self.link_bytes[(peer, self.rank)] += encoded.nbytes + (0 if seal is None else seal.numel())
         return encoded
 
     def _link(self, peer: int) -> tuple[dist.ProcessGroup, int]:
@@ -307,8 +415,9 @@ class DistributedTransport(CoordinatedTransport):
                 pending = [peer for peer, key in keys.items() if not self.store.check([key])]
                 for peer in pending:
                     beats = self._beats(peer)
-                    if beats != seen[peer][0]:
+                    if beats > seen[peer][0]:  # a replayed (older) heartbeat does not count
                         seen[peer] = (beats, now)
+                    self._check_not_deleted(peer, keys[peer], describe)
                     reason = self._absence(peer, beats, now - seen[peer][1])
                     if reason and not self.store.check([keys[peer]]):
                         if not drop_absent:
@@ -318,10 +427,25 @@ class DistributedTransport(CoordinatedTransport):
             time.sleep(delay)
             delay = min(2 * delay, _MAX_POLL)
 
+    def _check_not_deleted(self, peer: int, key: str, describe: Callable[[str], str]) -> None:
+        """With a secret: `peer`'s sealed heartbeat lists the keys it published lately. One of them missing from the
+        store while this rank waits for it was deleted by someone else (no rank deletes a key another still awaits):
+        stop, named, rather than wait for a message that will not come while the peer's heartbeat says it lives."""
+        if key in self._peer_recent.get(peer, ()) and not self.store.check([key]):
+            raise AuthenticationError(
+                describe(
+                    f"rank {peer} published {key!r} but the store no longer holds it: a process on the rendezvous "
+                    "store deleted it (tampering; see docs/security.md)"
+                )
+            )
+
     def _absence(self, peer: int, beats: int, still: float) -> str | None:
         """Why `peer` will not come: it closed, never joined, or its heartbeat stopped; None while it lives."""
         if self.store.check([_CLOSED.format(peer)]):
+            self.read(_CLOSED.format(peer), peer, "'closed' flag")
             return f"rank {peer} closed its transport first"
+        if not self._auth.enabled:
+            self._join_check.check_peer_unauthenticated(peer)
         if still > self.heartbeat_timeout:
             return (
                 f"rank {peer} {'never joined' if beats == 0 else 'sent no heartbeat'} for {self.heartbeat_timeout} s"
@@ -335,15 +459,38 @@ class DistributedTransport(CoordinatedTransport):
             store = self.store
         while not self._stop.wait(self.heartbeat_interval):
             try:
-                store.add(_ALIVE.format(self.rank), 1)
+                self._beat_count += 1
+                self._set_alive(store, self._beat_count)
             except RuntimeError as error:  # the store's server is gone: nothing left to tell
                 logger.warning(f"Rank {self.rank} stops its heartbeat: {error}")
                 return
 
+    def _set_alive(self, store: dist.Store, count: int) -> None:
+        key = _ALIVE.format(self.rank)
+        if self._auth.enabled:  # a sealed count: a forger cannot keep a dead rank alive, a replay does not move it
+            beat = json.dumps({"n": count, "published": list(self._recent)})
+            store.set(key, self._auth.seal_text(key, self.rank, beat))
+        else:
+            store.add(key, 1)
+
     def _beats(self, peer: int) -> int:
-        return self.store.add(_ALIVE.format(peer), 0)
+        key = _ALIVE.format(peer)
+        if not self._auth.enabled:
+            return self.store.add(key, 0)
+        if not self.store.check([key]):
+            return 0
+        beat = json.loads(self.read(key, peer, "heartbeat"))
+        self._peer_recent[peer] = beat["published"]
+        return int(beat["n"])
 
     # -- names ----------------------------------------------------------------------------------------------------
+
+    def _describe_refusal(self, what: str, peer: int, src: int, dst: int) -> Callable[[str], str]:
+        plan = f" (in the plan: rank {src} to rank {dst})" if (src, dst) != (peer, self.rank) else ""
+        return lambda reason: (
+            f"{what}: rank {self.rank} refused the payload that claims to come from rank {peer}{plan}: {reason} "
+            f"(topology {self.topology})."
+        )
 
     def _describe(self, what: str, src: int, dst: int, receiving: bool) -> Callable[[str], str]:
         via = f" via coordinator {self.coordinator}" if self._via(src, dst) else ""
@@ -364,11 +511,16 @@ class DistributedTransport(CoordinatedTransport):
 
     @staticmethod
     def _tag(hop: int | str) -> int:
-        return 3 * (hop % _STAGE_TAGS) if isinstance(hop, int) else _FINAL_TAG
+        return 4 * (hop % _STAGE_TAGS) if isinstance(hop, int) else _FINAL_TAG
 
     @staticmethod
     def _hop_key(hop: int | str, sender: int, receiver: int, kind: str) -> str:
         return f"snake/hop/{hop}/{sender}-{receiver}/{kind}"
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (what a seal covers)."""
+    return memoryview(tensor.detach().contiguous().numpy()).cast("B")
 
 
 def _left(deadline: float) -> timedelta:

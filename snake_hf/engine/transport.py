@@ -69,7 +69,8 @@ class KeyValueStore(Protocol):
 class CoordinatedTransport(Transport):
     """A [`Transport`] with what a cs coordinator needs to drive the plan itself and survive a dead node.
 
-    The coordinator's relay ([`FailoverRelay`]) publishes turns and re-planned plans in `store`, waits for keys with
+    The coordinator's relay ([`FailoverRelay`]) publishes turns and re-planned plans in `store` (with `publish`, read
+    back with `read`: authenticated when the run has a secret), waits for keys with
     `wait_for` (which notices a peer that died), and routes every payload itself with `send_to` / `recv_from`; the
     other ranks `send` and `recv` as usual, and a payload between two of them travels through `coordinator`.
 
@@ -79,7 +80,7 @@ class CoordinatedTransport(Transport):
 
     Example:
         ```python
-        >>> transport.store.set("snake/cs/turn/1/0", '{"stage": 1, "generation": 0}')  # on the coordinator (rank 0)
+        >>> transport.publish("snake/cs/turn/1/0", '{"stage": 1, "generation": 0}')  # on the coordinator (rank 0)
         >>> transport.wait_for({0: "snake/cs/turn/1/0"}, lambda reason: f"waiting for a turn: {reason}")  # on rank 1
         >>> transport.send_to(1, encoded, 1, src=2, dst=1)  # rank 0 passes node 2's payload on into stage 1
         ```
@@ -100,6 +101,15 @@ class CoordinatedTransport(Transport):
     def recv_from(self, peer: int, hop: int | str, src: int, dst: int) -> EncodedPayload:
         """Receives hop `hop` straight from rank `peer` (the other end of [`send_to`]); raises [`HopTimeoutError`]
         when `peer` dies or sends nothing."""
+
+    def publish(self, key: str, text: str) -> None:
+        """Sets `key` to `text` in `store` as this rank's message (sealed when the run is authenticated)."""
+        self.store.set(key, text)
+
+    def read(self, key: str, writer: int, what: str = "message") -> str:
+        """The text rank `writer` published under `key` (which must be set); an authenticated transport raises
+        [`snake_hf.engine.auth.AuthenticationError`] naming `what` and `writer` when the text is not that rank's."""
+        return self.store.get(key).decode()
 
     @abstractmethod
     def wait_for(self, keys: dict[int, str], describe: Callable[[str], str], drop_absent: bool = False) -> None:

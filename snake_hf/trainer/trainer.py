@@ -136,7 +136,9 @@ class SnakeTrainer(Trainer):
                 "Passing a `model_init` is incompatible with providing the `optimizers` argument. You should subclass "
                 "`Trainer` and override the `create_optimizer_and_scheduler` method."
             )
-        self.session = Session(resolve_launch(args), args.num_nodes, args.topology, args.hop_timeout)
+        self.session = Session(
+            resolve_launch(args), args.num_nodes, args.topology, args.hop_timeout, run_secret=args.run_secret
+        )
         check_trainer_options(args, self.session, callbacks)
         self._peft_config, self._partitioner, self._train_input = peft_config, partitioner, train_dataset
         if model is None and model_init is not None:  # as Trainer: seeded, then built once for the set-up
