@@ -225,3 +225,56 @@ def test_a_parent_loss_that_skips_snakes_hook_is_refused_by_name(tmp_path):
 def test_mixin_order_is_checked_when_the_class_is_made():
     with pytest.raises(TypeError, match="SnakeMixin first and SnakeTrainer last"):
         type("Wrong", (SnakeMixin, SnakeTrainer, trl.SFTTrainer), {})
+
+
+def _launch_sft_ranks(out_dir, num_nodes: int, mode: str, timeout: float = 300) -> None:
+    """One process per node (spawned, never forked), each with its own PYTHONHASHSEED, joined by the rendezvous."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = str(Path(__file__).parent / "_sft_run.py")
+    procs = []
+    for rank in range(num_nodes):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(num_nodes), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   PYTHONHASHSEED=str(101 + 17 * rank))  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, script, str(out_dir), str(num_nodes), mode], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    outputs = []
+    try:
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-3000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["split", "local"])
+def test_two_processes_give_adapters_bit_identical_to_the_simulation(tmp_path, mode):
+    from _sft_run import run
+    from safetensors.torch import load_file
+
+    threads = torch.get_num_threads()
+    try:
+        (tmp_path / "sim").mkdir()
+        run(str(tmp_path / "sim"), 2, mode, engine="simulation")
+    finally:
+        torch.set_num_threads(threads)
+    simulated = load_file(str(tmp_path / "sim" / "adapters-0.safetensors"))
+    sim_engine, sim_sizes = (tmp_path / "sim" / "engine-0.txt").read_text().split(" ", 1)
+    (tmp_path / "dist").mkdir()
+    _launch_sft_ranks(tmp_path / "dist", 2, mode)
+    for rank in range(2):
+        engine, sizes = (tmp_path / "dist" / f"engine-{rank}.txt").read_text().split(" ", 1)
+        assert (sim_engine, engine, sizes) == ("simulation", "distributed", sim_sizes)
+        got = load_file(str(tmp_path / "dist" / f"adapters-{rank}.safetensors"))
+        assert got.keys() == simulated.keys()
+        assert all(torch.equal(got[k], simulated[k]) for k in got), f"rank {rank} ({mode})"
