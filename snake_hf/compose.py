@@ -123,6 +123,14 @@ class SnakeMixin:
             )
         return result
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Snake's per-stage record goes straight to Trainer.log: a parent that merges its running metrics into the
+        # next log (TRL's token accuracy, entropy) keeps them for its own next training log.
+        if "stage_loss" in logs:
+            Trainer.log(self, logs, start_time)
+        else:
+            super().log(logs, start_time)
+
     def create_model_card(self, *args, **kwargs) -> None:
         """The parent's model card (with `snake-learning` among the tags) and the Snake section after it."""
         super().create_model_card(*args, **kwargs)

@@ -146,6 +146,8 @@ def test_saved_adapter_reloads_with_plain_peft_to_identical_logits(tmp_path):
     with torch.no_grad():
         expected = trainer.model.eval()(input_ids=ids).logits
         assert torch.equal(reloaded(input_ids=ids).logits, expected)
+    training_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("mean_token_accuracy" in h for h in training_logs), "TRL's metrics stay with TRL's training logs"
     card = tmp_path / "snake" / "README.md"
     trainer.create_model_card()
     text = card.read_text()
