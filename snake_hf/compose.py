@@ -75,6 +75,9 @@ class SnakeMixin:
                 "SnakeConfig (snake_config(YourConfigClass), e.g. SnakeSFTConfig), or the parent would drop Snake's "
                 "settings."
             )
+        if args_given is not None:
+            self.check_snake_options(args_given)  # before the parent's data preparation
+        self._snake_checked = args_given is not None
         datasets_given = args[3] if len(args) > 3 else kwargs.get("train_dataset")
         self._snake_rest = []
         if isinstance(datasets_given, (list, tuple)) and datasets_given and not isinstance(datasets_given[0], dict):
@@ -96,7 +99,8 @@ class SnakeMixin:
 
     def _composed_inputs(self, args, peft_config, partitioner, train_dataset):
         # Called by SnakeTrainer.__init__ with what the parent passed on to Trainer.__init__: the prepared data.
-        self.check_snake_options(args)
+        if not self._snake_checked:
+            self.check_snake_options(args)
         if self._snake_rest:
             train_dataset = [train_dataset, *(self.prepare_node_dataset(d, args) for d in self._snake_rest)]
             self._snake_rest = []
