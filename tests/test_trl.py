@@ -192,6 +192,12 @@ def test_snake_sft_config_keeps_trls_defaults():
     assert snake.num_nodes == 3 and snake.gradient_checkpointing is False, "TRL's True is refused by Snake"
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         SnakeSFTConfig("o", use_cpu=True, gradient_checkpointing=True)
+    from transformers import HfArgumentParser
+
+    (parsed,) = HfArgumentParser(SnakeSFTConfig).parse_args_into_dataclasses(
+        ["--output_dir", "o", "--use_cpu", "true", "--num_nodes", "3", "--packing", "true"]
+    )
+    assert (parsed.learning_rate, parsed.logging_steps, parsed.num_nodes, parsed.packing) == (2e-5, 10, 3, True)
 
 
 def test_chunked_lm_loss_and_liger_distillation_are_refused_by_name(tmp_path):
