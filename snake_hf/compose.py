@@ -68,7 +68,16 @@ class SnakeMixin:
             cls._tag_names = [*tags, SNAKE_TAG]  # TRL's model card and model tags read `_tag_names`
 
     def __init__(self, *args, peft_config=None, partitioner=None, **kwargs):
-        args_given = args[1] if len(args) > 1 else kwargs.get("args")
+        parent_init = super().__init__  # the parent's __init__ (SnakeMixin's own bases come after it)
+        # The parent's arguments by name, in the parent's own order (DPOTrainer's second one is ref_model); a parent
+        # that passes everything through (`*args, **kwargs`) takes Trainer's order, as SnakeTrainer does.
+        signature = inspect.signature(parent_init)
+        if "args" not in signature.parameters:
+            signature = inspect.signature(SnakeTrainer.__init__).replace(
+                parameters=list(inspect.signature(SnakeTrainer.__init__).parameters.values())[1:]
+            )
+        bound = signature.bind_partial(*args, **kwargs)
+        args_given = bound.arguments.get("args")
         if args_given is not None and not isinstance(args_given, SnakeConfig):
             raise TypeError(
                 f"`args` is a {type(args_given).__name__}; {type(self).__name__} needs a config that is also a "
@@ -78,24 +87,19 @@ class SnakeMixin:
         if args_given is not None:
             self.check_snake_options(args_given)  # before the parent's data preparation
         self._snake_checked = args_given is not None
-        datasets_given = args[3] if len(args) > 3 else kwargs.get("train_dataset")
+        datasets_given = bound.arguments.get("train_dataset")
         self._snake_rest = []
         if isinstance(datasets_given, (list, tuple)) and datasets_given and not isinstance(datasets_given[0], dict):
-            first, self._snake_rest = datasets_given[0], list(datasets_given[1:])  # one dataset per node
-            if len(args) > 3:
-                args = (*args[:3], first, *args[4:])
-            else:
-                kwargs["train_dataset"] = first
-        parent_init = super().__init__  # the parent's __init__ (SnakeMixin's own bases come after it)
+            bound.arguments["train_dataset"], *self._snake_rest = datasets_given  # one dataset per node
         self._snake_peft_config = None
         if peft_config is not None:
             if "peft_config" in inspect.signature(parent_init).parameters:
-                kwargs["peft_config"] = peft_config
+                bound.arguments["peft_config"] = peft_config
             else:
                 self._snake_peft_config = peft_config
         self._snake_partitioner = partitioner
         self._snake_loss_reached = False
-        parent_init(*args, **kwargs)
+        parent_init(*bound.args, **bound.kwargs)
 
     def _composed_inputs(self, args, peft_config, partitioner, train_dataset):
         # Called by SnakeTrainer.__init__ with what the parent passed on to Trainer.__init__: the prepared data.

@@ -286,3 +286,28 @@ def test_two_processes_give_adapters_bit_identical_to_the_simulation(tmp_path, m
         got = load_file(str(tmp_path / "dist" / f"adapters-{rank}.safetensors"))
         assert got.keys() == simulated.keys()
         assert all(torch.equal(got[k], simulated[k]) for k in got), f"rank {rank} ({mode})"
+
+
+class _Preparing(Trainer):
+    """A parent with its own argument order (like DPOTrainer's `ref_model` second) that prepares data in __init__."""
+
+    def __init__(self, model, reference=None, args=None, data_collator=None, train_dataset=None, **kwargs):
+        self.reference = reference
+        super().__init__(model, args, data_collator, self.prepare(train_dataset), **kwargs)
+
+    @staticmethod
+    def prepare(dataset):
+        return dataset.map(lambda row: {"input_ids": row["values"], "labels": row["values"]}, remove_columns="values")
+
+
+def test_any_trainer_subclass_is_split_after_its_own_preparation_with_its_argument_order(tmp_path):
+    cls = snake_trainer(_Preparing, prepare_node_dataset=lambda self, dataset, args: self.prepare(dataset))
+    config = SnakeSFTConfig(str(tmp_path), use_cpu=True, bf16=False, report_to=[], num_nodes=3, num_block_groups=2,
+                            per_device_train_batch_size=2, learning_rate=1e-2, save_strategy="no", num_train_epochs=1)  # fmt: skip
+    shards = [datasets.Dataset.from_dict({"values": torch.randint(3, 20, (4 + n, 8)).tolist()}) for n in range(3)]
+    trainer = cls(tiny_llama(), "ref", config, None, shards, peft_config=lora())
+    assert trainer.reference == "ref" and isinstance(trainer.model, PeftModel)
+    assert trainer.node_data.sizes == [4, 5, 6]
+    assert all(trainer.node_data.shard(n)["input_ids"] == shards[n]["values"] for n in range(3))
+    trainer.train()
+    assert [s.node for s in trainer.snake_report.stages] == [0, 1, 2, 2, 1, 0]
