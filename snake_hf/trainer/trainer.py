@@ -136,6 +136,9 @@ class SnakeTrainer(Trainer):
                 "Passing a `model_init` is incompatible with providing the `optimizers` argument. You should subclass "
                 "`Trainer` and override the `create_optimizer_and_scheduler` method."
             )
+        # A composed trainer (snake_hf.compose: SnakeMixin, a parent, SnakeTrainer) arrives here from the parent's
+        # __init__, after its data preparation: its prepared datasets and Snake's own arguments.
+        peft_config, partitioner, train_dataset = self._composed_inputs(args, peft_config, partitioner, train_dataset)
         self.session = Session(
             resolve_launch(args), args.num_nodes, args.topology, args.hop_timeout, run_secret=args.run_secret
         )
@@ -165,6 +168,10 @@ class SnakeTrainer(Trainer):
         self.snake_report = self._new_report()
         if self.plan:
             logger.info(f"Snake plan ({len(self.plan)} stages, {self.total_steps} steps):\n{format_plan(self.plan)}")
+
+    def _composed_inputs(self, args: SnakeConfig, peft_config, partitioner, train_dataset):
+        """`(peft_config, partitioner, train_dataset)` as given; `snake_hf.compose.SnakeMixin` supplies its own."""
+        return peft_config, partitioner, train_dataset
 
     def _prepare(self, model: nn.Module, args: SnakeConfig) -> Prepared:
         """Everything the run trains, decided before `Trainer` sees the model (again after a `model_init`)."""
@@ -413,6 +420,7 @@ class SnakeTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         current = self._current
+        self._snake_loss_reached = True  # snake_hf.compose.SnakeMixin checks that a parent's compute_loss got here
         # Trainer calls model.train() every step; frozen groups' batch-norm statistics must not drift (full mode).
         for module in current.frozen_norms if current is not None else ():
             module.eval()
