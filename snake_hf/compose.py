@@ -29,7 +29,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import SnakeConfig
-from .plan import format_plan
+from .model_card import snake_section, write_model_card
 from .trainer import SnakeTrainer
 
 
@@ -145,15 +145,10 @@ class SnakeMixin:
         card = Path(self.args.output_dir) / "README.md"
         if not self.is_world_process_zero() or not card.is_file() or "## Snake Learning" in card.read_text():
             return
-        self.snake_report.metrics = {
-            k: v
-            for h in self.state.log_history
-            for k, v in h.items()
-            if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second", "_preparation_time"))
-        }
-        summary = self.shard_summary.to_markdown() if self.shard_summary is not None else ""
-        section = self.snake_report.model_card_section(plan=format_plan(self.plan), shards=summary)
-        card.write_text(card.read_text().rstrip("\n") + "\n\n" + section + "\n")
+        parent_card = card.read_text()
+        snake_card = write_model_card(self, **kwargs)  # the whole Snake card, then the parent's put back first
+        section = snake_section(snake_card.read_text())
+        card.write_text(parent_card.rstrip("\n") + "\n\n" + section)
 
 
 def snake_trainer(parent: type[Trainer], name: str | None = None, prepare_node_dataset=None) -> type:

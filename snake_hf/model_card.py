@@ -412,3 +412,13 @@ def write_model_card(
     path.write_text(text)
     write_adapter_base_model(output_dir, base_model)
     return path
+
+
+def snake_section(card_text: str) -> str:
+    """The Snake part of a card [`write_model_card`] wrote, as one `## Snake Learning` section to append to another
+    trainer's card (TRL's, `snake_hf.compose`): the YAML metadata and the title left out, every heading one level
+    down."""
+    body = card_text.split("---", 2)[2] if card_text.startswith("---") else card_text
+    lines = [line for line in body.strip().splitlines() if not line.startswith("# ")]
+    lines = ["#" + line if line.startswith("## ") else line for line in lines]
+    return "\n".join(["## Snake Learning", "", *lines]).strip() + "\n"
