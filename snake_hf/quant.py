@@ -12,7 +12,7 @@ float16, so no value is clipped) and one signed integer code per value, `round(x
 int4 codes are stored as `code + 8` (1..15) in nibbles, two per byte, low nibble first; the nibble 0 and the int8
 code -128 are never written, so a receiver refuses them. **Error bound**: every dequantized value is within `s / 2`
 of the value quantized (`|x - s * round(x / s)| <= s / 2` and `|x| / s <= qmax`), where `s` is its block's stored
-scale, `s <= max(absmax / qmax * (1 + 2**-10), 2**-24)`.
+scale, `absmax / qmax <= s <= absmax / qmax * (1 + 2**-10) + 2**-24` (one float16 step up at most).
 
 **Error feedback** ([`quantize_step`]): the sender adds the residual it kept from its last delta of the part to the
 next one, and keeps the new residual `r' = (trained + r) - sent`. Over a node's stages `k = 1..K` on a part,

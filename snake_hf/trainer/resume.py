@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers.utils import logging
 
@@ -165,6 +166,7 @@ class StageCheckpoints:
 
         def write(folder: Path) -> None:
             write_outputs(folder)
+            relay.save_deltas(folder)  # quantized payloads: residuals and latest deltas (a no-op otherwise)
             checkpoint.save(folder)  # snake_state.json last: a folder without it is never trusted
 
         path = write_atomically(self.root, global_step, write)
@@ -311,6 +313,12 @@ class StageCheckpoints:
                 named[name].copy_(tensor)
         next_stage = int(state["next_stage"])
         relay.restore(state["versions"], state["checksums"], checkpoint.rng, next_stage)
+        try:  # quantized payloads: the error-feedback residuals and the deltas this process forwards
+            relay.load_deltas(path)
+        except (OSError, ValueError, SafetensorError) as error:
+            raise CheckpointError(
+                f"Checkpoint {path}: its quantized-payload state cannot be read ({error})."
+            ) from error
         holder = self.plan[next_stage - 1].node
         damaged = [p for p in self.part_map.parts if relay.checksum(p) != relay.ledger.checksums[holder][p]]
         if damaged:
