@@ -197,7 +197,9 @@ def _tampered(encoded: EncodedPayload, edit) -> EncodedPayload:
 def _corrupt_first_scale(manifest, data):
     _, _, _, shape, offset, nbytes = manifest["tensors"][0]
     scales_at = offset + math.prod(shape)  # int8: one code byte per value, then the float16 scales
-    data[scales_at : scales_at + 2] = torch.tensor([float("nan")], dtype=torch.float16).view(torch.uint8).numpy().tobytes()
+    data[scales_at : scales_at + 2] = (
+        torch.tensor([float("nan")], dtype=torch.float16).view(torch.uint8).numpy().tobytes()
+    )
     return data
 
 
