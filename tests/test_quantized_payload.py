@@ -172,9 +172,9 @@ def test_a_delta_payload_reconstructs_the_senders_bits(scheme):
 
 def test_a_payload_in_another_scheme_is_refused_by_name():
     encoded, _, _ = _delta_payload("int8")
-    with pytest.raises(PayloadError, match=r"in scheme 'int8' but this node agreed to 'int4' \(payload_dtype\)"):
+    with pytest.raises(PayloadError, match=r"in scheme 'int8' but this node agreed to payload_dtype 'int4'"):
         decode_payload(encoded, _spec("int4"))
-    with pytest.raises(PayloadError, match=r"in scheme 'int8' but this node agreed to 'float32'"):
+    with pytest.raises(PayloadError, match=r"in scheme 'int8' but this node agreed to payload_dtype 'float32'"):
         decode_payload(encoded, _spec("float32"))
 
 

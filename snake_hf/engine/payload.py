@@ -414,8 +414,8 @@ def _check_identity(manifest: dict, spec: PayloadSpec, expected_parts: Iterable[
     """Same scheme, base model, adapter configuration and layout, and exactly the parts the receiver lacks."""
     if manifest["scheme"] != spec.payload_dtype:
         raise PayloadError(
-            f"The {where} is in scheme {manifest['scheme']!r} but this node agreed to {spec.payload_dtype!r} "
-            "(payload_dtype); every node needs the same payload_dtype."
+            f"The {where} is in scheme {manifest['scheme']!r} but this node agreed to payload_dtype "
+            f"{spec.payload_dtype!r}; every node needs the same payload_dtype."
         )
     deltas = manifest["deltas"]
     if not isinstance(deltas, dict) or not set(deltas) <= set(manifest["parts"]):
