@@ -114,7 +114,11 @@ class Relay:
             self._active_rng = first.node
 
     def activate(self, node: int) -> None:
-        """Makes `node`'s private stream the global RNG (a no-op when it already is)."""
+        """Makes `node`'s private stream the global RNG (a no-op when it already is). Called as a stage starts
+        training (in every topology), so under a quantized scheme it also keeps the values the stage starts from: the
+        base its deltas may use."""
+        if self.deltas is not None:
+            self.deltas.snapshot(self.part_map.parts, self.ledger.versions[node])
         if self._active_rng == node:
             return
         if self._active_rng is not None:
@@ -136,8 +140,6 @@ class Relay:
         if previous is not None and previous.node != stage.node:
             nbytes, seconds = self._receive(previous, stage)
         self.applied = 2 * stage.index
-        if self.deltas is not None:  # the values this stage starts from: the base of its deltas, where all can use it
-            self.deltas.snapshot(self._trained_parts(stage), self.ledger.versions[stage.node])
         return nbytes, seconds
 
     def close_stage(self, stage: Stage) -> None:
@@ -249,7 +251,8 @@ class Relay:
         start = time.perf_counter()
         lacking = self.ledger.lacking(following.node, stage.node)
         deltas = {}
-        if self.deltas is not None:
+        if self.deltas is not None and getattr(self.transport, "topology", "p2p") != "cs":
+            # Hop to hop only: a cs coordinator keeps and relays whole tensors (exact, not compressed).
             held, mine = self.ledger.versions[following.node], self.ledger.versions[stage.node]
             deltas = {p: d for p in lacking if (d := self.deltas.delta_for(p, mine[p], held[p])) is not None}
         payload = build_payload(
