@@ -55,16 +55,22 @@ class DeltaBook:
         self.initial = {n: named[n].detach().clone() for names in self.float_names.values() for n in names}
         self.residuals: dict[tuple[int, str], torch.Tensor] = {}  # (node, tensor name) -> what was not sent yet
         self.latest: dict[str, tuple[int, int, dict[str, QuantizedTensor]]] = {}  # part -> (version, base, deltas)
-        self.start: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # part -> (version, values) at stage start
+        # part -> version -> values: the versions stages started from that may still serve as a base (see snapshot).
+        self.start: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
 
     def _named(self) -> dict[str, torch.Tensor]:
         return dict(self.model.named_parameters()) | dict(self.model.named_buffers())
 
     def snapshot(self, parts: Iterable[str], versions: Mapping[str, int]) -> None:
-        """At a stage's start: the values (and versions) of the parts it will train, the bases its deltas may use."""
+        """At a stage's start: the values of `parts` at the node's `versions`, the bases its deltas may use. Kept per
+        part: this version and the base of the part's latest delta (still forwarded to receivers that hold it)."""
         named = self._named()
         for part in parts:
-            self.start[part] = (versions[part], {n: named[n].detach().clone() for n in self.float_names[part]})
+            keep = {versions[part], self.latest[part][1] if part in self.latest else 0}
+            kept = {v: values for v, values in self.start.get(part, {}).items() if v in keep}
+            if versions[part] not in kept:
+                kept[versions[part]] = {n: named[n].detach().clone() for n in self.float_names[part]}
+            self.start[part] = kept
 
     def base_values(self, part: str, base: int) -> dict[str, torch.Tensor]:
         """The values of `part` at version `base`: the initial values (0), the stage-start snapshot (the trainer's base;
@@ -72,8 +78,8 @@ class DeltaBook:
         distributed receiver, whose model holds its version `base`, checked by the relay)."""
         if base == 0:
             return {n: self.initial[n] for n in self.float_names[part]}
-        if part in self.start and self.start[part][0] == base:
-            return self.start[part][1]
+        if base in self.start.get(part, {}):
+            return self.start[part][base]
         named = self._named()
         return {n: named[n].detach() for n in self.float_names[part]}
 

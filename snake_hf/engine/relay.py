@@ -192,7 +192,7 @@ class Relay:
         every node that will receive the new version (before `part` trains again) holds exactly it, else 0 (the
         initial values). Worked out from the plan and the ledger, so every process agrees."""
         start = self.ledger.versions[stage.node][part]
-        if start == 0 or self.deltas.start.get(part, (None,))[0] != start:
+        if start == 0 or start not in self.deltas.start.get(part, {}):
             return 0
         versions = [held[part] for held in self.ledger.versions]
         versions[stage.node] = new = self.ledger.latest(part) + 1
