@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
+import snake_hf.engine.relay as relay_module
 from conftest import lm_dataset, tiny_bert, tiny_gpt2
 from snake_hf import SnakeTrainer
 from snake_hf.blocks import BlockGroups, PartMap
@@ -286,6 +287,26 @@ def test_every_hop_carries_each_part_as_one_quantized_delta(snake_args, scheme):
         assert hop.nbytes > hop.tensor_nbytes  # header and manifest are counted too
     # Pass 2 trains each group from the version every later receiver holds: those deltas are against it, not 0.
     assert any(base > 0 for _, base, _ in trainer._relay.deltas.latest.values())
+
+
+def test_a_forwarded_delta_is_rebuilt_on_its_base_by_a_later_receiver(snake_args, monkeypatch):
+    # Designated, 3 nodes x 3 passes: a delta of group 0 against a version other than 0 reaches a node through a
+    # sender that did not train it (it forwards the delta it received). Every receipt is checked against the sender's
+    # checksum, so a wrong base would stop the run.
+    sent = []
+    build = relay_module.build_payload
+
+    def recording(*args, deltas=None, **kwargs):
+        sent.append((kwargs["stage"], {part: base for part, (base, _) in (deltas or {}).items()}))
+        return build(*args, deltas=deltas, **kwargs)
+
+    monkeypatch.setattr(relay_module, "build_payload", recording)
+    trainer = _run(snake_args, "int8", num_block_groups=3, num_passes=3, stage_steps=1, schedule="designated")
+    plan = trainer.plan
+    forwarded = [(stage, part) for stage, bases in sent for part, base in bases.items()
+                 if base > 0 and part != f"g{plan[stage - 1].group}" and part != "shared"]  # fmt: skip
+    assert forwarded, "the plan forwards a delta against a non-zero base"
+    assert all(set(bases) == set(hop.parts) for (_, bases), hop in zip(sent, trainer.snake_report.hops))
 
 
 def test_quantized_run_trains_like_float32_on_a_tiny_model(snake_args):

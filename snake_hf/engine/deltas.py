@@ -66,7 +66,7 @@ class DeltaBook:
         part: this version and the base of the part's latest delta (still forwarded to receivers that hold it)."""
         named = self._named()
         for part in parts:
-            keep = {versions[part], self.latest[part][1] if part in self.latest else 0}
+            keep = {versions[part], self.latest[part][1] if part in self.latest else 0} - {0}  # 0: `initial`
             kept = {v: values for v, values in self.start.get(part, {}).items() if v in keep}
             if versions[part] not in kept:
                 kept[versions[part]] = {n: named[n].detach().clone() for n in self.float_names[part]}

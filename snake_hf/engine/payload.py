@@ -188,6 +188,13 @@ class Payload:
         """Parts carried as quantized deltas -> the version each delta is against (0: the initial values)."""
         return {part: int(base) for part, base in self.manifest.get("deltas", {}).items()}
 
+    def rebuild(self, bases: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The values of the tensors carried as quantized deltas: each base plus its dequantized delta, bit for bit
+        what the sender computed when it had the same base ([`snake_hf.quant.apply_delta`])."""
+        if self.quantized and bases is None:
+            raise ValueError("This payload carries quantized deltas: pass the base values they apply to (`bases`).")
+        return {name: apply_delta(bases[name], q, self.manifest["scheme"]) for name, q in self.quantized.items()}
+
     def load_into(self, model: nn.Module, bases: Mapping[str, torch.Tensor] | None = None) -> None:
         """Copies the carried tensors into `model`, cast back to its dtypes (call only on a payload returned by
         [`decode_payload`]).
@@ -198,9 +205,7 @@ class Payload:
                 added to (the receiver's value of the delta's base version); required when the payload has deltas.
         """
         targets = _named_tensors(model)
-        if self.quantized and bases is None:
-            raise ValueError("This payload carries quantized deltas: pass the base values they apply to (`bases`).")
-        values = {name: apply_delta(bases[name], q, self.manifest["scheme"]) for name, q in self.quantized.items()}
+        values = self.rebuild(bases) if self.quantized else {}
         with torch.no_grad():
             for name, tensor in (self.tensors | values).items():
                 targets[name].copy_(tensor)

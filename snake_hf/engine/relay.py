@@ -305,6 +305,15 @@ class Relay:
                     f"{part!r} as a delta against version {base}, but the receiver holds version {held}."
                 )
             bases |= self.deltas.base_values(part, base)
+        if payload.deltas:  # rebuilt parts must be the sender's bits: checked before anything loads
+            rebuilt = payload.rebuild(bases)
+            for part in payload.deltas:
+                values = ((n, rebuilt.get(n, payload.tensors.get(n))) for n in self.part_map.tensor_names(part))
+                if tensors_checksum(values) != payload.state[part][1]:
+                    raise PayloadError(
+                        f"The hop from node {previous.node} to node {stage.node} (stage {stage.index}): part {part!r} "
+                        f"rebuilt on version {payload.deltas[part]} does not match the sender's checksum."
+                    )
         payload.load_into(self.model, bases)
         if self.deltas is not None:
             for part in payload.parts:
