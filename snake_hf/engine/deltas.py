@@ -114,7 +114,8 @@ class DeltaBook:
     # -- checkpoints --
 
     def save(self, folder: Path, nodes: Iterable[int]) -> None:
-        """Writes the residuals of `nodes` and the latest deltas into `folder` (a stage checkpoint)."""
+        """Writes the residuals of `nodes`, the latest deltas and their bases' values into `folder` (a stage checkpoint;
+        in simulation a receiver rebuilds a delta on the base values kept here, not on the model's newer values)."""
         nodes = set(nodes)
         tensors = {f"residual/{n}/{name}": t for (n, name), t in self.residuals.items() if n in nodes}
         meta = {}
@@ -122,6 +123,8 @@ class DeltaBook:
             meta[part] = [version, base, {name: list(q.shape) for name, q in deltas.items()}]
             for name, q in deltas.items():
                 tensors[f"codes/{part}/{name}"], tensors[f"scales/{part}/{name}"] = q.codes, q.scales
+            for name, value in self.start.get(part, {}).get(base, {}).items():
+                tensors[f"base/{part}/{base}/{name}"] = value
         tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
         save_file(tensors, str(folder / DELTAS_FILE), metadata={"scheme": self.scheme, "latest": json.dumps(meta)})
 
@@ -136,12 +139,15 @@ class DeltaBook:
         if meta.get("scheme") != self.scheme:
             raise ValueError(f"{path} holds {meta.get('scheme')!r} deltas; this run sends {self.scheme!r}.")
         tensors = load_file(str(path))
-        self.residuals = {}
+        self.residuals, self.start = {}, {}
         for key, tensor in tensors.items():
             kind, rest = key.split("/", 1)
             if kind == "residual":
                 node, name = rest.split("/", 1)
                 self.residuals[(int(node), name)] = tensor
+            elif kind == "base":
+                part, version, name = rest.split("/", 2)
+                self.start.setdefault(part, {}).setdefault(int(version), {})[name] = tensor
         self.latest = {
             part: (
                 int(version),
@@ -153,4 +159,3 @@ class DeltaBook:
             )
             for part, (version, base, shapes) in json.loads(meta["latest"]).items()
         }
-        self.start = {}
