@@ -11,7 +11,15 @@ from collections.abc import Iterable
 import torch
 
 
-__all__ = ["PAYLOAD_DTYPES", "dtype_by_name", "dtype_name", "round_to_wire", "wire_dtype"]
+__all__ = [
+    "PAYLOAD_DTYPES",
+    "QUANTIZED_PAYLOAD_DTYPES",
+    "dtype_by_name",
+    "dtype_name",
+    "is_quantized",
+    "round_to_wire",
+    "wire_dtype",
+]
 
 _DTYPES = {
     str(dtype).removeprefix("torch."): dtype
@@ -30,8 +38,16 @@ _DTYPES = {
 }
 
 
-# The values `SnakeConfig.payload_dtype` accepts: the widest floating-point dtype a payload carries.
-PAYLOAD_DTYPES = ("float32", "bfloat16", "float16")
+# Schemes whose floating-point tensors travel as block-quantized deltas with error feedback (`snake_hf.quant`).
+QUANTIZED_PAYLOAD_DTYPES = ("int8", "int4")
+# The values `SnakeConfig.payload_dtype` accepts: the widest floating-point dtype a payload carries, or a quantized
+# delta scheme.
+PAYLOAD_DTYPES = ("float32", "bfloat16", "float16", *QUANTIZED_PAYLOAD_DTYPES)
+
+
+def is_quantized(payload_dtype: str) -> bool:
+    """Whether `payload_dtype` sends block-quantized deltas (`"int8"`, `"int4"`) rather than cast tensors."""
+    return payload_dtype in QUANTIZED_PAYLOAD_DTYPES
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -48,7 +64,8 @@ def wire_dtype(dtype: torch.dtype, payload_dtype: str = "float32") -> torch.dtyp
     """The dtype a tensor of `dtype` travels in: `payload_dtype` for wider floating-point tensors, else its own.
 
     A tensor is never widened (a bfloat16 model's tensors stay bfloat16 under the float32 default), and integer or
-    boolean tensors (e.g. batch-norm step counters) always travel as they are.
+    boolean tensors (e.g. batch-norm step counters) always travel as they are. Under a quantized scheme (`"int8"`,
+    `"int4"`) a tensor that travels whole (not as a quantized delta) keeps its own dtype: such payloads are exact.
 
     Example:
         ```python
@@ -56,6 +73,8 @@ def wire_dtype(dtype: torch.dtype, payload_dtype: str = "float32") -> torch.dtyp
         (torch.bfloat16, torch.int64)
         ```
     """
+    if is_quantized(payload_dtype):
+        return dtype
     target = _DTYPES[payload_dtype]
     if dtype.is_floating_point and torch.finfo(dtype).bits > torch.finfo(target).bits:
         return target

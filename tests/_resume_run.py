@@ -3,7 +3,8 @@
 python tests/_resume_run.py OUT_DIR run [KILL_AT_STEP]   # SIGKILLs itself mid-stage at that global step
 python tests/_resume_run.py OUT_DIR resume               # resume_from_checkpoint=True
 
-`SNAKE_TEST_CONFIG` picks the model and adapter configuration (`tests/_matrix.py`).
+`SNAKE_TEST_CONFIG` picks the model and adapter configuration (`tests/_matrix.py`); `SNAKE_TEST_PAYLOAD_DTYPE` the
+`payload_dtype` (default float32).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def main(out_dir: str, mode: str, kill_at: int | None = None) -> None:
         num_train_epochs=1,
         output_dir=out_dir, num_nodes=3, num_block_groups=2, stage_steps=3, num_passes=1,
         per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=2, save_strategy="steps", save_total_limit=2,
-        report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0, **fields,
+        report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0,
+        payload_dtype=os.environ.get("SNAKE_TEST_PAYLOAD_DTYPE", "float32"), **fields,
     )  # fmt: skip
     callbacks = [KillAt(kill_at)] if kill_at is not None else []
     trainer = SnakeTrainer(model, args, train_dataset=dataset, peft_config=peft_config, callbacks=callbacks)

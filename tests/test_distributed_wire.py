@@ -1,5 +1,6 @@
-"""bfloat16 payloads and recomputation above the group, distributed over real sockets: bit-identical to the
-simulation (every node rounds what it trained to the wire values, so no node holds more precision than a receiver)."""
+"""Reduced-precision payloads and recomputation above the group, distributed over real sockets: bit-identical to the
+simulation. bfloat16: every node rounds what it trained to the wire values, so no node holds more precision than a
+receiver; int8/int4: every node turns what it trained into base + its quantized delta, which receivers rebuild."""
 
 from __future__ import annotations
 
@@ -26,11 +27,19 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_bfloat16_payloads_give_the_same_adapters_distributed_and_simulated(tmp_path):
-    num_nodes, port = 3, _free_port()
+@pytest.mark.parametrize(
+    ("payload_dtype", "num_nodes", "topology"),
+    [("bfloat16", 3, "p2p"), ("int8", 2, "p2p"), ("int8", 3, "p2p"), ("int4", 2, "p2p"), ("int4", 3, "p2p"),
+     ("int4", 3, "cs")],
+    ids=["bfloat16-3", "int8-2", "int8-3", "int4-2", "int4-3", "int4-3-cs"],
+)  # fmt: skip
+def test_reduced_payloads_give_the_same_adapters_distributed_and_simulated(
+    tmp_path, payload_dtype, num_nodes, topology
+):
+    port = _free_port()
     threads = torch.get_num_threads()
     try:
-        trainer = run(str(tmp_path / "sim"), "p2p", num_nodes, engine="simulation")
+        trainer = run(str(tmp_path / "sim"), topology, num_nodes, engine="simulation", payload_dtype=payload_dtype)
     finally:
         torch.set_num_threads(threads)
     expected = load_file(str(tmp_path / "sim" / "adapters-0.safetensors"))
@@ -38,7 +47,7 @@ def test_bfloat16_payloads_give_the_same_adapters_distributed_and_simulated(tmp_
     for rank in range(num_nodes):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(num_nodes), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
-        command = [sys.executable, str(HERE / "_wire_run.py"), str(tmp_path), "p2p", str(num_nodes)]
+        command = [sys.executable, str(HERE / "_wire_run.py"), str(tmp_path), topology, str(num_nodes), payload_dtype]
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outputs = [proc.communicate(timeout=240)[0] for proc in procs]
@@ -50,7 +59,12 @@ def test_bfloat16_payloads_give_the_same_adapters_distributed_and_simulated(tmp_
         adapters = load_file(str(tmp_path / f"adapters-{rank}.safetensors"))
         assert adapters.keys() == expected.keys()
         assert all(torch.equal(adapters[k], expected[k]) for k in expected), f"rank {rank} differs"
-        assert all(torch.equal(v, v.to(torch.bfloat16).float()) for v in adapters.values()), "wire values only"
+        if payload_dtype == "bfloat16":
+            assert all(torch.equal(v, v.to(torch.bfloat16).float()) for v in adapters.values()), "wire values only"
     report = json.loads((tmp_path / "report.json").read_text())
+    if topology == "p2p":
+        parts, hops = report["part_nbytes"], report["hops"]
+        assert [h["tensor_nbytes"] for h in hops] == [sum(parts[p] for p in h["parts"]) for h in hops]
     assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in trainer.snake_report.stages]
-    assert report["link_bytes"] == trainer.snake_report.link_bytes()
+    if topology == "p2p":  # (cs: the real coordinator relays whole tensors; the simulation counts deltas)
+        assert report["link_bytes"] == trainer.snake_report.link_bytes()

@@ -63,5 +63,5 @@ def test_every_node_holds_the_cast_and_back_tensors_after_a_hop(snake_args):
 
 
 def test_payload_dtype_must_be_a_known_float(tmp_path):
-    with pytest.raises(ValueError, match=r"`payload_dtype` \('int8'\).*bfloat16"):
-        SnakeConfig(output_dir=str(tmp_path), payload_dtype="int8", use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match=r"`payload_dtype` \('int3'\).*bfloat16"):
+        SnakeConfig(output_dir=str(tmp_path), payload_dtype="int3", use_cpu=True, report_to="none")

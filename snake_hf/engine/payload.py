@@ -8,6 +8,14 @@ Wire format (no pickle anywhere): three flat tensors,
   version and checksum of every part, and for each carried tensor its part, name, dtype, shape and byte offset),
 * `data`: uint8, the carried tensors' raw bytes back to back.
 
+The manifest names the payload's `scheme` (the sender's `payload_dtype`); a receiver refuses a payload in a scheme it
+did not agree to, by name. Under the quantized schemes (`"int8"`, `"int4"`, see `snake_hf.quant` and
+docs/payload_compression.md) a part may travel as a **delta**: the manifest's `deltas` maps such a part to the version
+its delta is against (the base, which the receiver must hold, or 0: the initial values every node holds), and each of
+its floating-point tensors travels as codes and float16 block scales (entry dtype = the scheme name); the receiver
+adds the dequantized delta to its base ([`snake_hf.quant.apply_delta`]) and gets exactly the sender's bits. Other
+parts, and integer tensors, travel whole in the model's dtype (exact).
+
 Floating-point tensors may travel in a narrower dtype than the model trains in (`payload_dtype`, e.g. bfloat16): the
 manifest then names the wire dtype of each tensor, the checksums cover the wire bytes, and the receiver casts back
 into its model's dtype. A part is rounded to the wire dtype in the sender's model too, when its stage closes
@@ -17,7 +25,7 @@ part would hold.
 A receiver checks everything (sizes, checksums, fingerprint, adapter hash, part set, names, shapes, dtypes) before a
 single value is copied into its model, so a wrong payload is refused whole, never loaded half-way.
 
-(About 450 lines, over the ~400 the style guide aims at: the format, its encoder and the decoder that verifies it
+(About 540 lines, over the ~400 the style guide aims at: the format, its encoder and the decoder that verifies it
 read together, and each check sits next to the field it checks.)
 """
 
@@ -34,7 +42,8 @@ from torch import nn
 
 from ..blocks import PartMap
 from ..identity import canonical_hash
-from ..precision import dtype_by_name, dtype_name, wire_dtype
+from ..precision import dtype_by_name, dtype_name, is_quantized, wire_dtype
+from ..quant import QuantizedTensor, apply_delta, quantized_nbytes
 
 
 __all__ = [
@@ -156,11 +165,14 @@ class Payload:
 
     Args:
         manifest (`dict`): everything but the tensor bytes (see module docstring).
-        tensors (`dict[str, torch.Tensor]`): carried tensors by name.
+        tensors (`dict[str, torch.Tensor]`): tensors carried whole, by name.
+        quantized (`dict[str, QuantizedTensor]`): tensors carried as quantized deltas (the parts in
+            `manifest["deltas"]`), by name.
     """
 
     manifest: dict
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
 
     @property
     def parts(self) -> list[str]:
@@ -171,12 +183,31 @@ class Payload:
         """The sender's (version, checksum) of every part."""
         return {part: (int(v), str(c)) for part, (v, c) in self.manifest["state"].items()}
 
-    def load_into(self, model: nn.Module) -> None:
+    @property
+    def deltas(self) -> dict[str, int]:
+        """Parts carried as quantized deltas -> the version each delta is against (0: the initial values)."""
+        return {part: int(base) for part, base in self.manifest.get("deltas", {}).items()}
+
+    def rebuild(self, bases: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The values of the tensors carried as quantized deltas: each base plus its dequantized delta, bit for bit
+        what the sender computed when it had the same base ([`snake_hf.quant.apply_delta`])."""
+        if self.quantized and bases is None:
+            raise ValueError("This payload carries quantized deltas: pass the base values they apply to (`bases`).")
+        return {name: apply_delta(bases[name], q, self.manifest["scheme"]) for name, q in self.quantized.items()}
+
+    def load_into(self, model: nn.Module, bases: Mapping[str, torch.Tensor] | None = None) -> None:
         """Copies the carried tensors into `model`, cast back to its dtypes (call only on a payload returned by
-        [`decode_payload`])."""
+        [`decode_payload`]).
+
+        Args:
+            model (`nn.Module`): the receiver's model.
+            bases (`Mapping[str, torch.Tensor]`, *optional*): for every quantized tensor, the base value its delta is
+                added to (the receiver's value of the delta's base version); required when the payload has deltas.
+        """
         targets = _named_tensors(model)
+        values = self.rebuild(bases) if self.quantized else {}
         with torch.no_grad():
-            for name, tensor in self.tensors.items():
+            for name, tensor in (self.tensors | values).items():
                 targets[name].copy_(tensor)
 
 
@@ -260,6 +291,7 @@ def build_payload(
     sender: int,
     receiver: int,
     stage: int,
+    deltas: Mapping[str, tuple[int, Mapping[str, QuantizedTensor]]] | None = None,
 ) -> Payload:
     """Collects the tensors of `parts` from `model`, cast to their wire dtype (`spec.payload_dtype`), with a manifest.
 
@@ -270,40 +302,55 @@ def build_payload(
         state (`Mapping[str, tuple[int, str]]`): the sender's (version, checksum) of every part.
         spec (`PayloadSpec`): the run identity stamped on the payload.
         sender (`int`), receiver (`int`), stage (`int`): addressing, for error messages and the report.
+        deltas (`Mapping[str, tuple[int, Mapping[str, QuantizedTensor]]]`, *optional*): quantized schemes: parts that
+            travel as deltas -> (base version, the quantized delta of each floating-point tensor); the other parts of
+            `parts` travel whole.
     """
+    deltas = dict(deltas or {})
+    if deltas and not is_quantized(spec.payload_dtype):
+        raise ValueError(f"payload_dtype {spec.payload_dtype!r} carries no quantized deltas.")
     named = _named_tensors(model)
-    tensors = {}
+    tensors, quantized = {}, {}
     for part in sorted(parts):
         for name in part_map.tensor_names(part):
             tensor = named[name].detach()
-            tensors[name] = tensor.to(wire_dtype(tensor.dtype, spec.payload_dtype))
+            if part in deltas and tensor.is_floating_point():
+                quantized[name] = deltas[part][1][name]
+            else:
+                tensors[name] = tensor.to(wire_dtype(tensor.dtype, spec.payload_dtype))
     manifest = {
         "sender": sender,
         "receiver": receiver,
         "stage": stage,
+        "scheme": spec.payload_dtype,
+        "deltas": {part: int(base) for part, (base, _) in sorted(deltas.items()) if part in set(parts)},
         "fingerprint": spec.fingerprint,
         "adapter_hash": spec.adapter_hash,
         "state": {part: [int(v), str(c)] for part, (v, c) in state.items()},
         "parts": sorted(parts),
         "tensors": [],
     }
-    return Payload(manifest=manifest, tensors=tensors)
+    return Payload(manifest=manifest, tensors=tensors, quantized=quantized)
 
 
 def encode_payload(payload: Payload, part_of: Mapping[str, str]) -> EncodedPayload:
     """Lays the payload out as header, manifest and data tensors (`part_of` maps tensor name -> part)."""
-    chunks, entries, offset = [], [], 0
-    for name, tensor in payload.tensors.items():
-        raw = _raw_bytes(tensor)
-        entries.append([part_of[name], name, dtype_name(tensor.dtype), list(tensor.shape), offset, raw.numel()])
+    chunks, entries, wire, offset = [], [], {}, 0
+    scheme = payload.manifest.get("scheme")
+    for name, tensor in list(payload.tensors.items()) + list(payload.quantized.items()):
+        if isinstance(tensor, QuantizedTensor):  # a quantized delta: its codes then its scales; the model's shape
+            raw, dtype, shape = tensor.to_bytes(), scheme, list(tensor.shape)
+        else:
+            raw, dtype, shape = _raw_bytes(tensor), dtype_name(tensor.dtype), list(tensor.shape)
+        entries.append([part_of[name], name, dtype, shape, offset, raw.numel()])
         chunks.append(raw)
+        wire[name] = raw if isinstance(tensor, QuantizedTensor) else tensor
         offset += raw.numel()
     data = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
     manifest = dict(payload.manifest, tensors=entries)
     manifest["data_sha256"] = hashlib.sha256(data.numpy().tobytes()).hexdigest()
     manifest["part_checksums"] = {
-        part: tensors_checksum((e[1], payload.tensors[e[1]]) for e in entries if e[0] == part)
-        for part in manifest["parts"]
+        part: tensors_checksum((e[1], wire[e[1]]) for e in entries if e[0] == part) for part in manifest["parts"]
     }
     manifest["manifest_sha256"] = _manifest_digest(manifest)
     manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
@@ -335,10 +382,10 @@ def _decode(encoded: EncodedPayload, spec: PayloadSpec, expected_parts: Iterable
     manifest = _verified_manifest(encoded)
     where = f"payload from node {manifest['sender']} to node {manifest['receiver']} (stage {manifest['stage']})"
     _check_identity(manifest, spec, expected_parts, where)
-    tensors = _checked_tensors(manifest, encoded.data, spec, where)
+    tensors, quantized = _checked_tensors(manifest, encoded.data, spec, where)
     if set(manifest["state"]) != set(spec.layout):
         raise PayloadError(f"The {where} describes parts {sorted(manifest['state'])}; expected {sorted(spec.layout)}.")
-    return Payload(manifest=manifest, tensors=tensors)
+    return Payload(manifest=manifest, tensors=tensors, quantized=quantized)
 
 
 def _verified_manifest(encoded: EncodedPayload) -> dict:
@@ -354,7 +401,8 @@ def _verified_manifest(encoded: EncodedPayload) -> dict:
         manifest = json.loads(encoded.manifest.numpy().tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise PayloadError(f"Payload manifest is not valid JSON: {error}") from error
-    required = {"sender", "receiver", "stage", "fingerprint", "adapter_hash", "state", "parts", "tensors"}
+    required = {"sender", "receiver", "stage", "scheme", "deltas", "fingerprint", "adapter_hash", "state", "parts"}
+    required.add("tensors")
     if not isinstance(manifest, dict) or not required <= set(manifest):
         raise PayloadError(f"Payload manifest lacks {sorted(required - set(manifest or {}))}.")
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
@@ -368,7 +416,21 @@ def _verified_manifest(encoded: EncodedPayload) -> dict:
 
 
 def _check_identity(manifest: dict, spec: PayloadSpec, expected_parts: Iterable[str] | None, where: str) -> None:
-    """Same base model, same adapter configuration and layout, and exactly the parts the receiver lacks."""
+    """Same scheme, base model, adapter configuration and layout, and exactly the parts the receiver lacks."""
+    if manifest["scheme"] != spec.payload_dtype:
+        raise PayloadError(
+            f"The {where} is in scheme {manifest['scheme']!r} but this node agreed to payload_dtype "
+            f"{spec.payload_dtype!r}; every node needs the same payload_dtype."
+        )
+    deltas = manifest["deltas"]
+    if not isinstance(deltas, dict) or not set(deltas) <= set(manifest["parts"]):
+        raise PayloadError(f"The {where} names delta parts {deltas!r} that it does not carry.")
+    if deltas and not is_quantized(spec.payload_dtype):
+        raise PayloadError(
+            f"The {where} carries quantized deltas, which payload_dtype {spec.payload_dtype!r} has not."
+        )
+    if not all(isinstance(base, int) and base >= 0 for base in deltas.values()):
+        raise PayloadError(f"The {where} names impossible base versions {deltas!r}.")
     if manifest["fingerprint"] != spec.fingerprint:
         raise PayloadError(
             f"The {where} was made from a different base model (fingerprint {manifest['fingerprint']}, this node "
@@ -391,15 +453,22 @@ def _check_identity(manifest: dict, spec: PayloadSpec, expected_parts: Iterable[
         )
 
 
-def _checked_tensors(manifest: dict, data: torch.Tensor, spec: PayloadSpec, where: str) -> dict[str, torch.Tensor]:
-    """The carried tensors (copies of their bytes), once every name, wire dtype, shape, byte range and part checksum
-    matches what this node expects; every part complete."""
-    parts = manifest["parts"]
-    tensors, seen = {}, {part: set() for part in parts}
+def _checked_tensors(
+    manifest: dict, data: torch.Tensor, spec: PayloadSpec, where: str
+) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
+    """The carried tensors (copies of their bytes), once every name, wire dtype, shape, byte range, quantized codes and
+    scales, and part checksum match what this node expects; every part complete."""
+    parts, deltas = manifest["parts"], manifest["deltas"]
+    tensors, quantized, wire, seen = {}, {}, {}, {part: set() for part in parts}
     for part, name, dtype, shape, offset, nbytes in manifest["tensors"]:
         expected = spec.layout.get(part, {}).get(name)
-        if expected is None or part not in seen:
+        if expected is None or part not in seen or name in wire:
             raise PayloadError(f"The {where} carries tensor {name!r} which is not in part {part!r} here.")
+        if part in deltas and dtype_by_name(expected[0]).is_floating_point:
+            quantized[name] = _checked_quantized(data, (name, dtype, shape, offset, nbytes), expected, spec, where)
+            wire[name] = data[offset : offset + nbytes]
+            seen[part].add(name)
+            continue
         expected = (spec.wire_name(expected[0]), expected[1])
         if (dtype, tuple(shape)) != expected:
             raise PayloadError(
@@ -415,20 +484,39 @@ def _checked_tensors(manifest: dict, data: torch.Tensor, spec: PayloadSpec, wher
             raise PayloadError(f"The {where} has inconsistent byte ranges for {name!r}.")
         if offset + nbytes > data.numel():
             raise PayloadError(f"The {where} is truncated inside tensor {name!r}.")
-        tensors[name] = data[offset : offset + nbytes].clone().view(torch_dtype).reshape(tuple(shape))
+        tensors[name] = wire[name] = data[offset : offset + nbytes].clone().view(torch_dtype).reshape(tuple(shape))
         seen[part].add(name)
     for part in parts:
         missing = set(spec.layout[part]) - seen[part]
         if missing:
             raise PayloadError(f"The {where} misses {len(missing)} tensors of part {part!r}, e.g. {min(missing)!r}.")
-        checksum = tensors_checksum((n, tensors[n]) for n in seen[part])
+        checksum = tensors_checksum((n, wire[n]) for n in seen[part])
         if checksum != manifest.get("part_checksums", {}).get(part):
             raise PayloadError(f"The {where} fails the checksum of part {part!r}.")
-    return tensors
+    return tensors, quantized
+
+
+def _checked_quantized(
+    data: torch.Tensor, entry: tuple, expected: tuple[str, tuple[int, ...]], spec: PayloadSpec, where: str
+) -> QuantizedTensor:
+    """A delta tensor's codes and scales, once its scheme, shape, byte range, codes and scales check out."""
+    name, dtype, shape, offset, nbytes = entry
+    if (dtype, tuple(shape)) != (spec.payload_dtype, expected[1]):
+        raise PayloadError(
+            f"The {where} has delta tensor {name!r} as {dtype}{list(shape)}; this node expects "
+            f"{spec.payload_dtype}{list(expected[1])} (payload_dtype {spec.payload_dtype!r})."
+        )
+    if not 0 <= offset <= data.numel() or offset + nbytes > data.numel():
+        raise PayloadError(f"The {where} is truncated inside delta tensor {name!r}.")
+    try:
+        return QuantizedTensor.from_bytes(data[offset : offset + nbytes], tuple(shape), spec.payload_dtype)
+    except ValueError as error:
+        raise PayloadError(f"The {where} has a malformed delta tensor {name!r}: {error}.") from error
 
 
 def part_wire_nbytes(part_map: PartMap, model: nn.Module, payload_dtype: str = "float32") -> dict[str, int]:
-    """Bytes of each part's tensors on the wire (what a payload of that part carries, manifest excluded).
+    """Bytes of each part's tensors on the wire (what a payload of that part carries, manifest excluded; under a
+    quantized scheme, the part as a delta: codes and scales).
 
     Args:
         part_map (`PartMap`): tensor names per part.
@@ -446,4 +534,6 @@ def part_wire_nbytes(part_map: PartMap, model: nn.Module, payload_dtype: str = "
     """
     state = _named_tensors(model)
     nbytes = {name: t.numel() * wire_dtype(t.dtype, payload_dtype).itemsize for name, t in state.items()}
+    if is_quantized(payload_dtype):  # a part carried as a delta (as every hop of a plain run carries it)
+        nbytes |= {n: quantized_nbytes(t.numel(), payload_dtype) for n, t in state.items() if t.is_floating_point()}
     return {part: sum(nbytes[n] for n in part_map.tensor_names(part)) for part in part_map.parts}

@@ -1,5 +1,8 @@
 """The relay: what happens between two stages — version vectors, per-node RNG streams, and payload hops.
 
+Under a quantized `payload_dtype` (`"int8"`, `"int4"`) the trained parts become their quantized values when a stage
+closes and hops carry them as deltas; `deltas.py` keeps that state and says the rule.
+
 The same code runs the simulation (every node is local, the transport is in memory) and the distributed engine
 (one local node per process, a torch.distributed transport). At a stage boundary the node that trained sends the
 parts the next stage's node lacks; the next node receives, verifies and loads them before it trains.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,8 +20,9 @@ from transformers.utils import logging
 
 from ..blocks import SHARED, PartMap, part_name
 from ..plan import Stage
-from ..precision import round_to_wire
+from ..precision import is_quantized, round_to_wire
 from ..report import HopRecord, SnakeReport
+from .deltas import DeltaBook
 from .ledger import VersionLedger
 from .payload import (
     PayloadError,
@@ -84,6 +89,7 @@ class Relay:
         named = dict(model.named_parameters()) | dict(model.named_buffers())
         round_to_wire((named[name] for name in self.part_of), spec.payload_dtype)
         self.ledger = VersionLedger(num_nodes, {part: self.checksum(part) for part in part_map.parts})
+        self.deltas = DeltaBook(model, part_map, spec.payload_dtype) if is_quantized(spec.payload_dtype) else None
         self.rng = {node: node_rng_state(seed, node) for node in range(num_nodes)}
         self.applied = 0  # events applied: 2s = "stage s trained", 2s+1 = "the hop after stage s arrived"
         self._active_rng: int | None = None
@@ -108,7 +114,11 @@ class Relay:
             self._active_rng = first.node
 
     def activate(self, node: int) -> None:
-        """Makes `node`'s private stream the global RNG (a no-op when it already is)."""
+        """Makes `node`'s private stream the global RNG (a no-op when it already is). Called as a stage starts
+        training (in every topology), so under a quantized scheme it also keeps the values the stage starts from: the
+        base its deltas may use."""
+        if self.deltas is not None:
+            self.deltas.snapshot(self.part_map.parts, self.ledger.versions[node])
         if self._active_rng == node:
             return
         if self._active_rng is not None:
@@ -141,6 +151,9 @@ class Relay:
         named = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         trained = [named[n] for part in self._trained_parts(stage) for n in self.part_map.tensor_names(part)]
         round_to_wire(trained, self.spec.payload_dtype)
+        if self.deltas is not None:  # quantized schemes: each trained part becomes base + its quantized delta
+            for part in self._trained_parts(stage):
+                self.deltas.close(stage.node, part, self.ledger.latest(part) + 1, self._delta_base(stage, part))
         self.ledger.record_training(stage.node, {part: self.checksum(part) for part in self._trained_parts(stage)})
         self.applied = 2 * stage.index + 1
 
@@ -173,6 +186,35 @@ class Relay:
         if last.node not in self.local_nodes:
             payload = decode_payload(encoded, self.spec, expected_parts=spec_parts)
             payload.load_into(self.model)
+
+    def _delta_base(self, stage: Stage, part: str) -> int:
+        """The version the delta of `stage`'s new version of `part` is against: the one the stage started from when
+        every node that will receive the new version (before `part` trains again) holds exactly it, else 0 (the
+        initial values). Worked out from the plan and the ledger, so every process agrees."""
+        start = self.ledger.versions[stage.node][part]
+        if start == 0 or start not in self.deltas.start.get(part, {}):
+            return 0
+        versions = [held[part] for held in self.ledger.versions]
+        versions[stage.node] = new = self.ledger.latest(part) + 1
+        for previous, following in zip(self.plan[stage.index :], self.plan[stage.index + 1 :]):
+            sender, receiver = previous.node, following.node
+            if sender != receiver and versions[receiver] < versions[sender]:
+                if versions[sender] == new and versions[receiver] != start:
+                    return 0
+                versions[receiver] = versions[sender]
+            if part in self._trained_parts(following):
+                break
+        return start
+
+    def save_deltas(self, folder: Path) -> None:
+        """Quantized schemes: writes this process's residuals and latest deltas into a stage checkpoint folder."""
+        if self.deltas is not None:
+            self.deltas.save(Path(folder), self.local_nodes)
+
+    def load_deltas(self, folder: Path) -> None:
+        """Quantized schemes: restores what [`save_deltas`] wrote."""
+        if self.deltas is not None:
+            self.deltas.load(Path(folder))
 
     def restore(self, versions, checksums, rng: dict, next_stage: int) -> None:
         """Puts back the bookkeeping a stage checkpoint saved before `next_stage`'s hop."""
@@ -208,6 +250,11 @@ class Relay:
     def _send(self, stage: Stage, following: Stage, deliver: bool = True) -> int:
         start = time.perf_counter()
         lacking = self.ledger.lacking(following.node, stage.node)
+        deltas = {}
+        if self.deltas is not None and getattr(self.transport, "topology", "p2p") != "cs":
+            # Hop to hop only: a cs coordinator keeps and relays whole tensors (exact, not compressed).
+            held, mine = self.ledger.versions[following.node], self.ledger.versions[stage.node]
+            deltas = {p: d for p in lacking if (d := self.deltas.delta_for(p, mine[p], held[p])) is not None}
         payload = build_payload(
             self.model,
             self.part_map,
@@ -217,6 +264,7 @@ class Relay:
             sender=stage.node,
             receiver=following.node,
             stage=following.index,
+            deltas=deltas,
         )
         encoded = encode_payload(payload, self.part_of)
         if deliver:
@@ -248,7 +296,32 @@ class Relay:
         encoded = self.transport.recv(previous.node, stage.node, stage.index)
         arrived = time.perf_counter()
         payload = decode_payload(encoded, self.spec, expected_parts=lacking)
-        payload.load_into(self.model)
+        bases = {}
+        for part, base in payload.deltas.items():
+            held = self.ledger.versions[stage.node][part]
+            if base not in (0, held):
+                raise PayloadError(
+                    f"The hop from node {previous.node} to node {stage.node} (stage {stage.index}) carries part "
+                    f"{part!r} as a delta against version {base}, but the receiver holds version {held}."
+                )
+            bases |= self.deltas.base_values(part, base)
+        if payload.deltas:  # rebuilt parts must be the sender's bits: checked before anything loads
+            rebuilt = payload.rebuild(bases)
+            for part in payload.deltas:
+                values = ((n, rebuilt.get(n, payload.tensors.get(n))) for n in self.part_map.tensor_names(part))
+                if tensors_checksum(values) != payload.state[part][1]:
+                    raise PayloadError(
+                        f"The hop from node {previous.node} to node {stage.node} (stage {stage.index}): part {part!r} "
+                        f"rebuilt on version {payload.deltas[part]} does not match the sender's checksum."
+                    )
+        payload.load_into(self.model, bases)
+        if self.deltas is not None:
+            for part in payload.parts:
+                base = payload.deltas.get(part)
+                delta = (
+                    None if base is None else (base, {n: payload.quantized[n] for n in self.deltas.float_names[part]})
+                )
+                self.deltas.received(part, payload.state[part][0], delta)
         self.ledger.record_receipt(stage.node, payload.state, payload.parts)
         stale = self.ledger.mismatches(stage.node, payload.state)
         if stale:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers.utils import logging
 
@@ -159,6 +160,7 @@ class StageCheckpoints:
 
         def write(folder: Path) -> None:
             write_outputs(folder)
+            relay.save_deltas(folder)  # quantized payloads: residuals and latest deltas (a no-op otherwise)
             checkpoint.save(folder)  # snake_state.json last: a folder without it is never trusted
 
         path = write_atomically(self.root, global_step, write)
@@ -343,6 +345,12 @@ class StageCheckpoints:
         next_stage = int(state["next_stage"])
         in_stage = state.get("in_stage")
         relay.restore(state["versions"], state["checksums"], checkpoint.rng, next_stage)
+        try:  # quantized payloads: the error-feedback residuals and the deltas this process forwards
+            relay.load_deltas(path)
+        except (OSError, ValueError, SafetensorError) as error:
+            raise CheckpointError(
+                f"Checkpoint {path}: its quantized-payload state cannot be read ({error})."
+            ) from error
         if in_stage is not None:
             relay.applied = 2 * next_stage  # the stage was entered (its hop arrived) and has not closed
             damaged = [p for p in self.part_map.parts if relay.checksum(p) != state["part_checksums"][p]]

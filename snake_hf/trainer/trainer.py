@@ -382,6 +382,7 @@ class SnakeTrainer(Trainer):
                 current.stage.index, self.model, self._relay, self.snake_report, self.state.global_step, in_stage,
                 live_node=current.stage.node,
             )  # fmt: skip
+        self._relay.save_deltas(folder)  # quantized payloads: residuals and latest deltas (a no-op otherwise)
         snapshot.save(folder)  # snake_state.json last: a folder without it is never trusted
 
     def get_train_dataloader(self) -> DataLoader:
