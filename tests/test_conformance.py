@@ -322,6 +322,27 @@ class TestOneNode:
         assert snake.node_data.sizes == [12]
         assert losses(snake) == losses(plain)
 
+    def test_iterable_dataset_with_max_steps_equals_trainer(self, tmp_path):
+        stream = lm_dataset(n=24).to_iterable_dataset()
+        plain = build("plain", "gpt2-lora", tmp_path, data=stream, max_steps=8)  # restarts the stream after 6 steps
+        snake = build("snake", "gpt2-lora", tmp_path, data=stream, max_steps=8)
+        plain.train()
+        snake.train()
+        assert losses(snake) == losses(plain) and len(losses(snake)) == 8
+        assert_same_state(trained_state(snake), trained_state(plain))
+
+    def test_iterable_dataset_over_groups_shares_max_steps_and_needs_it(self, tmp_path):
+        stream = lm_dataset(n=24).to_iterable_dataset()
+        values = dict(QUIET, output_dir=str(tmp_path / "s"), save_strategy="no", max_steps=7)
+        snake = SnakeTrainer(tiny_gpt2(), SnakeConfig(**values, num_block_groups=2), train_dataset=stream,
+                             peft_config=lora())  # fmt: skip
+        assert [s.steps for s in snake.plan] == [4, 3]
+        snake.train()
+        assert snake.state.global_step == 7 and [r.group for r in snake.snake_report.stages] == [0, 1]
+        with pytest.raises(ValueError, match="`max_steps` must say how long"):
+            SnakeTrainer(tiny_gpt2(), SnakeConfig(**{**values, "max_steps": -1}), train_dataset=stream,
+                         peft_config=lora())  # fmt: skip
+
     def test_public_methods_callable_outside_train_as_with_trainer(self, tmp_path):
         outcomes = []
         for kind in ("plain", "snake"):

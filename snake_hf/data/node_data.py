@@ -20,11 +20,15 @@ class NodeData:
     Args:
         dataset: what the training dataloader reads (the user's dataset, or the per-node datasets concatenated).
         node_indices (`list[list[int]]`): node n's examples are `dataset[i] for i in node_indices[n]`.
+        known_sizes (`list[int]`, *optional*): every node's size, when this process does not hold every shard.
+        streaming (`bool`): one node's data as an iterable stream of unknown length (`Trainer` reads it; the plan's
+            length comes from `max_steps`).
     """
 
     dataset: Dataset | datasets.Dataset
     node_indices: list[list[int]]
     known_sizes: list[int] | None = None
+    streaming: bool = False
 
     @property
     def sizes(self) -> list[int]:
@@ -60,10 +64,12 @@ class NodeData:
         if train_dataset is None:
             raise ValueError("`train_dataset` is None; SnakeTrainer needs training data for every node.")
         if isinstance(train_dataset, torch.utils.data.IterableDataset | datasets.IterableDataset):
+            if num_nodes == 1:  # one node reads the stream as Trainer would
+                return cls(train_dataset, [[]], streaming=True)
             raise TypeError(
                 f"`train_dataset` is an {type(train_dataset).__name__}, which has no length: Snake splits a dataset over "
-                "nodes by index and sizes its stages by shard length. Materialise it (datasets.Dataset.from_generator, "
-                "or .take(n) then Dataset.from_list), or pass one Dataset per node."
+                f"{num_nodes} nodes by index and sizes its stages by shard length. Materialise it "
+                "(datasets.Dataset.from_generator, or .take(n) then Dataset.from_list), or pass one Dataset per node."
             )
         if _is_per_node_list(train_dataset):
             return cls._from_shards(list(train_dataset), num_nodes)

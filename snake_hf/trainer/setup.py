@@ -265,15 +265,22 @@ def scaled_steps(steps: list[int], args: SnakeConfig, capacity: Capacity | None,
 
 
 def build_plan(
-    args: SnakeConfig, sizes: list[int], groups: BlockGroups, capacity: Capacity | None
+    args: SnakeConfig, sizes: list[int], groups: BlockGroups, capacity: Capacity | None, streaming: bool = False
 ) -> tuple[list[Stage], int]:
     """The plan `args` asks for over shards of `sizes` and the model's `groups`, and the optimizer steps of one plan
     epoch (`num_passes` passes); refuses one a node cannot fit.
 
     Its length follows `Trainer`'s rules (SnakeConfig's docstring): `num_train_epochs` plan epochs, or `max_steps`.
     An explicit `schedule` list is the whole plan (one plan epoch)."""
+    if streaming and args.max_steps <= 0:
+        raise ValueError(
+            "`train_dataset` is an iterable stream of unknown length, so `max_steps` must say how long to train "
+            f"(it is {args.max_steps}), as with Trainer; set max_steps."
+        )
     if args.stage_steps is not None:
         steps = [args.stage_steps] * args.num_nodes
+    elif streaming:  # stage lengths by max_steps alone (stages shrink to fit, below)
+        steps = [args.max_steps] * args.num_nodes
     else:
         steps = [
             default_stage_steps(
@@ -385,7 +392,12 @@ def prepare_run(
         capacity = measure_capacity(model, args, node_data)
     if designated_by_profiles:
         groups = block_groups(model, args, None, capacity.designation.boundaries)
-    plan, epoch_steps = build_plan(args, node_data.sizes, groups, capacity)
+    if node_data.streaming and needs_priors(args):
+        raise ValueError(
+            "`logit_adjustment`/`restrict_to_node_classes` need each node's label counts, which an iterable stream does "
+            "not give before training; turn them off, or pass a Dataset."
+        )
+    plan, epoch_steps = build_plan(args, node_data.sizes, groups, capacity, node_data.streaming)
     model = wrap_for_mode(model, args, peft_config)
     part_map = PartMap.build(model, groups, args.train_mode, args.always_trainable_modules or ())
     if not any(part_map.params.values()):

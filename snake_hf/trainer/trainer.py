@@ -341,6 +341,8 @@ class SnakeTrainer(Trainer):
         # them, or max_steps). Distributed: this process's one epoch holds only its own stages, while the schedule
         # spans the whole plan.
         values = super().set_initial_training_values(args, dataloader)
+        if self.node_data.streaming:  # one node's stream: Trainer's own length rules (max_steps, restarted epochs)
+            return values
         steps = self.epoch_steps if self._plan_epochs else self._own_steps()
         return _compat.plan_training_values(
             values, steps, self.total_steps, args.gradient_accumulation_steps, self._plan_epochs
@@ -390,6 +392,8 @@ class SnakeTrainer(Trainer):
         # accelerator.prepare: this loader must never be sharded across processes; Trainer moves batches to device.
         if self.node_data is None:
             raise ValueError("Trainer: training requires a train_dataset.")
+        if self.node_data.streaming:  # one node reading a stream: Trainer's own loader, in the stream's order
+            return super().get_train_dataloader()
         dataset, collator = self.node_data.dataset, self.data_collator
         if hasattr(dataset, "column_names"):
             dataset = _compat.remove_unused_columns(self, dataset)
