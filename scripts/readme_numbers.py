@@ -145,13 +145,15 @@ def main_job() -> str:
     minutes, seconds = divmod(round(run["total_seconds"]), 60)
     peaks = [n["peak_above_model_bytes"] for n in run["memory"]["per_node"]]
     machine = run["machine"]
+    low, high = mib(min(peaks), 0), mib(max(peaks), 0)
+    memory = low if low == high else f"{low}-{high}"
     return "\n".join(
         [
             f"Measured: held-out accuracy **{acc(run['before']['eval_accuracy'])} → {acc(run['after']['eval_accuracy'])}**"
             f" on {run['eval_examples']:,} sentences after {run['total_steps']} steps; {mib(comm['bytes_total'])} MiB "
             f"moved between nodes in {comm['num_hops']} hops, {comm['bytes_total'] / comm['fedavg_lora_bytes']:.2f}x "
             f"what FedAvg-LoRA would move for the same steps ({mib(comm['fedavg_lora_bytes'])} MiB); "
-            f"{mib(min(peaks), 0)}-{mib(max(peaks), 0)} MiB per node above the loaded model. **{minutes} min "
+            f"{memory} MiB per node above the loaded model. **{minutes} min "
             f"{seconds} s** of wall time, of which {run['recipe_cpu_seconds'] / 60:.1f} min of CPU time (one torch "
             f"thread), on {machine['cpu_count']} CPU cores shared with the test suite and other jobs (load average "
             f"{run['load_average_1m_at_start']:.1f} at the start, {machine['load_average_1m']:.1f} at the end); "
