@@ -319,8 +319,8 @@ def evaluations(log_history: list[dict]) -> tuple[dict[str, float], dict[str, fl
 
 
 def run_hyperparameters(args: Any, plan: list, total_steps: int) -> dict[str, Any]:
-    """What ran, for the card: the plan's shape and steps (not `num_train_epochs`, which a Snake plan does not use),
-    the optimizer settings, and every Snake option set away from its default."""
+    """What ran, for the card: the plan's shape and steps (which `num_train_epochs`/`max_steps` were turned into),
+    the optimizer settings, and every Snake option set away from its default (never `run_secret`)."""
     import dataclasses
 
     from transformers import TrainingArguments
@@ -342,7 +342,7 @@ def run_hyperparameters(args: Any, plan: list, total_steps: int) -> dict[str, An
     }
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
     for f in dataclasses.fields(args):
-        if f.name in base or f.name in values or not f.init:
+        if f.name in base or f.name in values or not f.init or f.name == "run_secret":
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         value = getattr(args, f.name)

@@ -31,7 +31,7 @@ def main(out_dir: str, topology: str, num_nodes: int) -> None:
     hf_logging.set_verbosity_info()
     model, dataset, peft_config, fields = build()
     args = SnakeConfig(
-        output_dir=out_dir, num_nodes=num_nodes, num_block_groups=2, stage_steps=2, num_passes=2,
+        output_dir=out_dir, num_nodes=num_nodes, num_block_groups=2, stage_steps=2, num_passes=2, num_train_epochs=1,
         per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=1, topology=topology,
         hop_timeout=float(os.environ.get("SNAKE_TEST_HOP_TIMEOUT", "60")),
         report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="steps", save_steps=1, logging_steps=1,

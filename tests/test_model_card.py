@@ -145,3 +145,11 @@ def test_report_memory_above_the_loaded_model_and_plan_loss(tmp_path):
         0: 100,
         1: 300,
     }
+
+
+def test_hyperparameters_never_carry_the_run_secret(tmp_path):
+    from snake_hf import SnakeConfig
+    from snake_hf.model_card import run_hyperparameters
+
+    args = SnakeConfig(output_dir=str(tmp_path), run_secret="correct horse battery staple", report_to="none")
+    assert "run_secret" not in run_hyperparameters(args, [], 0)
