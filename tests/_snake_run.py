@@ -26,12 +26,14 @@ from snake_hf import SnakeConfig, SnakeTrainer  # noqa: E402
 def run(out_dir: str, topology: str, num_nodes: int, engine: str = "auto", config: str | None = None) -> SnakeTrainer:
     torch.set_num_threads(1)  # bit-identical CPU results need the same thread count in every process
     model, dataset, peft_config, fields = build(config)
+    epochs = int(os.environ.get("SNAKE_TEST_EPOCHS", "1"))  # 2: the same plan as two plan epochs of one pass
     args = SnakeConfig(
-        num_train_epochs=1,
-        output_dir=out_dir, num_nodes=num_nodes, num_block_groups=2, stage_steps=2, num_passes=2,
+        num_train_epochs=epochs,
+        output_dir=out_dir, num_nodes=num_nodes, num_block_groups=2, stage_steps=2, num_passes=2 // epochs,
         per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=1, topology=topology,
         hop_timeout=float(os.environ.get("SNAKE_TEST_HOP_TIMEOUT", "60")),
-        engine=engine, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1,
+        engine=engine, report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1,
+        save_strategy=os.environ.get("SNAKE_TEST_SAVE", "no"), save_steps=1,
         seed=0, **fields,
     )  # fmt: skip
     trainer = SnakeTrainer(model, args, train_dataset=dataset, peft_config=peft_config)

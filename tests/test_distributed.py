@@ -90,6 +90,30 @@ def test_distributed_adapters_are_bit_identical_to_the_simulation(tmp_path, simu
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("topology", ["p2p", "cs"])
+def test_plan_epochs_run_distributed_bit_identical_to_the_simulation(tmp_path, monkeypatch, topology):
+    """num_train_epochs=2 with checkpoints on: `Trainer` epochs in the simulation, one loop per process distributed.
+    The RNG draw of each new epoch's dataloader iterator is made by the rank that trained the epoch's last step."""
+    monkeypatch.setenv("SNAKE_TEST_EPOCHS", "2")
+    monkeypatch.setenv("SNAKE_TEST_SAVE", "steps")
+    (tmp_path / "sim").mkdir()
+    (tmp_path / "dist").mkdir()
+    threads = torch.get_num_threads()
+    try:
+        simulation = run(str(tmp_path / "sim"), "p2p", 3, engine="simulation")
+    finally:
+        torch.set_num_threads(threads)
+    assert simulation.state.epoch == 2 and simulation.epoch_steps * 2 == simulation.total_steps
+    expected = load_file(str(tmp_path / "sim" / "adapters-0.safetensors"))
+    _launch_ranks(tmp_path / "dist", topology, 3)
+    for rank in range(3):
+        adapters = load_file(str(tmp_path / "dist" / f"adapters-{rank}.safetensors"))
+        assert all(torch.equal(adapters[k], expected[k]) for k in expected), f"rank {rank} differs"
+    report = json.loads((tmp_path / "dist" / "report.json").read_text())
+    assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in simulation.snake_report.stages]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("topology", "num_nodes"), [("p2p", 2), ("cs", 3)], ids=["p2p-2", "cs-3"])
 @pytest.mark.parametrize("config", MATRIX)
 def test_every_user_configuration_runs_distributed_bit_identical_to_the_simulation(

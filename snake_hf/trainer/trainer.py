@@ -312,7 +312,10 @@ class SnakeTrainer(Trainer):
         topology it then enters this node's next stage, waiting for the coordinator's turn, and stops the loop when
         the coordinator says the run is done; otherwise the next stage begins at its first micro-batch."""
         current = self._current
-        if current is None or current.closed or self.state.global_step < current.end:
+        if current is None or current.closed:
+            return
+        if self.state.global_step < current.end:
+            self._plan_epoch_draw()
             return
         should_log = control.should_log  # logging the stage's loss resets it (CallbackHandler.on_log)
         self._end_stage(control)
@@ -323,6 +326,16 @@ class SnakeTrainer(Trainer):
                 control.should_training_stop = True
             else:
                 self._begin_stage(following)
+        self._plan_epoch_draw()
+
+    def _plan_epoch_draw(self) -> None:
+        """Distributed: the RNG draw a simulation makes when `Trainer` opens the next plan epoch's dataloader iterator
+        (`torch.utils.data` draws its base seed from the global RNG), made by the process that trained the epoch's last
+        step, from its node's stream, so that every node's stream (dropout) stays what the simulation's is."""
+        step = self.state.global_step
+        if self._plan_epochs or not self.epoch_steps or step % self.epoch_steps or step >= self.total_steps:
+            return
+        torch.empty((), dtype=torch.int64).random_()  # as _BaseDataLoaderIter.__init__ does (torch 2.13)
 
     def _own_steps(self) -> int:
         """Optimizer steps this process's loop runs: its own stages' (cs: up to the whole plan, since a failed node's
