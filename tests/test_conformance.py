@@ -34,7 +34,7 @@ from transformers import (
 
 from conftest import lm_dataset, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
-from snake_hf.trainer.setup import check_trainer_options
+from snake_hf.trainer.options import check_trainer_options
 
 
 QUIET = dict(report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0, learning_rate=1e-2)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, number_of_arguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, set_seed
 
 
 def remove_unused_columns(trainer: Trainer, dataset, description: str = "Training"):
@@ -110,17 +110,6 @@ def seed_for_model_init(args) -> None:
         enable_full_determinism(args.seed)
     else:
         set_seed(args.seed)
-
-
-def call_model_init(trainer: Trainer, model_init) -> torch.nn.Module:
-    """`model_init()` or `model_init(None)`, as `Trainer.call_model_init` calls it (0 or 1 argument)."""
-    count = number_of_arguments(model_init)
-    if count not in (0, 1):
-        raise RuntimeError("model_init should have 0 or 1 argument.")
-    model = model_init() if count == 0 else model_init(None)
-    if model is None:
-        raise RuntimeError("model_init should not return None.")
-    return model
 
 
 def move_model_to_device(trainer: Trainer) -> None:

@@ -45,11 +45,10 @@ from ..plan import PLAN_FILE, Stage, format_plan, save_plan
 from ..recompute import set_recompute
 from ..report import SnakeReport, StageRecord
 from . import _compat
+from .options import check_trainer_options, check_user_optimizer
 from .resume import ResumePoint, StageCheckpoints
 from .setup import (
     Prepared,
-    check_trainer_options,
-    check_user_optimizer,
     needs_priors,
     node_priors,
     prepare_model_only,
@@ -147,7 +146,7 @@ class SnakeTrainer(Trainer):
         if model is None and model_init is not None:  # as Trainer: seeded, then built once for the set-up
             _compat.seed_for_model_init(args)
             self.model_init = model_init
-            model = _compat.call_model_init(self, model_init)
+            model = Trainer.call_model_init(self)  # Trainer's (0 or 1 argument); ours would also prepare it
         prepared = self._prepare(model, args)
         super().__init__(
             model=prepared.model, args=args, data_collator=data_collator, train_dataset=self._train_dataset,
@@ -187,9 +186,10 @@ class SnakeTrainer(Trainer):
         self.checkpoints = StageCheckpoints(
             args, self.session, self.plan, self.part_map, self._spec, self.groups, self.node_data
         )
-        self.shard_summary = summarise_shards(self.node_data, args.partition_label_column) if self.node_data else None
-        self._node_priors = node_priors(self.node_data, args, prepared.model) if needs_priors(args) and \
-            self.node_data else None  # fmt: skip
+        data = self.node_data
+        self.shard_summary = summarise_shards(data, args.partition_label_column) if data is not None else None
+        priors = data is not None and needs_priors(args)
+        self._node_priors = node_priors(data, args, prepared.model) if priors else None
         _tag_model(prepared.model)
         return prepared
 
