@@ -95,11 +95,19 @@ class NodePeaks:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: datasets.Dataset, collator: Callable, batch_size: int, kind: str) -> float:
+def evaluate(
+    model: nn.Module,
+    dataset: datasets.Dataset,
+    collator: Callable,
+    batch_size: int,
+    kind: str,
+    example_losses: list[float] | None = None,
+) -> float:
     """Accuracy (`kind="accuracy"`) or perplexity (`"perplexity"`: exp of the mean loss per predicted token).
 
     Runs in eval mode without drawing random numbers and restores every module's mode afterwards, so it can run
-    between training steps without changing the run.
+    between training steps without changing the run. For perplexity, `example_losses` (when given) receives each
+    example's mean token loss, from which a standard error follows ([`perplexity_standard_error`]).
     """
     modes = {module: module.training for module in model.modules()}
     device = next(model.parameters()).device
@@ -108,31 +116,54 @@ def evaluate(model: nn.Module, dataset: datasets.Dataset, collator: Callable, ba
     try:
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
             batch = {k: v.to(device) for k, v in batch.items()}
-            output = model(**batch)
             if kind == "accuracy":
+                output = model(**batch)
                 hits += int((output.logits.argmax(-1) == batch["labels"]).sum())
                 count += len(batch["labels"])
-            else:
-                tokens = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
-                loss_sum += float(output.loss) * tokens
-                count += tokens
+                continue
+            labels = batch.pop("labels")
+            logits = model(**batch).logits[:, :-1].float()
+            targets = labels[:, 1:]  # the model shifts labels by one
+            losses = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+            tokens = (targets != -100).sum(dim=1)
+            loss_sum += float(losses.sum())
+            count += int(tokens.sum())
+            if example_losses is not None:
+                example_losses.extend((losses.sum(dim=1) / tokens.clamp(min=1)).tolist())
     finally:
         for module, training in modes.items():
             module.training = training
     return hits / count if kind == "accuracy" else math.exp(loss_sum / count)
 
 
+def perplexity_standard_error(example_losses: list[float]) -> float:
+    """Standard error of the perplexity exp(mean loss) over equally long examples (the delta method:
+    ppl x the standard error of the mean loss)."""
+    n = len(example_losses)
+    if n < 2:
+        return float("nan")
+    mean = sum(example_losses) / n
+    variance = sum((x - mean) ** 2 for x in example_losses) / (n - 1)
+    return math.exp(mean) * math.sqrt(variance / n)
+
+
 class Curve:
-    """Points `{"step", "metric", "bytes"}` of a run, and the seconds spent measuring them (not training time)."""
+    """Points `{"step", "metric", "bytes", "seconds"}` of a run, and the seconds spent measuring them.
+
+    A point's `seconds` is the training time since the curve was made (right before training starts), the time spent
+    measuring the earlier points excluded: curves against wall time compare training time alone.
+    """
 
     def __init__(self, measure: Callable[[], float]):
         self.measure = measure
         self.points: list[dict] = []
         self.seconds = 0.0
+        self.started = time.perf_counter()
 
     def add(self, step: int, bytes_moved: int) -> None:
         start = time.perf_counter()
-        self.points.append({"step": step, "metric": self.measure(), "bytes": int(bytes_moved)})
+        point = {"step": step, "bytes": int(bytes_moved), "seconds": start - self.started - self.seconds}
+        self.points.append({**point, "metric": self.measure()})
         self.seconds += time.perf_counter() - start
 
 

@@ -89,6 +89,8 @@ class Settings:
     recompute: bool = False  # Snake: SnakeConfig.recompute_above_group
     lm_loss_chunk: int = 0  # causal LM, Snake and full fine-tuning alike: loss in chunks of this many tokens (0: off)
     curve: bool = True  # Snake: measure after every stage (False: only after the last one, to save evaluation time)
+    curve_every: int = 0  # Snake: measure only at stage ends that are multiples of this many steps (0: every one)
+    snake_options: str = ""  # extra SnakeConfig options of the Snake methods, e.g. "group_order=alternate"
 
     @property
     def total_steps(self) -> int:
@@ -276,6 +278,8 @@ def run_snake(s: Settings, task: Task, budget, measure, peaks, output_dir: str, 
     curve = Curve(measure)
     if measure is not None:
         ends = stage_end_steps(trainer.plan) if s.curve else stage_end_steps(trainer.plan)[-1:]
+        if s.curve_every:
+            ends = [end for end in ends if end % s.curve_every == 0 or end == ends[-1]]
         trainer.add_callback(CurveCallback(curve, ends, lambda: trainer.snake_report.total_bytes))
     start = time.perf_counter()
     output = trainer.train()
@@ -370,13 +374,21 @@ def run_method(method: str, s: Settings) -> dict:
     peaks = baselines.NodePeaks(device)  # peaks are measured above the loaded model, data and warmed-up runtime
     budget = baselines.Budget(s.num_nodes, s.num_groups * s.num_passes, s.stage_steps, s.batch_size, s.learning_rate,
                               s.warmup_ratio, seed=s.seed)  # fmt: skip
-    measure = None
+    measure, example_losses = None, []  # the latest perplexity evaluation's loss per held-out example
     if s.eval_size:
         # A causal LM's evaluation logits (batch x tokens x vocabulary) are larger than its training step's: at the
         # training batch size they stay under the training peak, which a curve point inside a node's turn counts.
         batch = max(s.batch_size, 32) if s.kind == "accuracy" else s.batch_size
-        measure = lambda: baselines.evaluate(task.model, task.eval_set, task.collator, batch, s.kind)  # noqa: E731
+
+        def measure() -> float:
+            example_losses.clear()
+            losses = example_losses if s.kind == "perplexity" else None
+            return baselines.evaluate(task.model, task.eval_set, task.collator, batch, s.kind, losses)
+
     result = _run(method, s, task, budget, measure, peaks)
+    if example_losses:  # equally long packed blocks: their mean losses give the perplexity's standard error
+        result["eval_example_losses"] = list(example_losses)
+        result["perplexity_standard_error"] = baselines.perplexity_standard_error(example_losses)
     result["shard_sizes"] = [len(shard) for shard in task.shards]
     result["torch_threads"] = s.threads  # its own: a run assembled from cached methods may have timed them apart
     if s.kind == "accuracy":
@@ -402,10 +414,12 @@ def _run(method: str, s: Settings, task: Task, budget, measure, peaks) -> dict:
         if method == "split":
             blocks = len(baselines.find_block_list(task.model)[1])
             return baselines.run_split(*common, cut=s.cut_layer or blocks // 2)
+        extra = _parse_options(s.snake_options)
         if method in ("snake_serpentine", "snake_designated", "snake_full"):
-            return run_snake(s, task, budget, measure, peaks, tmp, method.removeprefix("snake_"))
+            return run_snake(s, task, budget, measure, peaks, tmp, method.removeprefix("snake_"), **extra)
         if method == MITIGATED:
-            return run_snake(s, task, budget, measure, peaks, tmp, "serpentine", **_parse_options(s.mitigation))
+            options = {**_parse_options(s.mitigation), **extra}
+            return run_snake(s, task, budget, measure, peaks, tmp, "serpentine", **options)
         if method == "full_finetune":
             return run_full_finetune(s, task, budget, peaks, tmp)
     raise ValueError(f"Unknown method {method!r} for task {s.task!r}.")

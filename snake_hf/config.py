@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 
 from .capacity.planner import as_profiles, profiles_to_dicts
 from .launch import TOPOLOGIES, hide_launch_env
-from .plan import ON_NODE_FAILURE, Stage, load_plan
+from .plan import GROUP_ORDERS, ON_NODE_FAILURE, Stage, load_plan
 from .precision import PAYLOAD_DTYPES
 
 
@@ -68,7 +68,12 @@ class SnakeConfig(TrainingArguments):
         schedule (`str` or `list[Stage]`, defaults to `"serpentine"`):
             `"serpentine"`, `"designated"`, the path of a `snake_plan.json`, or a list of [`Stage`] (Python only).
         group_order (`str`, defaults to `"ascending"`):
-            Serpentine group order per pass: `"ascending"` or `"alternate"`.
+            Serpentine group order per pass: `"ascending"`, `"alternate"` (reversed every other pass) or
+            `"descending"` (top-down).
+        group_learning_rate_scale (`list[float]`, *optional*):
+            One factor per block group: a stage of group g trains its group at `learning_rate` x this list's g-th
+            value (the always-trainable modules keep their own rate). Block-coordinate training gives each group a
+            share of the steps, so larger steps than centralized training's often pay (benchmarks/lm_study.py).
         train_mode (`str`, *optional*):
             `"lora"`: the active group's LoRA adapters train and travel; `"full"`: the group's weights do. Unset, the
             trainer decides as `Trainer` would: `"lora"` for a `PeftModel` or with `peft_config`, else `"full"`. Either
@@ -184,7 +189,11 @@ class SnakeConfig(TrainingArguments):
         metadata={"help": "'serpentine', 'designated', or the path of a snake_plan.json (a list of Stage in Python)."},
     )
     group_order: str = field(
-        default="ascending", metadata={"help": "Serpentine group order per pass: 'ascending' or 'alternate'."}
+        default="ascending",
+        metadata={"help": "Serpentine group order per pass: 'ascending', 'alternate' or 'descending' (top-down)."},
+    )
+    group_learning_rate_scale: list[float] | None = field(
+        default=None, metadata={"help": "One learning-rate factor per block group (the group's stages use lr x it)."}
     )
     train_mode: str | None = field(
         default=None,
@@ -292,11 +301,20 @@ class SnakeConfig(TrainingArguments):
         self._validate_schedule()
         _require(self.save_stages >= 0, "save_stages", self.save_stages, "use 0 (none), 1 (every stage) or more")
         _require(
-            self.group_order in ("ascending", "alternate"),
+            self.group_order in GROUP_ORDERS,
             "group_order",
             self.group_order,
-            "use 'ascending' or 'alternate'",
+            f"use one of {', '.join(map(repr, GROUP_ORDERS))}",
         )
+        if self.group_learning_rate_scale is not None:
+            scales = self.group_learning_rate_scale
+            _require(
+                _positive_numbers(scales),
+                "group_learning_rate_scale",
+                scales,
+                "use a list of positive factors, one per block group",
+            )
+            self.group_learning_rate_scale = [float(x) for x in scales]
         self._validate_modes_and_losses()
         self._validate_profiles_wire_and_length()
 
@@ -431,6 +449,13 @@ class SnakeConfig(TrainingArguments):
             "pathological": {**label, "classes_per_node": self.partition_classes_per_node},
             "length": {"text_column": self.partition_text_column, "strictness": self.partition_strictness},
         }[self.partition]
+
+
+def _positive_numbers(values) -> bool:
+    try:
+        return isinstance(values, (list, tuple)) and len(values) > 0 and all(float(x) > 0 for x in values)
+    except (TypeError, ValueError):
+        return False
 
 
 def _require(ok: bool, name: str, value, fix: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 
 __all__ = [
+    "GROUP_ORDERS",
     "ON_NODE_FAILURE",
     "Stage",
     "cut_plan",
@@ -83,6 +84,9 @@ class Stage:
         )
 
 
+GROUP_ORDERS = ("ascending", "alternate", "descending")
+
+
 def _per_node_steps(steps: int | Sequence[int], num_nodes: int) -> list[int]:
     if isinstance(steps, int):
         per_node = [steps] * num_nodes
@@ -131,8 +135,8 @@ def serpentine_plan(
         num_groups (`int`): number of block groups G.
         num_passes (`int`, defaults to 1): passes over the grid.
         steps (`int` or `Sequence[int]`, defaults to 1): optimizer steps per stage, or one value per node.
-        group_order (`str`, defaults to `"ascending"`): `"ascending"` (0..G-1 every pass) or `"alternate"`
-            (0..G-1, then G-1..0, ...).
+        group_order (`str`, defaults to `"ascending"`): `"ascending"` (0..G-1 every pass), `"alternate"`
+            (0..G-1, then G-1..0, ...) or `"descending"` (top-down: G-1..0 every pass).
 
     Returns:
         `list[Stage]`: the plan, with consecutive identical stages merged.
@@ -146,14 +150,14 @@ def serpentine_plan(
     _check_positive("num_nodes", num_nodes)
     _check_positive("num_groups", num_groups)
     _check_positive("num_passes", num_passes)
-    if group_order not in ("ascending", "alternate"):
-        raise ValueError(f"`group_order` ({group_order!r}) must be 'ascending' or 'alternate'.")
+    if group_order not in GROUP_ORDERS:
+        raise ValueError(f"`group_order` ({group_order!r}) must be one of {', '.join(map(repr, GROUP_ORDERS))}.")
     per_node = _per_node_steps(steps, num_nodes)
     raw = []
     row = 0
     for pass_index in range(num_passes):
         groups = list(range(num_groups))
-        if group_order == "alternate" and pass_index % 2 == 1:
+        if group_order == "descending" or (group_order == "alternate" and pass_index % 2 == 1):
             groups.reverse()
         for group in groups:
             nodes = range(num_nodes) if row % 2 == 0 else range(num_nodes - 1, -1, -1)

@@ -37,7 +37,7 @@ def test_serpentine_matches_design_example_n3_g3_two_passes():
 
 
 @pytest.mark.parametrize("n,g,p", GRID, ids=[f"N{n}-G{g}-P{p}" for n, g, p in GRID])
-@pytest.mark.parametrize("order", ["ascending", "alternate"])
+@pytest.mark.parametrize("order", ["ascending", "alternate", "descending"])
 def test_serpentine_visits_every_pair_steps_equal_per_pass(n, g, p, order):
     plan = serpentine_plan(n, g, num_passes=p, steps=[2 + k for k in range(n)], group_order=order)
     steps = Counter()
@@ -48,7 +48,7 @@ def test_serpentine_visits_every_pair_steps_equal_per_pass(n, g, p, order):
 
 
 @pytest.mark.parametrize("n,g,p", GRID, ids=[f"N{n}-G{g}-P{p}" for n, g, p in GRID])
-@pytest.mark.parametrize("order", ["ascending", "alternate"])
+@pytest.mark.parametrize("order", ["ascending", "alternate", "descending"])
 def test_serpentine_consecutive_stages_share_node_or_group_and_hop_to_neighbours(n, g, p, order):
     plan = serpentine_plan(n, g, num_passes=p, group_order=order)
     for a, b in zip(plan, plan[1:]):
@@ -164,3 +164,21 @@ def test_fit_plan_scales_every_stage_to_the_total(steps, total, expected):
 def test_fit_plan_refuses_fewer_steps_than_stages():
     with pytest.raises(ValueError, match="each of the plan's 6 stages"):
         fit_plan(serpentine_plan(3, 2, steps=10), 5)
+
+
+def test_serpentine_descending_trains_the_top_group_first_every_pass():
+    plan = serpentine_plan(2, 3, num_passes=2, steps=1, group_order="descending")
+    assert _pairs(plan) == [
+        (0, 2),
+        (1, 2),
+        (1, 1),
+        (0, 1),
+        (0, 0),
+        (1, 0),
+        (1, 2),
+        (0, 2),
+        (0, 1),
+        (1, 1),
+        (1, 0),
+        (0, 0),
+    ]

@@ -66,7 +66,7 @@ __all__ = ["ResumePoint", "StageCheckpoints"]
 # with other values would resume into a run that neither setting gives. (Output, logging, topology and timeout
 # settings are left out: they do not change the adapters.)
 _SIGNATURE_FIELDS = (
-    "payload_dtype", "seed", "data_seed", "train_mode", "learning_rate", "head_learning_rate", "lr_scheduler_type",
+    "payload_dtype", "seed", "data_seed", "train_mode", "learning_rate", "head_learning_rate", "group_learning_rate_scale", "lr_scheduler_type",
     "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "optim", "optim_args", "adam_beta1", "adam_beta2",
     "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps",
     "dataloader_drop_last", "bf16", "fp16", "label_smoothing_factor", "always_trainable_modules", "distill_alpha",

@@ -189,6 +189,20 @@ def node_priors(node_data: NodeData, args: SnakeConfig, model: nn.Module) -> tor
     return node_label_priors(node_labels, num_classes, min_share=args.node_class_min_share)
 
 
+def scale_group_learning_rate(optimizer, model: nn.Module, shared_names: set[str], factor: float) -> None:
+    """Multiplies the learning rate of every param group by `factor`, except for the always-trainable (shared)
+    parameters, which move into their own groups at the rate they had."""
+    shared_ids = {id(p) for n, p in model.named_parameters() if n in shared_names}
+    for group in list(optimizer.param_groups):
+        shared = [p for p in group["params"] if id(p) in shared_ids]
+        own = [p for p in group["params"] if id(p) not in shared_ids]
+        if shared and own:
+            group["params"] = own
+            optimizer.add_param_group({**group, "params": shared})
+        if own:
+            group["lr"] = group["lr"] * factor
+
+
 def split_head_groups(optimizer, model: nn.Module, head_names: set[str], args: SnakeConfig) -> None:
     """Moves the always-trainable parameters into their own param groups at `head_learning_rate`."""
     head_ids = {id(p) for n, p in model.named_parameters() if n in head_names}
@@ -290,6 +304,12 @@ def build_plan(
         ]
     steps = scaled_steps(steps, args, capacity, sizes)
     num_groups = groups.num_groups
+    scales = args.group_learning_rate_scale
+    if scales is not None and len(scales) != num_groups:
+        raise ValueError(
+            f"`group_learning_rate_scale` ({scales}) has {len(scales)} factors, but the model is cut into {num_groups} "
+            f"block groups; give one factor per group."
+        )
     if isinstance(args.schedule, list):
         if args.max_steps > 0:
             raise ValueError(

@@ -54,6 +54,7 @@ from .setup import (
     prepare_model_only,
     prepare_run,
     resolve_launch,
+    scale_group_learning_rate,
     split_head_groups,
     stage_objective,
     summarise_shards,
@@ -467,8 +468,12 @@ class SnakeTrainer(Trainer):
             kind, defaults = self._user_optimizer
             self.optimizer = kind([p for p in self.model.parameters() if p.requires_grad], **defaults)
         optimizer = super().create_optimizer(model)
+        shared = set(self.part_map.params.get(SHARED, ()))
         if fresh and self.args.head_learning_rate is not None:
-            split_head_groups(optimizer, self.model, set(self.part_map.params.get(SHARED, ())), self.args)
+            split_head_groups(optimizer, self.model, shared, self.args)
+        if fresh and self.args.group_learning_rate_scale is not None and self._current is not None:
+            factor = self.args.group_learning_rate_scale[self._current.stage.group]
+            scale_group_learning_rate(optimizer, self.model, shared, factor)
         return optimizer
 
     # ---- stage boundaries ----
