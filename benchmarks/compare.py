@@ -91,6 +91,7 @@ class Settings:
     curve: bool = True  # Snake: measure after every stage (False: only after the last one, to save evaluation time)
     curve_every: int = 0  # Snake: measure only at stage ends that are multiples of this many steps (0: every one)
     snake_options: str = ""  # extra SnakeConfig options of the Snake methods, e.g. "group_order=alternate"
+    lora: bool = True  # smollm2_lm: False trains the blocks' own weights (Snake full mode; no adapters)
 
     @property
     def total_steps(self) -> int:
@@ -198,6 +199,9 @@ def build_task(s: Settings) -> Task:
         shards, collator = make_partitioner("iid", s.num_nodes, seed=s.seed).split(train), default_data_collator
     if s.task == "memory_full":
         return Task(model, shards, eval_set, collator, "full")
+    if not s.lora:  # the blocks' own weights train; the (tied) embedding stays frozen, as a memory-minded user sets it
+        model.get_input_embeddings().weight.requires_grad_(False)
+        return Task(model, shards, eval_set, collator, "full")
     targets = ["q_proj", "v_proj"] if s.task == "smollm2_lm" else MINILM_LORA_TARGETS
     config = LoraConfig(
         r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=0.05, target_modules=targets,
@@ -232,7 +236,9 @@ def _parse_options(text: str) -> dict:
     for item in filter(None, text.split(",")):
         key, value = item.split("=")
         value = value.strip()
-        if value.lower() in ("true", "false"):
+        if ";" in value:  # a list, e.g. group_learning_rate_scale=1;1.5;2
+            options[key.strip()] = [float(x) for x in value.split(";")]
+        elif value.lower() in ("true", "false"):
             options[key.strip()] = json.loads(value.lower())
         else:
             try:
@@ -252,7 +258,7 @@ def run_snake(s: Settings, task: Task, budget, measure, peaks, output_dir: str, 
 
     # Designated: one group per node, and groups x passes passes so that the step budget matches; in full mode
     # (memory_full) each node trains its own group `num_passes` times.
-    designated = schedule == "designated" or task.train_mode == "full"
+    designated = schedule == "designated" or s.task == "memory_full"
     passes = s.num_groups * s.num_passes if schedule == "designated" else s.num_passes
     args = SnakeConfig(
         num_train_epochs=1,
@@ -385,7 +391,11 @@ def run_method(method: str, s: Settings) -> dict:
             losses = example_losses if s.kind == "perplexity" else None
             return baselines.evaluate(task.model, task.eval_set, task.collator, batch, s.kind, losses)
 
+    # Gradients + AdamW moments of what a node trains: the whole adapter for the LoRA baselines (split: its client
+    # part on a node, the server part on the server; this counts both); Snake reports its largest part itself.
+    state = 3 * baselines.nbytes(p for p in task.model.parameters() if p.requires_grad)
     result = _run(method, s, task, budget, measure, peaks)
+    result.setdefault("trainable_state_bytes", state)
     if example_losses:  # equally long packed blocks: their mean losses give the perplexity's standard error
         result["eval_example_losses"] = list(example_losses)
         result["perplexity_standard_error"] = baselines.perplexity_standard_error(example_losses)

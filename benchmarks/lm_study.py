@@ -1,0 +1,338 @@
+"""Causal-LM fine-tuning, where Snake is worth choosing: every method at its own best learning rate, then Snake's levers.
+
+SmolLM2-135M-Instruct + LoRA (q_proj, v_proj, r=8) on the King James Bible in packed blocks, 4 nodes, the same budget of
+optimizer steps for every method (`benchmarks/compare.py`'s harness, each run in its own process):
+
+1. **Sweep.** Centralized LoRA, FedAvg-LoRA, cyclic weight transfer, split learning and Snake (serpentine) each over a
+   grid of at least three learning rates; a grid is extended once in the direction of its best value when that value
+   sits on its edge. Each method is then quoted at its own best rate.
+2. **Levers**, Snake at its best rate, against the gap at equal optimizer steps: group order (descending = top-down;
+   `alternate` needs two passes), fewer steps per stage with more passes (more hops: the bytes go up), a
+   learning-rate factor per block group, the designated schedule (one group per node), full mode (the blocks' own
+   weights, swept over its own rates), and Snake given 1.5x centralized's steps.
+3. **Memory**: per-node peak (evaluation at the training batch size, which stays under the training step's peak) and
+   the trainable-state bytes (gradients + AdamW moments) of each method.
+
+Reported: the gap to centralized at equal steps, at equal training wall time (the simulation runs nodes one after the
+other; FedAvg's nodes would run in parallel, so its wall time is also given divided by the number of nodes) and at
+equal bytes; bytes to centralized x 1.01; perplexity with its standard error over the held-out blocks.
+
+Not a lever here: a warm start of each stage's AdamW moments. They are twice the adapter's bytes, so sending them
+triples a hop, and a stage's first steps with fresh moments already move at the full learning rate (AdamW's bias
+correction); a node revisiting a group in a later pass could keep its own moments locally, which only helps with
+several passes and makes a node hold state for groups it is not training.
+
+Usage (results in benchmarks/results/lm_study_<size>.{json,md,png}):
+    python benchmarks/lm_study.py                 # the CPU size: 72 steps of 4 x 64 tokens, about 2 h of one core
+    python benchmarks/lm_study.py --size full     # 288 steps of 8 x 128 tokens: for a GPU
+    python benchmarks/lm_study.py --size tiny --output_dir /tmp/lm   # seconds (tests)
+    python benchmarks/lm_study.py --jobs 2        # two runs at a time (one per core)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare  # noqa: E402  (benchmarks/compare.py: the harness every run goes through)
+
+
+METHODS = ("centralized", "snake_serpentine", "cyclic", "split", "fedavg_lora")  # the most telling first
+SIZES = {
+    "tiny": dict(num_nodes=2, num_groups=2, stage_steps=2, batch_size=4, max_length=16, train_size=32, eval_size=16),
+    "cpu": dict(num_nodes=4, num_groups=3, stage_steps=6, batch_size=4, max_length=64, train_size=288, eval_size=32),
+    "full": dict(num_nodes=4, num_groups=3, stage_steps=24, batch_size=8, max_length=128, train_size=2304, eval_size=256),
+}  # fmt: skip
+GRIDS = {  # learning rates per size: LoRA methods, and Snake full mode
+    "tiny": ([2e-3, 5e-3, 1e-2], [1e-4, 3e-4, 1e-3]),
+    "cpu": ([1e-3, 2e-3, 4e-3], [2e-5, 5e-5, 1e-4]),
+    "full": ([5e-4, 1e-3, 2e-3], [1e-5, 3e-5, 1e-4]),
+}
+
+
+def base_settings(size: str, threads: int) -> compare.Settings:
+    preset = dict(SIZES[size], num_passes=1, curve_every=0, threads=threads, warmup_ratio=0.05)
+    preset["curve_every"] = preset["num_nodes"] * preset["stage_steps"]  # one point per row of the serpentine
+    return compare.Settings(task="smollm2_lm", size="tiny" if size == "tiny" else "full", **preset)
+
+
+def levers(s: compare.Settings) -> dict[str, dict]:
+    """Snake variants at its best rate: the name and the settings that differ from the plain serpentine run."""
+    g, steps = s.num_groups, s.stage_steps
+    variants = {
+        "descending (top-down)": dict(snake_options="group_order=descending"),
+        "designated": dict(methods="snake_designated"),
+        "lr x [0.5..2] by depth": dict(snake_options="group_learning_rate_scale=" + _ramp(0.5, 2.0, g)),
+        "lr x [2..0.5] by depth": dict(snake_options="group_learning_rate_scale=" + _ramp(2.0, 0.5, g)),
+        "1.5x steps": dict(stage_steps=steps * 3 // 2),
+    }
+    if steps % 2 == 0:
+        variants["2 passes, half the steps"] = dict(num_passes=2, stage_steps=steps // 2)
+        variants["2 passes, half the steps, alternate"] = dict(
+            num_passes=2, stage_steps=steps // 2, snake_options="group_order=alternate"
+        )
+    if steps % 3 == 0:
+        variants["3 passes, a third of the steps"] = dict(num_passes=3, stage_steps=steps // 3)
+    return variants
+
+
+def _ramp(first: float, last: float, count: int) -> str:
+    values = [first * (last / first) ** (i / max(count - 1, 1)) for i in range(count)]
+    return ";".join(f"{v:.3g}" for v in values)
+
+
+def run_one(s: compare.Settings, folder: Path) -> dict:
+    """One method's result (`s.methods` names it), cached under `folder/lm_study_runs/` by its settings: an
+    interrupted study redoes only the runs it had not finished."""
+    key = hashlib.sha256(json.dumps(compare._cache_key(s), sort_keys=True).encode()).hexdigest()[:12]
+    results = compare.run(s, in_process=False, cache=folder / "lm_study_runs" / f"{s.methods}-{key}")
+    return results["methods"][s.methods]
+
+
+def sweep(method: str, s: compare.Settings, grid: list[float], folder: Path, jobs: int, **change) -> dict:
+    """`{lr: result}` over the grid, extended once towards its best value when that value is on the grid's edge."""
+
+    def at(lr: float) -> compare.Settings:
+        return dataclasses.replace(s, methods=method, learning_rate=lr, **change)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        results = dict(zip(grid, pool.map(lambda lr: run_one(at(lr), folder), grid)))
+    best = min(results, key=lambda lr: results[lr]["final_metric"])
+    step = grid[1] / grid[0]
+    if best == max(grid) or best == min(grid):
+        extra = best * step if best == max(grid) else best / step
+        results[extra] = run_one(at(extra), folder)
+    return dict(sorted(results.items()))
+
+
+def _best(results: dict) -> tuple[float, dict]:
+    lr = min(results, key=lambda k: results[k]["final_metric"])
+    return lr, results[lr]
+
+
+def _at_or_before(curve: list[dict], key: str, limit: float) -> float | None:
+    """The metric of the last curve point with `key` at most `limit` (None when the first point is past it)."""
+    reached = [p["metric"] for p in curve if p[key] <= limit * (1 + 1e-9)]
+    return reached[-1] if reached else None
+
+
+def paired_standard_error(a: list[float], b: list[float]) -> float:
+    """Standard error of mean(a - b) over the same held-out blocks: the noise of a gap between two methods."""
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    if n < 2:
+        return float("nan")
+    mean = sum(diffs) / n
+    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+
+
+def summarise(best: dict[str, dict], num_nodes: int) -> dict:
+    """Gaps of every best-rate method to centralized at equal steps, equal wall time and equal bytes."""
+    central, snake = best["centralized"], best["snake_serpentine"]
+    reference = central["final_metric"]
+    target = reference * 1.01
+    rows = {}
+    for name, r in best.items():
+        seconds = r["wall_seconds"]
+        row = {
+            "perplexity": r["final_metric"],
+            "standard_error": r.get("perplexity_standard_error"),
+            "gap_at_equal_steps": r["final_metric"] / reference - 1,
+            "gap_standard_error": (
+                paired_standard_error(r["eval_example_losses"], central["eval_example_losses"])
+                if "eval_example_losses" in r and "eval_example_losses" in central
+                else None
+            ),  # of the log-perplexity gap: about the relative gap's
+            "bytes_total": r["bytes_total"],
+            "wall_seconds": seconds,
+            "parallel_wall_seconds": seconds / num_nodes if name == "fedavg_lora" else seconds,
+            "perplexity_at_snake_wall_time": _at_or_before(r["curve"], "seconds", snake["wall_seconds"]),
+            "perplexity_at_snake_bytes": _at_or_before(r["curve"], "bytes", snake["bytes_total"]),
+            "bytes_to_target": next((p["bytes"] for p in r["curve"] if p["metric"] <= target), None),
+            "steps_to_target": next((p["step"] for p in r["curve"] if p["metric"] <= target), None),
+            "peak_memory_max": r["peak_memory_max"],
+            "trainable_state_bytes": r.get("trainable_state_bytes"),
+        }
+        rows[name] = row
+
+    def ratio(a, b, key):
+        x, y = rows.get(a, {}).get(key), rows.get(b, {}).get(key)
+        return x / y if x is not None and y else None
+
+    return {
+        "target": target,
+        "methods": rows,
+        "snake/cyclic bytes_to_target": ratio("snake_serpentine", "cyclic", "bytes_to_target"),
+        "snake/split bytes_to_target": ratio("snake_serpentine", "split", "bytes_to_target"),
+        "snake/cyclic bytes_total": ratio("snake_serpentine", "cyclic", "bytes_total"),
+        "snake/split bytes_total": ratio("snake_serpentine", "split", "bytes_total"),
+    }
+
+
+def study(size: str, folder: Path, jobs: int, threads: int) -> dict:
+    s = base_settings(size, threads)
+    lora_grid, full_grid = GRIDS[size]
+    sweeps = {m: sweep(m, s, lora_grid, folder, jobs) for m in METHODS}
+    best = {m: _best(sweeps[m])[1] for m in METHODS}
+    snake_lr = _best(sweeps["snake_serpentine"])[0]
+    names = list(levers(s))
+    with ThreadPoolExecutor(jobs) as pool:
+        variants = dict(zip(names, pool.map(lambda name: _lever(s, name, snake_lr, folder), names)))
+    full_sweep = sweep("snake_serpentine", s, full_grid, folder, jobs, lora=False)
+    variants["full mode (its best lr)"] = _best(full_sweep)[1]
+    return {
+        "task": "smollm2_lm",
+        "size": size,
+        "settings": dataclasses.asdict(s),
+        "total_steps": s.total_steps,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "commit": compare._commit(),
+        "sweeps": {m: {f"{lr:g}": _brief(r) for lr, r in sweeps[m].items()} for m in METHODS},
+        "full_mode_sweep": {f"{lr:g}": _brief(r) for lr, r in full_sweep.items()},
+        "best_learning_rate": {m: _best(sweeps[m])[0] for m in METHODS} | {"snake_full": _best(full_sweep)[0]},
+        "best": best,
+        "levers": {name: _brief(r) | {"curve": r["curve"]} for name, r in variants.items()},
+        "summary": summarise(best, s.num_nodes),
+    }
+
+
+def _lever(s: compare.Settings, name: str, lr: float, folder: Path) -> dict:
+    change = dict(levers(s)[name])
+    method = change.pop("methods", "snake_serpentine")
+    return run_one(dataclasses.replace(s, methods=method, learning_rate=lr, **change), folder)
+
+
+def _brief(r: dict) -> dict:
+    keys = ("final_metric", "perplexity_standard_error", "bytes_total", "wall_seconds", "steps", "peak_memory_max",
+            "trainable_state_bytes", "options")  # fmt: skip
+    return {k: r.get(k) for k in keys}
+
+
+# ---- report ----
+
+
+def _mib(x) -> str:
+    return "-" if x is None else f"{x / 2**20:,.2f}"
+
+
+def _ppl(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def to_markdown(results: dict) -> str:
+    s, summary = results["settings"], results["summary"]
+    lines = [
+        f"{'A tiny Llama on synthetic tokens' if s['size'] == 'tiny' else 'SmolLM2-135M-Instruct on the King James Bible'}"
+        f" + LoRA (q_proj, v_proj, r={s['lora_r']}), {s['num_nodes']} nodes, "
+        f"{results['total_steps']} optimizer steps per method, batch {s['batch_size']} x {s['max_length']} tokens, "
+        f"held-out {s['eval_size']} blocks, {results['device']} ({s['threads']} torch thread(s) per run). "
+        f"Target: centralized x 1.01 = {summary['target']:.3f}.",
+        "",
+        "## Each method at its own best learning rate",
+        "",
+        "| method | best lr | perplexity (± s.e.) | gap at equal steps (± s.e.) | ppl at Snake's wall time | "
+        "ppl at Snake's bytes | MiB moved | MiB to target | steps to target | peak MiB/node | "
+        "trainable state MiB | train s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in summary["methods"].items():
+        se = row["standard_error"]
+        gse = row["gap_standard_error"]
+        lines.append(
+            f"| {name} | {results['best_learning_rate'][name]:g} | {_ppl(row['perplexity'])}"
+            + (f" ± {se:.3f}" if se is not None else "")
+            + f" | {row['gap_at_equal_steps']:+.2%}"
+            + (f" ± {gse:.2%}" if gse is not None else "")
+            + f" | {_ppl(row['perplexity_at_snake_wall_time'])} | {_ppl(row['perplexity_at_snake_bytes'])}"
+            f" | {_mib(row['bytes_total'])} | {_mib(row['bytes_to_target'])} | {row['steps_to_target'] or '-'}"
+            f" | {_mib(row['peak_memory_max'])} | {_mib(row['trainable_state_bytes'])} | {row['wall_seconds']:.0f} |"
+        )
+    lines += ["", "## Learning-rate sweeps (final perplexity)", "", "| method | " + " | ".join(["lr: perplexity"] * 1) + " |",
+              "| --- | --- |"]  # fmt: skip
+    for name, runs in {**results["sweeps"], "snake full mode": results["full_mode_sweep"]}.items():
+        lines.append(f"| {name} | " + ", ".join(f"{lr}: {_ppl(r['final_metric'])}" for lr, r in runs.items()) + " |")
+    central = summary["methods"]["centralized"]["perplexity"]
+    lines += ["", f"## Snake's levers (at Snake's best lr, {results['best_learning_rate']['snake_serpentine']:g})", "",
+              "| variant | steps | perplexity | gap to centralized | MiB moved | peak MiB/node | trainable state MiB |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    plain = results["best"]["snake_serpentine"]
+    for name, r in {"serpentine (plain)": plain, **results["levers"]}.items():
+        lines.append(
+            f"| {name} | {r['steps']} | {_ppl(r['final_metric'])} | {r['final_metric'] / central - 1:+.2%} | "
+            f"{_mib(r['bytes_total'])} | {_mib(r['peak_memory_max'])} | {_mib(r['trainable_state_bytes'])} |"
+        )
+    lines += [
+        "",
+        f"- Snake/cyclic bytes to target: {_ratio(summary['snake/cyclic bytes_to_target'])}; Snake/split bytes to "
+        f"target: {_ratio(summary['snake/split bytes_to_target'])}.",
+        f"- Snake/cyclic bytes over the run: {_ratio(summary['snake/cyclic bytes_total'])}; Snake/split: "
+        f"{_ratio(summary['snake/split bytes_total'])}.",
+        "- Wall time is training time in one process (nodes one after the other; evaluation excluded); FedAvg's nodes "
+        "would train in parallel: its time divided by the number of nodes is in the JSON (`parallel_wall_seconds`).",
+    ]
+    return "\n".join(lines)
+
+
+def _ratio(x) -> str:
+    return "not reached" if x is None else f"{x:.3g}"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    for name, r in results["best"].items():
+        curve = r["curve"]
+        for ax, key, scale in zip(axes[:3], ("step", "seconds", "bytes"), (1, 1, 2**20)):
+            ax.plot([p[key] / scale for p in curve], [p["metric"] for p in curve], marker="o", label=name)
+    for ax, label in zip(axes[:3], ("optimizer steps", "training seconds", "MiB moved")):
+        ax.set(xlabel=label, ylabel="held-out perplexity")
+        ax.axhline(results["summary"]["target"], color="grey", linestyle=":", linewidth=1)
+    axes[2].set_xscale("symlog")
+    axes[0].legend(fontsize="small")
+    for name, runs in results["sweeps"].items():
+        lrs = sorted(runs, key=float)
+        axes[3].plot([float(lr) for lr in lrs], [runs[lr]["final_metric"] for lr in lrs], marker="o", label=name)
+    axes[3].set(xscale="log", xlabel="learning rate", ylabel="final perplexity", title="sweeps")
+    fig.suptitle(f"SmolLM2 LoRA, {results['total_steps']} steps: each method at its best learning rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--output_dir", default=str(compare.RESULTS))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each in its own process)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    options = parser.parse_args(argv)
+    folder = Path(options.output_dir)
+    results = study(options.size, folder, options.jobs, options.threads)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"lm_study_{options.size}"
+    (folder / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    table = to_markdown(results)
+    (folder / f"{stem}.md").write_text(
+        f"# Causal-LM fine-tuning: Snake's gap and its levers ({options.size})\n\n{table}\n"
+    )
+    plot(results, folder / f"{stem}.png")
+    print("\n" + table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
