@@ -23,7 +23,8 @@ correction); a node revisiting a group in a later pass could keep its own moment
 several passes and makes a node hold state for groups it is not training.
 
 Usage (results in benchmarks/results/lm_study_<size>.{json,md,png}):
-    python benchmarks/lm_study.py                 # the CPU size: 72 steps of 4 x 64 tokens, about 2 h of one core
+    python benchmarks/lm_study.py                 # the CPU size: 48 steps of 4 x 64 tokens, about 70 min of one core
+    python benchmarks/lm_study.py --report_only   # the tables from the runs finished so far (missing ones marked)
     python benchmarks/lm_study.py --size full     # 288 steps of 8 x 128 tokens: for a GPU
     python benchmarks/lm_study.py --size tiny --output_dir /tmp/lm   # seconds (tests)
     python benchmarks/lm_study.py --jobs 2        # two runs at a time (one per core)
@@ -50,7 +51,7 @@ import compare  # noqa: E402  (benchmarks/compare.py: the harness every run goes
 METHODS = ("centralized", "snake_serpentine", "cyclic", "split", "fedavg_lora")  # the most telling first
 SIZES = {
     "tiny": dict(num_nodes=2, num_groups=2, stage_steps=2, batch_size=4, max_length=16, train_size=32, eval_size=16),
-    "cpu": dict(num_nodes=4, num_groups=3, stage_steps=6, batch_size=4, max_length=64, train_size=288, eval_size=32),
+    "cpu": dict(num_nodes=4, num_groups=3, stage_steps=4, batch_size=4, max_length=64, train_size=192, eval_size=32),
     "full": dict(num_nodes=4, num_groups=3, stage_steps=24, batch_size=8, max_length=128, train_size=2304, eval_size=256),
 }  # fmt: skip
 GRIDS = {  # learning rates per size: LoRA methods, and Snake full mode
@@ -91,12 +92,17 @@ def _ramp(first: float, last: float, count: int) -> str:
     return ";".join(f"{v:.3g}" for v in values)
 
 
-def run_one(s: compare.Settings, folder: Path) -> dict:
+REPORT_ONLY = False  # --report_only: never run, use what the cache holds (a run not there yet is None)
+
+
+def run_one(s: compare.Settings, folder: Path) -> dict | None:
     """One method's result (`s.methods` names it), cached under `folder/lm_study_runs/` by its settings: an
     interrupted study redoes only the runs it had not finished."""
     key = hashlib.sha256(json.dumps(compare._cache_key(s), sort_keys=True).encode()).hexdigest()[:12]
-    results = compare.run(s, in_process=False, cache=folder / "lm_study_runs" / f"{s.methods}-{key}")
-    return results["methods"][s.methods]
+    cache = folder / "lm_study_runs" / f"{s.methods}-{key}"
+    if REPORT_ONLY and not (cache / f"{s.methods}.json").exists():
+        return None
+    return compare.run(s, in_process=False, cache=cache)["methods"][s.methods]
 
 
 def sweep(method: str, s: compare.Settings, grid: list[float], folder: Path, jobs: int, **change) -> dict:
@@ -107,11 +113,15 @@ def sweep(method: str, s: compare.Settings, grid: list[float], folder: Path, job
 
     with ThreadPoolExecutor(jobs) as pool:
         results = dict(zip(grid, pool.map(lambda lr: run_one(at(lr), folder), grid)))
+    results = {lr: r for lr, r in results.items() if r is not None}
+    if len(results) < len(grid):  # --report_only before the grid finished
+        return dict(sorted(results.items()))
     best = min(results, key=lambda lr: results[lr]["final_metric"])
     step = grid[1] / grid[0]
     if best == max(grid) or best == min(grid):
         extra = best * step if best == max(grid) else best / step
-        results[extra] = run_one(at(extra), folder)
+        if (result := run_one(at(extra), folder)) is not None:
+            results[extra] = result
     return dict(sorted(results.items()))
 
 
@@ -180,16 +190,23 @@ def summarise(best: dict[str, dict], num_nodes: int) -> dict:
 
 
 def study(size: str, folder: Path, jobs: int, threads: int) -> dict:
+    """Runs (or, with --report_only, collects) the sweeps and levers in the order that tells most first: centralized
+    and Snake, Snake's levers, full mode, then cyclic, split and FedAvg. Missing runs are left out of the tables."""
     s = base_settings(size, threads)
     lora_grid, full_grid = GRIDS[size]
-    sweeps = {m: sweep(m, s, lora_grid, folder, jobs) for m in METHODS}
-    best = {m: _best(sweeps[m])[1] for m in METHODS}
-    snake_lr = _best(sweeps["snake_serpentine"])[0]
-    names = list(levers(s))
-    with ThreadPoolExecutor(jobs) as pool:
-        variants = dict(zip(names, pool.map(lambda name: _lever(s, name, snake_lr, folder), names)))
+    sweeps = {m: sweep(m, s, lora_grid, folder, jobs) for m in METHODS[:2]}
+    variants = {}
+    if sweeps["snake_serpentine"]:
+        snake_lr = _best(sweeps["snake_serpentine"])[0]
+        names = list(levers(s))
+        with ThreadPoolExecutor(jobs) as pool:
+            variants = dict(zip(names, pool.map(lambda name: _lever(s, name, snake_lr, folder), names)))
     full_sweep = sweep("snake_serpentine", s, full_grid, folder, jobs, lora=False)
-    variants["full mode (its best lr)"] = _best(full_sweep)[1]
+    if full_sweep:
+        variants["full mode (its best lr)"] = _best(full_sweep)[1]
+    sweeps |= {m: sweep(m, s, lora_grid, folder, jobs) for m in METHODS[2:]}
+    sweeps = {m: runs for m, runs in sweeps.items() if runs}
+    best = {m: _best(runs)[1] for m, runs in sweeps.items()}
     return {
         "task": "smollm2_lm",
         "size": size,
@@ -197,16 +214,18 @@ def study(size: str, folder: Path, jobs: int, threads: int) -> dict:
         "total_steps": s.total_steps,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "commit": compare._commit(),
-        "sweeps": {m: {f"{lr:g}": _brief(r) for lr, r in sweeps[m].items()} for m in METHODS},
+        "sweeps": {m: {f"{lr:g}": _brief(r) for lr, r in runs.items()} for m, runs in sweeps.items()},
         "full_mode_sweep": {f"{lr:g}": _brief(r) for lr, r in full_sweep.items()},
-        "best_learning_rate": {m: _best(sweeps[m])[0] for m in METHODS} | {"snake_full": _best(full_sweep)[0]},
+        "best_learning_rate": {m: _best(runs)[0] for m, runs in sweeps.items()}
+        | ({"snake_full": _best(full_sweep)[0]} if full_sweep else {}),
         "best": best,
-        "levers": {name: _brief(r) | {"curve": r["curve"]} for name, r in variants.items()},
-        "summary": summarise(best, s.num_nodes),
+        "levers": {name: _brief(r) | {"curve": r["curve"]} for name, r in variants.items() if r is not None},
+        "missing": [m for m in METHODS if m not in sweeps] + [n for n, r in variants.items() if r is None],
+        "summary": summarise(best, s.num_nodes) if {"centralized", "snake_serpentine"} <= set(best) else None,
     }
 
 
-def _lever(s: compare.Settings, name: str, lr: float, folder: Path) -> dict:
+def _lever(s: compare.Settings, name: str, lr: float, folder: Path) -> dict | None:
     change = dict(levers(s)[name])
     method = change.pop("methods", "snake_serpentine")
     return run_one(dataclasses.replace(s, methods=method, learning_rate=lr, **change), folder)
@@ -277,6 +296,7 @@ def to_markdown(results: dict) -> str:
         f"target: {_ratio(summary['snake/split bytes_to_target'])}.",
         f"- Snake/cyclic bytes over the run: {_ratio(summary['snake/cyclic bytes_total'])}; Snake/split: "
         f"{_ratio(summary['snake/split bytes_total'])}.",
+        f"- Not run (yet): {', '.join(results['missing']) or 'none'}.",
         "- Wall time is training time in one process (nodes one after the other; evaluation excluded); FedAvg's nodes "
         "would train in parallel: its time divided by the number of nodes is in the JSON (`parallel_wall_seconds`).",
     ]
@@ -319,12 +339,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", default=str(compare.RESULTS))
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each in its own process)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--report_only", action="store_true", help="no runs: tables from the finished ones")
     options = parser.parse_args(argv)
+    global REPORT_ONLY
+    REPORT_ONLY = options.report_only
     folder = Path(options.output_dir)
     results = study(options.size, folder, options.jobs, options.threads)
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"lm_study_{options.size}"
     (folder / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    if results["summary"] is None:
+        print(f"Not enough finished runs for tables (missing: {', '.join(results['missing'])}).")
+        return results
     table = to_markdown(results)
     (folder / f"{stem}.md").write_text(
         f"# Causal-LM fine-tuning: Snake's gap and its levers ({options.size})\n\n{table}\n"
