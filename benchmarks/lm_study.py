@@ -54,10 +54,10 @@ SIZES = {
     "cpu": dict(num_nodes=4, num_groups=3, stage_steps=4, batch_size=4, max_length=64, train_size=192, eval_size=32),
     "full": dict(num_nodes=4, num_groups=3, stage_steps=24, batch_size=8, max_length=128, train_size=2304, eval_size=256),
 }  # fmt: skip
-GRIDS = {  # learning rates per size: LoRA methods, and Snake full mode
-    "tiny": ([2e-3, 5e-3, 1e-2], [1e-4, 3e-4, 1e-3]),
-    "cpu": ([1e-3, 2e-3, 4e-3], [2e-5, 5e-5, 1e-4]),
-    "full": ([5e-4, 1e-3, 2e-3], [1e-5, 3e-5, 1e-4]),
+GRIDS = {  # learning rates per size: the LoRA baselines, Snake (block-coordinate: larger steps), Snake full mode
+    "tiny": {"lora": [2e-3, 5e-3, 1e-2], "snake_serpentine": [2e-3, 5e-3, 1e-2], "full": [1e-4, 3e-4, 1e-3]},
+    "cpu": {"lora": [1e-3, 2e-3, 4e-3], "snake_serpentine": [2e-3, 4e-3, 8e-3], "full": [2e-5, 5e-5, 1e-4]},
+    "full": {"lora": [5e-4, 1e-3, 2e-3], "snake_serpentine": [1e-3, 2e-3, 4e-3], "full": [1e-5, 3e-5, 1e-4]},
 }
 
 
@@ -105,24 +105,34 @@ def run_one(s: compare.Settings, folder: Path) -> dict | None:
     return compare.run(s, in_process=False, cache=cache)["methods"][s.methods]
 
 
-def sweep(method: str, s: compare.Settings, grid: list[float], folder: Path, jobs: int, **change) -> dict:
-    """`{lr: result}` over the grid, extended once towards its best value when that value is on the grid's edge."""
+def sweeps(methods: list[str], s: compare.Settings, size: str, folder: Path, jobs: int, **change) -> dict[str, dict]:
+    """`{method: {lr: result}}` over each method's grid (every run of every method in one pool, so that `jobs` runs
+    are always busy), each grid extended once towards its best value when that value is on its edge."""
+    grid_of = GRIDS[size]
+    grids = {m: grid_of["full"] if change.get("lora") is False else grid_of.get(m, grid_of["lora"]) for m in methods}
 
-    def at(lr: float) -> compare.Settings:
-        return dataclasses.replace(s, methods=method, learning_rate=lr, **change)
+    def run_all(points: list[tuple[str, float]]) -> list[dict | None]:
+        at = [dataclasses.replace(s, methods=m, learning_rate=lr, **change) for m, lr in points]
+        with ThreadPoolExecutor(jobs) as pool:
+            return list(pool.map(lambda x: run_one(x, folder), at))
 
-    with ThreadPoolExecutor(jobs) as pool:
-        results = dict(zip(grid, pool.map(lambda lr: run_one(at(lr), folder), grid)))
-    results = {lr: r for lr, r in results.items() if r is not None}
-    if len(results) < len(grid):  # --report_only before the grid finished
-        return dict(sorted(results.items()))
-    best = min(results, key=lambda lr: results[lr]["final_metric"])
-    step = grid[1] / grid[0]
-    if best == max(grid) or best == min(grid):
-        extra = best * step if best == max(grid) else best / step
-        if (result := run_one(at(extra), folder)) is not None:
-            results[extra] = result
-    return dict(sorted(results.items()))
+    points = [(m, lr) for m in methods for lr in grids[m]]
+    results = {m: {} for m in methods}
+    for (m, lr), r in zip(points, run_all(points)):
+        if r is not None:
+            results[m][lr] = r
+    extra = []
+    for m, grid in grids.items():
+        if len(results[m]) < len(grid):  # --report_only before the grid finished
+            continue
+        best = _best(results[m])[0]
+        step = grid[1] / grid[0]
+        if best in (max(grid), min(grid)):
+            extra.append((m, best * step if best == max(grid) else best / step))
+    for (m, lr), r in zip(extra, run_all(extra)):
+        if r is not None:
+            results[m][lr] = r
+    return {m: dict(sorted(runs.items())) for m, runs in results.items()}
 
 
 def _best(results: dict) -> tuple[float, dict]:
@@ -193,20 +203,19 @@ def study(size: str, folder: Path, jobs: int, threads: int) -> dict:
     """Runs (or, with --report_only, collects) the sweeps and levers in the order that tells most first: centralized
     and Snake, Snake's levers, full mode, then cyclic, split and FedAvg. Missing runs are left out of the tables."""
     s = base_settings(size, threads)
-    lora_grid, full_grid = GRIDS[size]
-    sweeps = {m: sweep(m, s, lora_grid, folder, jobs) for m in METHODS[:2]}
+    swept = sweeps(list(METHODS[:2]), s, size, folder, jobs)
     variants = {}
-    if sweeps["snake_serpentine"]:
-        snake_lr = _best(sweeps["snake_serpentine"])[0]
+    if swept["snake_serpentine"]:
+        snake_lr = _best(swept["snake_serpentine"])[0]
         names = list(levers(s))
         with ThreadPoolExecutor(jobs) as pool:
             variants = dict(zip(names, pool.map(lambda name: _lever(s, name, snake_lr, folder), names)))
-    full_sweep = sweep("snake_serpentine", s, full_grid, folder, jobs, lora=False)
+    full_sweep = sweeps(["snake_serpentine"], s, size, folder, jobs, lora=False)["snake_serpentine"]
     if full_sweep:
         variants["full mode (its best lr)"] = _best(full_sweep)[1]
-    sweeps |= {m: sweep(m, s, lora_grid, folder, jobs) for m in METHODS[2:]}
-    sweeps = {m: runs for m, runs in sweeps.items() if runs}
-    best = {m: _best(runs)[1] for m, runs in sweeps.items()}
+    swept |= sweeps(list(METHODS[2:]), s, size, folder, jobs)
+    swept = {m: runs for m, runs in swept.items() if runs}
+    best = {m: _best(runs)[1] for m, runs in swept.items()}
     return {
         "task": "smollm2_lm",
         "size": size,
@@ -214,13 +223,14 @@ def study(size: str, folder: Path, jobs: int, threads: int) -> dict:
         "total_steps": s.total_steps,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "commit": compare._commit(),
-        "sweeps": {m: {f"{lr:g}": _brief(r) for lr, r in runs.items()} for m, runs in sweeps.items()},
+        "grids": GRIDS[size],
+        "sweeps": {m: {f"{lr:g}": _brief(r) for lr, r in runs.items()} for m, runs in swept.items()},
         "full_mode_sweep": {f"{lr:g}": _brief(r) for lr, r in full_sweep.items()},
-        "best_learning_rate": {m: _best(runs)[0] for m, runs in sweeps.items()}
+        "best_learning_rate": {m: _best(runs)[0] for m, runs in swept.items()}
         | ({"snake_full": _best(full_sweep)[0]} if full_sweep else {}),
         "best": best,
         "levers": {name: _brief(r) | {"curve": r["curve"]} for name, r in variants.items() if r is not None},
-        "missing": [m for m in METHODS if m not in sweeps] + [n for n, r in variants.items() if r is None],
+        "missing": [m for m in METHODS if m not in swept] + [n for n, r in variants.items() if r is None],
         "summary": summarise(best, s.num_nodes) if {"centralized", "snake_serpentine"} <= set(best) else None,
     }
 

@@ -66,15 +66,18 @@ def test_sweep_extends_the_grid_once_towards_a_best_value_on_its_edge(study, mon
         return {"final_metric": 10.0 / s.learning_rate}  # the larger the rate, the lower the perplexity
 
     monkeypatch.setattr(study, "run_one", fake)
-    results = study.sweep("centralized", study.base_settings("tiny", 1), [1.0, 2.0, 4.0], tmp_path, 1)
+    monkeypatch.setitem(study.GRIDS, "tiny", {"lora": [1.0, 2.0, 4.0]})
+    results = study.sweeps(["centralized"], study.base_settings("tiny", 1), "tiny", tmp_path, 2)["centralized"]
     assert list(results) == [1.0, 2.0, 4.0, 8.0]
     assert sorted(ran) == [1.0, 2.0, 4.0, 8.0]
 
 
-def test_sweep_keeps_its_grid_when_the_best_value_is_inside(study, monkeypatch, tmp_path):
-    monkeypatch.setattr(study, "run_one", lambda s, folder: {"final_metric": abs(s.learning_rate - 2.0)})
-    results = study.sweep("cyclic", study.base_settings("tiny", 1), [1.0, 2.0, 4.0], tmp_path, 1)
-    assert list(results) == [1.0, 2.0, 4.0]
+def test_sweep_keeps_each_methods_own_grid_when_the_best_value_is_inside(study, monkeypatch, tmp_path):
+    monkeypatch.setattr(study, "run_one", lambda s, folder: {"final_metric": abs(s.learning_rate - 2.0) + s.lora})
+    monkeypatch.setitem(study.GRIDS, "tiny", {"lora": [9.0], "cyclic": [1.0, 2.0, 4.0], "full": [0.5, 2.0, 3.0]})
+    assert list(study.sweeps(["cyclic"], study.base_settings("tiny", 1), "tiny", tmp_path, 2)["cyclic"]) == [1, 2, 4]
+    full = study.sweeps(["snake_serpentine"], study.base_settings("tiny", 1), "tiny", tmp_path, 1, lora=False)
+    assert list(full["snake_serpentine"]) == [0.5, 2.0, 3.0]  # the full-mode grid, its best inside
 
 
 def test_levers_keep_the_step_budget_except_the_longer_run(study):
