@@ -140,8 +140,15 @@ class SnakeMixin:
             super().log(logs, start_time)
 
     def create_model_card(self, *args, **kwargs) -> None:
-        """The parent's model card (with `snake-learning` among the tags) and the Snake section after it."""
-        super().create_model_card(*args, **kwargs)
+        """The parent's model card (with `snake-learning` among the tags) and the Snake section after it.
+
+        Takes the parent's arguments and Snake's (`finetuned_from`, `tasks`, `dataset`, `metrics_before`): the parent
+        gets those its own `create_model_card` takes (`dataset` as TRL's `dataset_name`), the Snake section all."""
+        accepted = inspect.signature(super().create_model_card).parameters
+        if "dataset" in kwargs and "dataset_name" in accepted and "dataset" not in accepted:
+            kwargs.setdefault("dataset_name", kwargs["dataset"])
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        super().create_model_card(*args, **{k: v for k, v in kwargs.items() if takes_any or k in accepted})
         card = Path(self.args.output_dir) / "README.md"
         if not self.is_world_process_zero() or not card.is_file() or "## Snake Learning" in card.read_text():
             return
