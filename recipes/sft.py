@@ -201,7 +201,7 @@ def char_chat_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-# ---- the recipe ------------------------------------------------------------------------------------------------------
+# ---- the recipe -----------------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

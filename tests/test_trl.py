@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 trl = pytest.importorskip("trl")
 
 from snake_hf.blocks import SHARED  # noqa: E402
-from snake_hf.compose import SnakeMixin, snake_trainer  # noqa: E402
+from snake_hf.compose import SnakeMixin, snake_config, snake_trainer  # noqa: E402
 from snake_hf.trainer import SnakeTrainer  # noqa: E402
 from snake_hf.trl import FUSED_LM_HEAD, SnakeSFTConfig, SnakeSFTTrainer  # noqa: E402
 
@@ -319,3 +319,33 @@ def test_any_trainer_subclass_is_split_after_its_own_preparation_with_its_argume
     assert all(trainer.node_data.shard(n)["input_ids"] == shards[n]["values"] for n in range(3))
     trainer.train()
     assert [s.node for s in trainer.snake_report.stages] == [0, 1, 2, 2, 1, 0]
+
+
+def test_trls_dpo_trainer_made_snake_trains_each_group_in_turn_and_refuses_snakes_losses(tmp_path):
+    config_class = snake_config(trl.DPOConfig)
+    common = dict(use_cpu=True, bf16=False, report_to=[], num_nodes=3, num_block_groups=2, learning_rate=1e-2,
+                  per_device_train_batch_size=2, save_strategy="no", num_train_epochs=1, gradient_checkpointing=False,
+                  max_length=32)  # fmt: skip
+    rng = random.Random(0)
+    pairs = {
+        "prompt": [_sentence(rng, 1, 3) + "?" for _ in range(12)],
+        "chosen": [" yes."] * 12,
+        "rejected": [" no."] * 12,
+    }
+    data = datasets.Dataset.from_dict(pairs)
+    cls = snake_trainer(trl.DPOTrainer)
+    trainer = cls(tiny_llama(), args=config_class(str(tmp_path / "dpo"), **common), train_dataset=data,
+                  processing_class=char_tokenizer(), peft_config=lora())  # fmt: skip
+    assert "snake-learning" in cls._tag_names and "dpo" in cls._tag_names
+    snaps = _StageSnapshots(trainer)
+    trainer.add_callback(snaps)
+    trainer.train()
+    assert [s.node for s in trainer.snake_report.stages] == [0, 1, 2, 2, 1, 0]
+    parts, everything = trainer.part_map, set(snaps.snapshots[0])
+    for stage, before, after in zip(trainer.plan, snaps.snapshots, snaps.snapshots[1:]):
+        own = set(parts.params[f"g{stage.group}"]) | set(parts.params[SHARED])
+        assert {n for n in everything if not torch.equal(before[n], after[n])} == own, f"stage {stage.index}"
+    distilling = cls(tiny_llama(), args=config_class(str(tmp_path / "kd"), **common, distill_alpha=0.5),
+                     train_dataset=data, processing_class=char_tokenizer(), peft_config=lora())  # fmt: skip
+    with pytest.raises(RuntimeError, match="DPOTrainer.compute_loss did not reach SnakeTrainer.compute_loss"):
+        distilling.train()
