@@ -89,7 +89,7 @@ class SFTModelArguments(ModelArguments):
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft.yaml"
 
-# ---- data: verses, instruction pairs, node shards --------------------------------------------------------------------
+# ---- data: verses, instruction pairs, node shards -------------------------------------------------------------------
 
 _HEADING = re.compile(r"^(\S.*?) (\d+)$")  # "Genesis 1", "1 Samuel 3", "Song of Solomon 2"
 _VERSE = re.compile(r"^\s+(\d+) (.*)$")

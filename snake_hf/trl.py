@@ -7,7 +7,7 @@ the model with `peft_config`; Snake cuts the wrapped model into block groups. Sn
 losses mix into the task loss `Trainer.compute_loss` computes (TRL's completion mask and labels, the same NLL); trl
 1.13-1.14 reach it through `SFTTrainer.compute_loss`, and from trl 1.15 (whose `SFTTrainer.compute_loss` runs a fused
 LM head and never builds the logits) [`SnakeSFTTrainer.compute_loss`] takes that route itself for the steps with a
-Snake objective. Tested with trl 1.13 and 1.16. See docs/trl.md.
+Snake objective. Tested with trl 1.13, 1.14 and 1.16. See docs/trl.md.
 """
 
 from __future__ import annotations
