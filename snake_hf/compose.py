@@ -143,10 +143,11 @@ class SnakeMixin:
         """The parent's model card (with `snake-learning` among the tags) and the Snake section after it.
 
         Takes the parent's arguments and Snake's (`finetuned_from`, `tasks`, `dataset`, `metrics_before`): the parent
-        gets those its own `create_model_card` takes (`dataset` as TRL's `dataset_name`), the Snake section all."""
+        gets those its own `create_model_card` takes, the Snake section all. A parent that takes `model_name` gets the
+        output folder's name when none is given, as the Snake section's title does (TRL's card would say "None")."""
         accepted = inspect.signature(super().create_model_card).parameters
-        if "dataset" in kwargs and "dataset_name" in accepted and "dataset" not in accepted:
-            kwargs.setdefault("dataset_name", kwargs["dataset"])
+        if "model_name" in accepted and not args and kwargs.get("model_name") is None:
+            kwargs["model_name"] = Path(self.args.output_dir).name
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
         super().create_model_card(*args, **{k: v for k, v in kwargs.items() if takes_any or k in accepted})
         card = Path(self.args.output_dir) / "README.md"

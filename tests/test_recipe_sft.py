@@ -88,6 +88,7 @@ def test_recipe_runs_end_to_end_on_the_tiny_config(sft, tmp_path):
         assert (tmp_path / name).is_file(), name
     card = (tmp_path / "README.md").read_text()
     assert "snake-learning" in card and "sft" in card and "## Snake Learning" in card
+    assert f"# Model Card for {tmp_path.name}" in card, "TRL's card titled by the output folder, as Snake's section"
 
 
 def test_recipe_help_lists_snake_trl_and_data_options(sft, capsys):
