@@ -36,6 +36,7 @@ PAGES = [
     "docs/trainer_conformance.md",
     "docs/payload_compression.md",
     "docs/security.md",
+    "docs/trl.md",
 ]
 MiB = 2**20
 
@@ -414,6 +415,19 @@ def security_cost() -> str:
     )
 
 
+def sft() -> str:
+    data = load("sft_smollm2.json")
+    before, after, settings = data["before"], data["after"], data["settings"]
+    return (
+        f"Measured ({data['total_steps']} steps of {settings['batch_size']} pairs over {settings['num_nodes']} nodes x "
+        f"{settings['num_block_groups']} groups, split by book; trl {data['trl']}): on the {data['eval_pairs']} "
+        f"held-out pairs the completion loss went from {before['eval_loss']:.3f} to {after['eval_loss']:.3f}, "
+        f"perplexity {before['eval_perplexity']:.2f} to {after['eval_perplexity']:.2f}; "
+        f"{mib(data['total_bytes'])} MiB of adapters moved in {data['num_hops']} hops; "
+        f"{data['wall_seconds'] / 60:.0f} minutes for the whole run. " + source("sft_smollm2.json")
+    )
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "headline": headline,
     "main_job": main_job,
@@ -427,6 +441,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "shards": shards_table,
     "payload_compression": payload_compression,
     "security_cost": security_cost,
+    "sft": sft,
 }
 _PART = re.compile(r"<!-- numbers:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /numbers:(?P=name) -->", re.S)
 _MEASURED = re.compile(r"\d+(?:\.\d+)?\s?(?:MiB|MB|GiB|GB|KiB|%|s\b|minutes?\b|min\b)|\d+\.\d+|\d{1,3}(?:,\d{3})+")

@@ -140,8 +140,16 @@ class SnakeMixin:
             super().log(logs, start_time)
 
     def create_model_card(self, *args, **kwargs) -> None:
-        """The parent's model card (with `snake-learning` among the tags) and the Snake section after it."""
-        super().create_model_card(*args, **kwargs)
+        """The parent's model card (with `snake-learning` among the tags) and the Snake section after it.
+
+        Takes the parent's arguments and Snake's (`finetuned_from`, `tasks`, `dataset`, `metrics_before`): the parent
+        gets those its own `create_model_card` takes, the Snake section all. A parent that takes `model_name` gets the
+        output folder's name when none is given, as the Snake section's title does (TRL's card would say "None")."""
+        accepted = inspect.signature(super().create_model_card).parameters
+        if "model_name" in accepted and not args and kwargs.get("model_name") is None:
+            kwargs["model_name"] = Path(self.args.output_dir).name
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        super().create_model_card(*args, **{k: v for k, v in kwargs.items() if takes_any or k in accepted})
         card = Path(self.args.output_dir) / "README.md"
         if not self.is_world_process_zero() or not card.is_file() or "## Snake Learning" in card.read_text():
             return

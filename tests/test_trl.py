@@ -14,9 +14,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 trl = pytest.importorskip("trl")
 
 from snake_hf.blocks import SHARED  # noqa: E402
-from snake_hf.compose import SnakeMixin, snake_trainer  # noqa: E402
+from snake_hf.compose import SnakeMixin, snake_config, snake_trainer  # noqa: E402
 from snake_hf.trainer import SnakeTrainer  # noqa: E402
-from snake_hf.trl import SnakeSFTConfig, SnakeSFTTrainer  # noqa: E402
+from snake_hf.trl import FUSED_LM_HEAD, SnakeSFTConfig, SnakeSFTTrainer  # noqa: E402
 
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,?!"
@@ -160,15 +160,20 @@ def test_distillation_changes_the_loss_and_zero_alpha_equals_none_exactly(tmp_pa
         extra = {"loss_type": "nll"} if alpha is None else {"loss_type": "nll", "distill_alpha": alpha}
         trainer = snake_sft(tmp_path / name, prompt_completion_data(12), num_nodes=3, num_block_groups=2, **extra)
         trainer.train()
-        runs[name] = (_losses(trainer), _adapter(trainer))
+        runs[name] = (_losses(trainer), _adapter(trainer), trainer.state.log_history)
     assert runs["zero"][0] == runs["none"][0]
     assert all(torch.equal(runs["zero"][1][k], runs["none"][1][k]) for k in runs["none"][1])
     assert runs["half"][0] != runs["none"][0]
     assert not all(torch.equal(runs["half"][1][k], runs["none"][1][k]) for k in runs["none"][1])
+    # At a stage's first step the teacher is the student (KL 0): the loss is (1-λ) x TRL's task loss, whichever way
+    # the trl version computes it (trl >= 1.15: Trainer's NLL from the logits vs TRL's fused LM head).
+    assert runs["half"][0][0] == pytest.approx(0.5 * runs["none"][0][0], rel=1e-5)
+    assert all("mean_token_accuracy" in h for h in runs["half"][2] if "loss" in h), "TRL's metrics still logged"
 
 
-def test_unset_loss_type_becomes_nll_only_when_distillation_needs_the_logits():
-    assert SnakeSFTConfig("o", use_cpu=True).loss_type == "chunked_nll"  # TRL's default
+def test_unset_loss_type_is_trls_default_and_nll_when_distillation_needs_the_logits():
+    trls = trl.SFTConfig("o", use_cpu=True).loss_type  # "chunked_nll" in trl 1.13-1.14, "nll" from trl 1.15
+    assert SnakeSFTConfig("o", use_cpu=True).loss_type == trls == ("nll" if FUSED_LM_HEAD else "chunked_nll")
     assert SnakeSFTConfig("o", use_cpu=True, distill_alpha=0.5).loss_type == "nll"
 
 
@@ -201,10 +206,13 @@ def test_snake_sft_config_keeps_trls_defaults():
 
 
 def test_chunked_lm_loss_and_liger_distillation_are_refused_by_name(tmp_path):
-    with pytest.raises(ValueError, match="lm_loss_chunk_tokens.*chunked_nll"):
+    with pytest.raises(ValueError, match="lm_loss_chunk_tokens.*set it to 0"):
         snake_sft(tmp_path, text_data(), num_nodes=1, lm_loss_chunk_tokens=8)
-    with pytest.raises(ValueError, match="distill_alpha.*chunked_nll"):
-        snake_sft(tmp_path, text_data(), num_nodes=3, num_block_groups=2, distill_alpha=0.5, loss_type="chunked_nll")
+    refused = "dft" if FUSED_LM_HEAD else "chunked_nll"  # trl >= 1.15 has no chunked_nll (it maps it to nll)
+    with pytest.raises(ValueError, match=f"distill_alpha.*{refused}"):
+        snake_sft(tmp_path, text_data(), num_nodes=3, num_block_groups=2, distill_alpha=0.5, loss_type=refused)
+    with pytest.raises(ValueError, match="distill_alpha.*use_liger_kernel"):
+        snake_sft(tmp_path, text_data(), num_nodes=3, num_block_groups=2, distill_alpha=0.5, use_liger_kernel=True)
 
 
 def test_plain_training_arguments_are_refused_before_trl_drops_snakes_fields(tmp_path):
@@ -311,3 +319,33 @@ def test_any_trainer_subclass_is_split_after_its_own_preparation_with_its_argume
     assert all(trainer.node_data.shard(n)["input_ids"] == shards[n]["values"] for n in range(3))
     trainer.train()
     assert [s.node for s in trainer.snake_report.stages] == [0, 1, 2, 2, 1, 0]
+
+
+def test_trls_dpo_trainer_made_snake_trains_each_group_in_turn_and_refuses_snakes_losses(tmp_path):
+    config_class = snake_config(trl.DPOConfig)
+    common = dict(use_cpu=True, bf16=False, report_to=[], num_nodes=3, num_block_groups=2, learning_rate=1e-2,
+                  per_device_train_batch_size=2, save_strategy="no", num_train_epochs=1, gradient_checkpointing=False,
+                  max_length=32)  # fmt: skip
+    rng = random.Random(0)
+    pairs = {
+        "prompt": [_sentence(rng, 1, 3) + "?" for _ in range(12)],
+        "chosen": [" yes."] * 12,
+        "rejected": [" no."] * 12,
+    }
+    data = datasets.Dataset.from_dict(pairs)
+    cls = snake_trainer(trl.DPOTrainer)
+    trainer = cls(tiny_llama(), args=config_class(str(tmp_path / "dpo"), **common), train_dataset=data,
+                  processing_class=char_tokenizer(), peft_config=lora())  # fmt: skip
+    assert "snake-learning" in cls._tag_names and "dpo" in cls._tag_names
+    snaps = _StageSnapshots(trainer)
+    trainer.add_callback(snaps)
+    trainer.train()
+    assert [s.node for s in trainer.snake_report.stages] == [0, 1, 2, 2, 1, 0]
+    parts, everything = trainer.part_map, set(snaps.snapshots[0])
+    for stage, before, after in zip(trainer.plan, snaps.snapshots, snaps.snapshots[1:]):
+        own = set(parts.params[f"g{stage.group}"]) | set(parts.params[SHARED])
+        assert {n for n in everything if not torch.equal(before[n], after[n])} == own, f"stage {stage.index}"
+    distilling = cls(tiny_llama(), args=config_class(str(tmp_path / "kd"), **common, distill_alpha=0.5),
+                     train_dataset=data, processing_class=char_tokenizer(), peft_config=lora())  # fmt: skip
+    with pytest.raises(RuntimeError, match="DPOTrainer.compute_loss did not reach SnakeTrainer.compute_loss"):
+        distilling.train()
