@@ -365,3 +365,39 @@ def test_sigkill_mid_stage_then_resume_with_int4_payloads_gives_bit_identical_ad
     report_b = json.loads((crashed / "final_report.json").read_text())
     assert [s["train_loss"] for s in report_a["stages"]] == [s["train_loss"] for s in report_b["stages"]]
     assert report_a["link_bytes"] == report_b["link_bytes"]
+
+
+# p2p: rank 1 dies in stage 4 and the others stop; cs: the coordinator dies in stage 5 and the others stop. Relaunched
+# with resume_from_checkpoint=True, each rank restores its residuals, latest deltas and base values from its own
+# checkpoint (the cs coordinator also rebuilds the deltas it forwards on what it restored).
+DIST_KILLS = [("p2p", 1, 9), ("cs", 0, 11)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("topology", "rank", "step"), DIST_KILLS, ids=["p2p", "cs-coordinator"])
+def test_distributed_sigkill_then_resume_with_int4_payloads_gives_bit_identical_adapters(
+    tmp_path, monkeypatch, topology, rank, step
+):
+    from _dist_fault_run import adapters, make_trainer
+    from test_distributed_faults import _adapters, _equal, _launch
+
+    crashed = _launch(tmp_path, topology, "run", str(rank), str(step), SNAKE_TEST_PAYLOAD_DTYPE="int4")
+    assert crashed[rank][0] == -signal.SIGKILL
+    assert all(code != 0 for r, (code, _) in crashed.items() if r != rank), "the others stop"
+    assert all((p / "snake_deltas.safetensors").is_file() for p in tmp_path.glob("node-*/checkpoint-*"))
+    resumed = _launch(tmp_path, topology, "resume", hash_base=202, SNAKE_TEST_PAYLOAD_DTYPE="int4")
+    for r, (code, output) in resumed.items():
+        assert code == 0, f"rank {r} failed on resume:\n{output[-3000:]}"
+    monkeypatch.setenv("SNAKE_TEST_PAYLOAD_DTYPE", "int4")
+    threads = torch.get_num_threads()
+    try:
+        simulated = make_trainer(str(tmp_path / "sim"), topology, engine="simulation")
+        simulated.train()
+    finally:
+        torch.set_num_threads(threads)
+    expected = adapters(simulated)
+    for r in range(3):
+        assert _equal(_adapters(tmp_path / f"adapters-{r}.safetensors"), expected), f"rank {r} differs"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in simulated.snake_report.stages]
+    assert report["link_bytes"] == simulated.snake_report.link_bytes()
