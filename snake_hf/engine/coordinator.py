@@ -17,7 +17,9 @@ so explicitly, and that is what lets the run go on when a node dies:
 * **Authoritative state.** The coordinator loads every payload it receives into its own model and keeps the version
   and checksum of each part it holds: at any moment it holds the newest version of every part as of the last
   completed stage. Between its own stages this is ahead of its own node's version vector, which only ever costs it a
-  receipt of the same tensors.
+  receipt of the same tensors. Under `payload_dtype="int8"`/`"int4"` a payload carries deltas: the coordinator rebuilds
+  each on its own version of the part (checked against the sender's checksum) and forwards the encoded bytes unchanged,
+  so both wire hops carry the delta (docs/payload_compression.md).
 * **Failure.** When a node does not answer (no heartbeat for `hop_timeout` seconds, or its link breaks) while the
   coordinator delivers to it or waits for its payload, the coordinator marks it failed, logs a warning and rewrites
   the *effective plan* from the first stage whose payload did not reach it. The new plan and the failure list

@@ -25,7 +25,7 @@ part would hold.
 A receiver checks everything (sizes, checksums, fingerprint, adapter hash, part set, names, shapes, dtypes) before a
 single value is copied into its model, so a wrong payload is refused whole, never loaded half-way.
 
-(About 540 lines, over the ~400 the style guide aims at: the format, its encoder and the decoder that verifies it
+(About 560 lines, over the ~400 the style guide aims at: the format, its encoder and the decoder that verifies it
 read together, and each check sits next to the field it checks.)
 """
 
