@@ -431,7 +431,13 @@ def payload_compression_lm() -> str:
         to_target = r.get("bytes_to_target")
         rows.append(f"| {label} | {r['bytes_total']:,} | | | | | {f'{to_target:,}' if to_target else 'not reached'} "
                     f"| {r['final_metric']:.3f} |")  # fmt: skip
-    return "\n".join(rows + ["", source(*names)])
+    measured = {n.removesuffix(".json").rsplit("_", 1)[-1]: load(n)["methods"]["snake_serpentine"] for n in names[1:]}
+    summary = "; ".join(
+        f"{scheme} **{r['bytes_total'] / f32['bytes_total']:.3f}** of the bytes, perplexity "
+        f"{r['final_metric'] - f32['final_metric']:+.4f}"
+        for scheme, r in measured.items()
+    )
+    return "\n".join(rows + ["", f"Against float32 Snake: {summary}. " + source(*names)])
 
 
 def security_cost() -> str:
