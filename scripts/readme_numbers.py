@@ -433,6 +433,51 @@ def payload_compression() -> str:
     )
 
 
+LM_QUICK = "compare_smollm2_lm_quick"
+
+
+def payload_compression_lm() -> str:
+    """docs/payload_compression.md on the SmolLM2 LM task (quick size): Snake at each payload scheme, the baselines."""
+    base = load(f"{LM_QUICK}.json")
+    f32, m = base["methods"]["snake_serpentine"], base["methods"]
+    split, fedavg, s = m["split"], m["fedavg_lora"], base["settings"]
+    rows = [
+        f"**SmolLM2-135M, causal LM, quick size** ({base['total_steps']} steps of batch {s['batch_size']} x "
+        f"{s['max_length']} tokens; perplexity on {s['eval_size']} held-out blocks; target perplexity "
+        f"{base['summary']['target']:.2f}, centralized x 1.01)",
+        "",
+        "| Snake payload | bytes over the run | vs float32 | tensor bytes vs float32 | vs FedAvg-LoRA | vs split learning "
+        "| bytes to target | final perplexity |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    names = [f"{LM_QUICK}.json"]
+    for scheme in ("float32", "bfloat16", "int8", "int4"):
+        name = f"{LM_QUICK}.json" if scheme == "float32" else f"{LM_QUICK}_{scheme}.json"
+        if not (RESULTS / name).is_file():
+            rows.append(f"| {scheme} | not run | | | | | | |")
+            continue
+        names += [name] if name not in names else []
+        r = load(name)["methods"]["snake_serpentine"]
+        to_target = r.get("bytes_to_target")
+        rows.append(
+            f"| {scheme} | {r['bytes_total']:,} | {r['bytes_total'] / f32['bytes_total']:.3f} "
+            f"| {r['tensor_bytes'] / f32['tensor_bytes']:.3f} | {r['bytes_total'] / fedavg['bytes_total']:.3f} "
+            f"| {r['bytes_total'] / split['bytes_total']:.4f} | {f'{to_target:,}' if to_target else 'not reached'} "
+            f"| {r['final_metric']:.3f} |"
+        )
+    for label, r in (("FedAvg-LoRA", fedavg), ("split learning", split)):
+        to_target = r.get("bytes_to_target")
+        rows.append(f"| {label} | {r['bytes_total']:,} | | | | | {f'{to_target:,}' if to_target else 'not reached'} "
+                    f"| {r['final_metric']:.3f} |")  # fmt: skip
+    measured = {n.removesuffix(".json").rsplit("_", 1)[-1]: load(n)["methods"]["snake_serpentine"] for n in names[1:]}
+    summary = "; ".join(
+        f"{scheme} **{r['bytes_total'] / f32['bytes_total']:.3f}** of the bytes, perplexity "
+        f"{r['final_metric'] - f32['final_metric']:+.4f}"
+        for scheme, r in measured.items()
+    )
+    return "\n".join(rows + ["", f"Against float32 Snake: {summary}. " + source(*names)])
+
+
 def security_cost() -> str:
     data = load("distributed_overhead_auth_quick.json")
     runs = {(r["world_size"], r["topology"], r["auth"]): r["distributed"] for r in data["runs"]}
@@ -478,6 +523,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "non_iid_table": non_iid_table,
     "shards": shards_table,
     "payload_compression": payload_compression,
+    "payload_compression_lm": payload_compression_lm,
     "security_cost": security_cost,
     "sft": sft,
 }

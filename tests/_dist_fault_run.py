@@ -8,7 +8,8 @@ rendezvous store; not torchrun, whose agent stops every worker when one dies):
 
 Same tiny GPT-2 run as `_snake_run.py` (3 nodes, 2 groups, 2 passes, 2 steps per stage). Each surviving rank writes
 OUT_DIR/adapters-<rank>.safetensors, or OUT_DIR/error-<rank>.txt with the error it stopped on; the first rank saves
-the model to OUT_DIR/final and the report to OUT_DIR/report.json. SNAKE_TEST_ON_NODE_FAILURE sets on_node_failure.
+the model to OUT_DIR/final and the report to OUT_DIR/report.json. SNAKE_TEST_ON_NODE_FAILURE sets on_node_failure,
+SNAKE_TEST_PAYLOAD_DTYPE payload_dtype.
 `make_trainer(..., engine="simulation", schedule=plan)` builds the same run as a simulation (e.g. of a re-planned plan).
 `SNAKE_TEST_CONFIG` picks the model and adapter configuration (`tests/_matrix.py`).
 """
@@ -47,6 +48,8 @@ def make_trainer(out_dir: str, topology: str, engine: str = "auto", schedule=Non
         extra["schedule"] = schedule
     if "SNAKE_TEST_ON_NODE_FAILURE" in os.environ:
         extra["on_node_failure"] = os.environ["SNAKE_TEST_ON_NODE_FAILURE"]
+    if "SNAKE_TEST_PAYLOAD_DTYPE" in os.environ:
+        extra["payload_dtype"] = os.environ["SNAKE_TEST_PAYLOAD_DTYPE"]
     args = SnakeConfig(
         num_train_epochs=1,
         output_dir=out_dir, num_nodes=3, num_block_groups=2, stage_steps=2, num_passes=2,

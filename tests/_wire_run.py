@@ -41,6 +41,9 @@ def run(
     save_file(state, os.path.join(out_dir, f"adapters-{rank}.safetensors"))
     if rank == 0:
         Path(out_dir, "report.json").write_text(json.dumps(trainer.snake_report.to_dict(), default=str))
+    if trainer.launch is not None:  # the real wire: bytes this rank sent and received per link (cs: both hops)
+        links = [[a, b, n] for (a, b), n in trainer.transport.link_bytes.items()]
+        Path(out_dir, f"wire-{rank}.json").write_text(json.dumps(links))
     trainer.transport.close()
     return trainer
 

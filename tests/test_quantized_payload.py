@@ -32,6 +32,7 @@ from snake_hf.engine.payload import (
     model_fingerprint,
     tensors_checksum,
 )
+from snake_hf.engine.transport import InMemoryTransport
 from snake_hf.quant import QuantizedTensor, apply_delta, dequantize, quantize, quantize_step, quantized_nbytes
 from snake_hf.trainer.checkpoint import latest_checkpoint
 
@@ -195,12 +196,20 @@ def _tampered(encoded: EncodedPayload, edit) -> EncodedPayload:
     return EncodedPayload(header, torch.frombuffer(bytearray(body), dtype=torch.uint8), tensor)
 
 
+def _scales_at(manifest) -> int:
+    """Where the first delta tensor's float16 scales start: after its codes (int8: a byte per value; int4: a
+    nibble)."""
+    _, _, _, shape, offset, _ = next(e for e in manifest["tensors"] if e[2] == manifest["scheme"])
+    numel = math.prod(shape)
+    return offset + (numel if manifest["scheme"] == "int8" else math.ceil(numel / 2))
+
+
+def _set_first_scale(data, at: int, value: float) -> None:
+    data[at : at + 2] = torch.tensor([value], dtype=torch.float16).view(torch.uint8).numpy().tobytes()
+
+
 def _corrupt_first_scale(manifest, data):
-    _, _, _, shape, offset, nbytes = manifest["tensors"][0]
-    scales_at = offset + math.prod(shape)  # int8: one code byte per value, then the float16 scales
-    data[scales_at : scales_at + 2] = (
-        torch.tensor([float("nan")], dtype=torch.float16).view(torch.uint8).numpy().tobytes()
-    )
+    _set_first_scale(data, _scales_at(manifest), float("nan"))
     return data
 
 
@@ -211,9 +220,7 @@ def _truncate_first_tensor(manifest, data):
 
 
 def _negative_scale(manifest, data):
-    _, _, _, shape, offset, nbytes = manifest["tensors"][0]
-    scales_at = offset + math.prod(shape)
-    data[scales_at : scales_at + 2] = torch.tensor([-1.0], dtype=torch.float16).view(torch.uint8).numpy().tobytes()
+    _set_first_scale(data, _scales_at(manifest), -1.0)
     return data
 
 
@@ -223,20 +230,24 @@ def _code_minus_128(manifest, data):
 
 
 @pytest.mark.parametrize(
-    ("edit", "message"),
+    ("scheme", "edit", "message"),
     [
-        (_corrupt_first_scale, r"corrupted scales"),
-        (_negative_scale, r"corrupted scales"),
-        (_truncate_first_tensor, r"values truncated or padded"),
-        (_code_minus_128, r"int8 code -128 is never written"),
+        ("int8", _corrupt_first_scale, r"corrupted scales"),
+        ("int4", _corrupt_first_scale, r"corrupted scales"),
+        ("int8", _negative_scale, r"corrupted scales"),
+        ("int4", _negative_scale, r"corrupted scales"),
+        ("int8", _truncate_first_tensor, r"values truncated or padded"),
+        ("int4", _truncate_first_tensor, r"values truncated or padded"),
+        ("int8", _code_minus_128, r"int8 code -128 is never written"),
     ],
-    ids=["nan-scale", "negative-scale", "truncated-values", "bad-code"],
-)
-def test_a_malformed_delta_is_refused_before_anything_loads(edit, message):
-    encoded, _, _ = _delta_payload("int8")
+    ids=["int8-nan-scale", "int4-nan-scale", "int8-negative-scale", "int4-negative-scale", "int8-truncated-values",
+         "int4-truncated-values", "int8-bad-code"],
+)  # fmt: skip
+def test_a_malformed_delta_is_refused_before_anything_loads(scheme, edit, message):
+    encoded, _, _ = _delta_payload(scheme)
     snapshot = _snapshot()
     with pytest.raises(PayloadError, match=message):
-        decode_payload(_tampered(encoded, edit), _spec("int8"), expected_parts=["g1"])
+        decode_payload(_tampered(encoded, edit), _spec(scheme), expected_parts=["g1"])
     assert _unchanged(snapshot)
 
 
@@ -319,6 +330,31 @@ def test_quantized_run_trains_like_float32_on_a_tiny_model(snake_args):
     )
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_plausible_but_wrong_scale_is_refused_by_the_senders_checksum_before_loading(
+    snake_args, scheme, monkeypatch
+):
+    # A finite, positive scale decodes; the rebuilt part then differs from the sender's checksum, and the relay refuses
+    # it (Relay._delta_bases runs before Payload.load_into).
+    original = InMemoryTransport.send
+
+    def doubled_first_scale(manifest, data):
+        at = _scales_at(manifest)
+        scale = torch.frombuffer(bytearray(data[at : at + 2]), dtype=torch.float16).item()
+        _set_first_scale(data, at, 2 * scale + 1e-3)
+        return data
+
+    def tampering(self, src, dst, encoded, stage):
+        manifest = json.loads(encoded.manifest.numpy().tobytes())
+        if manifest["deltas"]:
+            encoded = _tampered(encoded, doubled_first_scale)
+        original(self, src, dst, encoded, stage)
+
+    monkeypatch.setattr(InMemoryTransport, "send", tampering)
+    with pytest.raises(PayloadError, match=r"rebuilt on version \d+ does not match the sender's checksum"):
+        _run(snake_args, scheme)
+
+
 def _lora_state(trainer) -> dict:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
 
@@ -365,3 +401,39 @@ def test_sigkill_mid_stage_then_resume_with_int4_payloads_gives_bit_identical_ad
     report_b = json.loads((crashed / "final_report.json").read_text())
     assert [s["train_loss"] for s in report_a["stages"]] == [s["train_loss"] for s in report_b["stages"]]
     assert report_a["link_bytes"] == report_b["link_bytes"]
+
+
+# p2p: rank 1 dies in stage 4 and the others stop; cs: the coordinator dies in stage 5 and the others stop. Relaunched
+# with resume_from_checkpoint=True, each rank restores its residuals, latest deltas and base values from its own
+# checkpoint (the cs coordinator also rebuilds the deltas it forwards on what it restored).
+DIST_KILLS = [("p2p", 1, 9), ("cs", 0, 11)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("topology", "rank", "step"), DIST_KILLS, ids=["p2p", "cs-coordinator"])
+def test_distributed_sigkill_then_resume_with_int4_payloads_gives_bit_identical_adapters(
+    tmp_path, monkeypatch, topology, rank, step
+):
+    from _dist_fault_run import adapters, make_trainer
+    from test_distributed_faults import _adapters, _equal, _launch
+
+    crashed = _launch(tmp_path, topology, "run", str(rank), str(step), SNAKE_TEST_PAYLOAD_DTYPE="int4")
+    assert crashed[rank][0] == -signal.SIGKILL
+    assert all(code != 0 for r, (code, _) in crashed.items() if r != rank), "the others stop"
+    assert all((p / "snake_deltas.safetensors").is_file() for p in tmp_path.glob("node-*/checkpoint-*"))
+    resumed = _launch(tmp_path, topology, "resume", hash_base=202, SNAKE_TEST_PAYLOAD_DTYPE="int4")
+    for r, (code, output) in resumed.items():
+        assert code == 0, f"rank {r} failed on resume:\n{output[-3000:]}"
+    monkeypatch.setenv("SNAKE_TEST_PAYLOAD_DTYPE", "int4")
+    threads = torch.get_num_threads()
+    try:
+        simulated = make_trainer(str(tmp_path / "sim"), topology, engine="simulation")
+        simulated.train()
+    finally:
+        torch.set_num_threads(threads)
+    expected = adapters(simulated)
+    for r in range(3):
+        assert _equal(_adapters(tmp_path / f"adapters-{r}.safetensors"), expected), f"rank {r} differs"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["train_loss"] for s in report["stages"]] == [s.train_loss for s in simulated.snake_report.stages]
+    assert report["link_bytes"] == simulated.snake_report.link_bytes()

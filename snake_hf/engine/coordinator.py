@@ -17,7 +17,9 @@ so explicitly, and that is what lets the run go on when a node dies:
 * **Authoritative state.** The coordinator loads every payload it receives into its own model and keeps the version
   and checksum of each part it holds: at any moment it holds the newest version of every part as of the last
   completed stage. Between its own stages this is ahead of its own node's version vector, which only ever costs it a
-  receipt of the same tensors.
+  receipt of the same tensors. Under `payload_dtype="int8"`/`"int4"` a payload carries deltas: the coordinator rebuilds
+  each on its own version of the part (checked against the sender's checksum) and forwards the encoded bytes unchanged,
+  so both wire hops carry the delta (docs/payload_compression.md).
 * **Failure.** When a node does not answer (no heartbeat for `hop_timeout` seconds, or its link breaks) while the
   coordinator delivers to it or waits for its payload, the coordinator marks it failed, logs a warning and rewrites
   the *effective plan* from the first stage whose payload did not reach it. The new plan and the failure list
@@ -207,10 +209,25 @@ class FailoverRelay(Relay):
         self.transport.publish(_TURN.format(node, count), json.dumps(turn))
 
     def _absorb(self, payload) -> None:
-        """Coordinator: keeps the newest version of every part in its model (the authoritative state)."""
-        payload.load_into(self.model)
+        """Coordinator: keeps the newest version of every part in its model (the authoritative state).
+
+        Under a quantized scheme a part may come as a delta (which the coordinator forwards unchanged): it is rebuilt
+        on the coordinator's own version of the part, checked against the sender's checksum, like any receiver's. In an
+        unbroken run the coordinator always holds the delta's base (the version the part's trainer started from, the
+        newest before it, or 0). After a resume it restored an older state and may not: such a part stays at its
+        older version (a failover that would need it stops with an error, as for any part that did not reach it)."""
         state = payload.state
-        for part in payload.parts:
+        held = {part: version for part, (version, _) in self._held.items()}
+        new = [part for part in payload.parts if held[part] != state[part][0]]
+        usable = [part for part in new if payload.deltas.get(part, 0) in (0, held[part])]
+        if len(usable) < len(new):
+            logger.info(f"The coordinator lacks the base of the deltas of {sorted(set(new) - set(usable))}; it keeps "
+                        "its older versions of them.")  # fmt: skip
+        where = f"payload from node {payload.manifest['sender']} through the coordinator"
+        bases = self._delta_bases(payload, usable, held, where) if self.deltas is not None else None
+        payload.load_into(self.model, bases, parts=usable)
+        self._keep_deltas(payload, usable)
+        for part in usable:
             self._held[part] = state[part]
 
     def _rebuilt(self, previous: Stage, stage: Stage) -> EncodedPayload:
@@ -292,6 +309,7 @@ class FailoverRelay(Relay):
         self.last_load_seconds = self._carry_load_seconds  # received, decoded and loaded in `_drive`
         self.ledger.record_receipt(self.rank, payload.state, payload.parts)
         stale = self.ledger.mismatches(self.rank, payload.state)
+        stale += [p for p in payload.parts if self.checksum(p) != payload.state[p][1]]  # what `_absorb` loaded
         if sorted(payload.parts) != sorted(lacking) or stale:
             raise RuntimeError(f"The payload after stage {previous.index} does not match the version vectors.")
         return encoded.nbytes
@@ -322,10 +340,16 @@ class FailoverRelay(Relay):
 
     def _upload(self, stage: Stage, following: Stage) -> None:
         """A node going on with its own next stage: the parts `stage` trained go to the coordinator first, so that the
-        stage's work survives this node (not a Snake hop: nobody else lacks them yet, and the report does not list it)."""
+        stage's work survives this node (not a Snake hop: nobody else lacks them yet, and the report does not list it).
+        Under a quantized scheme they go as the deltas the stage just made (against 0 or the version it started
+        from, which the coordinator holds: see `_absorb`)."""
+        trained, mine = self._trained_parts(stage), self.ledger.versions[self.rank]
+        deltas = {}
+        if self.deltas is not None:
+            deltas = {p: d for p in trained if (d := self.deltas.delta_of(p, mine[p])) is not None}
         payload = build_payload(
-            self.model, self.part_map, self._trained_parts(stage), self.ledger.state(self.rank), self.spec,
-            self.rank, self.coordinator, following.index,
+            self.model, self.part_map, trained, self.ledger.state(self.rank), self.spec,
+            self.rank, self.coordinator, following.index, deltas=deltas,
         )  # fmt: skip
         encoded = encode_payload(payload, self.part_of)
         self.transport.send_to(self.coordinator, encoded, following.index, src=self.rank, dst=self.coordinator)

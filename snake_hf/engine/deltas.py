@@ -96,13 +96,16 @@ class DeltaBook:
                 named[name].copy_(value)
         self.latest[part] = (version, base, deltas)
 
+    def delta_of(self, part: str, version: int) -> tuple[int, dict[str, QuantizedTensor]] | None:
+        """The (base, deltas) of `version` of `part`, or None when this process does not know that version's delta."""
+        known = self.latest.get(part)
+        return None if known is None or known[0] != version else (known[1], known[2])
+
     def delta_for(self, part: str, version: int, held: int) -> tuple[int, dict[str, QuantizedTensor]] | None:
         """The (base, deltas) that take a receiver holding version `held` of `part` to `version`, or None (send it
         whole): this process must know `version`'s delta, and its base must be 0 or `held`."""
-        known = self.latest.get(part)
-        if known is None or known[0] != version or known[1] not in (0, held):
-            return None
-        return known[1], known[2]
+        known = self.delta_of(part, version)
+        return None if known is None or known[0] not in (0, held) else known
 
     def received(self, part: str, version: int, delta: tuple[int, dict[str, QuantizedTensor]] | None) -> None:
         """A payload brought `version` of `part`, as (base, deltas), or whole (None: no delta to forward)."""

@@ -25,7 +25,7 @@ part would hold.
 A receiver checks everything (sizes, checksums, fingerprint, adapter hash, part set, names, shapes, dtypes) before a
 single value is copied into its model, so a wrong payload is refused whole, never loaded half-way.
 
-(About 540 lines, over the ~400 the style guide aims at: the format, its encoder and the decoder that verifies it
+(About 560 lines, over the ~400 the style guide aims at: the format, its encoder and the decoder that verifies it
 read together, and each check sits next to the field it checks.)
 """
 
@@ -188,14 +188,28 @@ class Payload:
         """Parts carried as quantized deltas -> the version each delta is against (0: the initial values)."""
         return {part: int(base) for part, base in self.manifest.get("deltas", {}).items()}
 
-    def rebuild(self, bases: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """The values of the tensors carried as quantized deltas: each base plus its dequantized delta, bit for bit
-        what the sender computed when it had the same base ([`snake_hf.quant.apply_delta`])."""
-        if self.quantized and bases is None:
-            raise ValueError("This payload carries quantized deltas: pass the base values they apply to (`bases`).")
-        return {name: apply_delta(bases[name], q, self.manifest["scheme"]) for name, q in self.quantized.items()}
+    def _in(self, parts: Iterable[str] | None) -> Callable[[str], bool]:
+        """Whether a carried tensor (by name) belongs to one of `parts` (None: every part)."""
+        if parts is None:
+            return lambda name: True
+        names = {entry[1] for entry in self.manifest["tensors"] if entry[0] in set(parts)}
+        return names.__contains__
 
-    def load_into(self, model: nn.Module, bases: Mapping[str, torch.Tensor] | None = None) -> None:
+    def rebuild(
+        self, bases: Mapping[str, torch.Tensor] | None, parts: Iterable[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The values of the tensors carried as quantized deltas (of `parts`, default all): each base plus its
+        dequantized delta, bit for bit what the sender computed when it had the same base
+        ([`snake_hf.quant.apply_delta`])."""
+        keep = self._in(parts)
+        quantized = {name: q for name, q in self.quantized.items() if keep(name)}
+        if quantized and bases is None:
+            raise ValueError("This payload carries quantized deltas: pass the base values they apply to (`bases`).")
+        return {name: apply_delta(bases[name], q, self.manifest["scheme"]) for name, q in quantized.items()}
+
+    def load_into(
+        self, model: nn.Module, bases: Mapping[str, torch.Tensor] | None = None, parts: Iterable[str] | None = None
+    ) -> None:
         """Copies the carried tensors into `model`, cast back to its dtypes (call only on a payload returned by
         [`decode_payload`]).
 
@@ -203,12 +217,15 @@ class Payload:
             model (`nn.Module`): the receiver's model.
             bases (`Mapping[str, torch.Tensor]`, *optional*): for every quantized tensor, the base value its delta is
                 added to (the receiver's value of the delta's base version); required when the payload has deltas.
+            parts (`Iterable[str]`, *optional*): load only these of the carried parts (default: all; the cs
+                coordinator skips parts it already holds).
         """
-        targets = _named_tensors(model)
-        values = self.rebuild(bases) if self.quantized else {}
+        targets, keep = _named_tensors(model), self._in(parts)
+        values = self.rebuild(bases, parts) if self.quantized else {}
         with torch.no_grad():
             for name, tensor in (self.tensors | values).items():
-                targets[name].copy_(tensor)
+                if keep(name):
+                    targets[name].copy_(tensor)
 
 
 @dataclass

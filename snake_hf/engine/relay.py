@@ -196,7 +196,8 @@ class Relay:
             return 0
         versions = [held[part] for held in self.ledger.versions]
         versions[stage.node] = new = self.ledger.latest(part) + 1
-        for previous, following in zip(self.plan[stage.index :], self.plan[stage.index + 1 :]):
+        timeline, position = self._timeline, self._position(stage)
+        for previous, following in zip(timeline[position:], timeline[position + 1 :]):
             sender, receiver = previous.node, following.node
             if sender != receiver and versions[receiver] < versions[sender]:
                 if versions[sender] == new and versions[receiver] != start:
@@ -232,6 +233,10 @@ class Relay:
         """The stages whose events the ledger replays (the plan; failover replays its effective plan instead)."""
         return self.plan
 
+    def _position(self, stage: Stage) -> int:
+        """Where `stage` sits in `_timeline`."""
+        return stage.index
+
     def _apply_until(self, event: int) -> None:
         """Applies, as metadata, the events of other processes' stages up to (not including) `event`: two events per
         stage of `_timeline` (its training, then its hop), counted by position."""
@@ -251,8 +256,7 @@ class Relay:
         start = time.perf_counter()
         lacking = self.ledger.lacking(following.node, stage.node)
         deltas = {}
-        if self.deltas is not None and getattr(self.transport, "topology", "p2p") != "cs":
-            # Hop to hop only: a cs coordinator keeps and relays whole tensors (exact, not compressed).
+        if self.deltas is not None:  # (in cs topology the coordinator forwards these bytes unchanged)
             held, mine = self.ledger.versions[following.node], self.ledger.versions[stage.node]
             deltas = {p: d for p in lacking if (d := self.deltas.delta_for(p, mine[p], held[p])) is not None}
         payload = build_payload(
@@ -296,32 +300,10 @@ class Relay:
         encoded = self.transport.recv(previous.node, stage.node, stage.index)
         arrived = time.perf_counter()
         payload = decode_payload(encoded, self.spec, expected_parts=lacking)
-        bases = {}
-        for part, base in payload.deltas.items():
-            held = self.ledger.versions[stage.node][part]
-            if base not in (0, held):
-                raise PayloadError(
-                    f"The hop from node {previous.node} to node {stage.node} (stage {stage.index}) carries part "
-                    f"{part!r} as a delta against version {base}, but the receiver holds version {held}."
-                )
-            bases |= self.deltas.base_values(part, base)
-        if payload.deltas:  # rebuilt parts must be the sender's bits: checked before anything loads
-            rebuilt = payload.rebuild(bases)
-            for part in payload.deltas:
-                values = ((n, rebuilt.get(n, payload.tensors.get(n))) for n in self.part_map.tensor_names(part))
-                if tensors_checksum(values) != payload.state[part][1]:
-                    raise PayloadError(
-                        f"The hop from node {previous.node} to node {stage.node} (stage {stage.index}): part {part!r} "
-                        f"rebuilt on version {payload.deltas[part]} does not match the sender's checksum."
-                    )
+        where = f"hop from node {previous.node} to node {stage.node} (stage {stage.index})"
+        bases = self._delta_bases(payload, payload.parts, self.ledger.versions[stage.node], where)
         payload.load_into(self.model, bases)
-        if self.deltas is not None:
-            for part in payload.parts:
-                base = payload.deltas.get(part)
-                delta = (
-                    None if base is None else (base, {n: payload.quantized[n] for n in self.deltas.float_names[part]})
-                )
-                self.deltas.received(part, payload.state[part][0], delta)
+        self._keep_deltas(payload, payload.parts)
         self.ledger.record_receipt(stage.node, payload.state, payload.parts)
         stale = self.ledger.mismatches(stage.node, payload.state)
         if stale:
@@ -331,3 +313,35 @@ class Relay:
             )
         self.last_load_seconds = time.perf_counter() - arrived  # decode + verify + load, without the wait
         return encoded.nbytes, time.perf_counter() - start
+
+    def _delta_bases(self, payload, parts: Sequence[str], held: dict[str, int], where: str) -> dict[str, torch.Tensor]:
+        """The base values of the tensors of `parts` that `payload` carries as deltas, once each delta's base is 0 or
+        the version this process holds (`held`: part -> version) and each rebuilt part is the sender's bits (its
+        checksum in the manifest's state): all checked before anything loads."""
+        deltas = {part: base for part, base in payload.deltas.items() if part in parts}
+        bases = {}
+        for part, base in deltas.items():
+            if base not in (0, held[part]):
+                raise PayloadError(
+                    f"The {where} carries part {part!r} as a delta against version {base}, but the receiver holds "
+                    f"version {held[part]}."
+                )
+            bases |= self.deltas.base_values(part, base)
+        rebuilt = payload.rebuild(bases, deltas) if deltas else {}
+        for part, base in deltas.items():
+            values = ((n, rebuilt.get(n, payload.tensors.get(n))) for n in self.part_map.tensor_names(part))
+            if tensors_checksum(values) != payload.state[part][1]:
+                raise PayloadError(
+                    f"The {where}: part {part!r} rebuilt on version {base} does not match the sender's checksum."
+                )
+        return bases
+
+    def _keep_deltas(self, payload, parts: Sequence[str]) -> None:
+        """Quantized schemes: remembers how `payload` brought each of `parts` (its delta, to forward unchanged, or
+        whole)."""
+        if self.deltas is None:
+            return
+        for part in parts:
+            base = payload.deltas.get(part)
+            delta = None if base is None else (base, {n: payload.quantized[n] for n in self.deltas.float_names[part]})
+            self.deltas.received(part, payload.state[part][0], delta)
