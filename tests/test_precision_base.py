@@ -1,0 +1,138 @@
+"""Half-precision frozen bases: a model loaded in bfloat16 trains under `SnakeTrainer` as under `Trainer`.
+
+* 1 node, 1 group, 1 pass: the same losses and trained tensors as plain `Trainer` + PEFT on the same bf16 base, step
+  for step (bit-identical on CPU), with and without `bf16=True` (Trainer's mixed precision: CPU autocast here), for
+  several adapter settings and for full mode.
+* LoRA adapters train in float32 on the bf16 base (peft's `autocast_adapter_dtype`); full mode trains the group in the
+  model's own dtype, as `Trainer` does.
+* Payloads travel in the trained tensors' dtype (never widened), or narrower with `payload_dtype`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+
+from conftest import VOCAB, lm_dataset
+from snake_hf import SnakeConfig, SnakeTrainer
+
+
+QUIET = dict(
+    report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0, learning_rate=1e-2,
+    per_device_train_batch_size=4, save_strategy="no",
+)  # fmt: skip
+
+
+def tiny_llama_bf16(seed: int = 0) -> LlamaForCausalLM:
+    """A tiny Llama as a user loads a base in half precision (`from_pretrained(..., dtype=torch.bfloat16)`)."""
+    set_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).to(torch.bfloat16)
+
+
+ADAPTERS = {
+    "two-targets": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    "all-linear": lambda: LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=0.1),
+    "dora": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM"),
+}
+
+
+def _losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:3]}"
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["bf16-weights", "bf16-autocast"])
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+def test_lora_on_bf16_base_equals_trainer_step_for_step(tmp_path, adapter, bf16):
+    data = lm_dataset(n=16)
+    plain = Trainer(
+        get_peft_model(tiny_llama_bf16(), ADAPTERS[adapter]()),
+        TrainingArguments(str(tmp_path / "plain"), bf16=bf16, **QUIET),
+        train_dataset=data,
+    )
+    plain.train()
+    args = SnakeConfig(str(tmp_path / "snake"), bf16=bf16, num_nodes=1, num_block_groups=1, num_passes=1, **QUIET)
+    snake = SnakeTrainer(tiny_llama_bf16(), args, train_dataset=data, peft_config=ADAPTERS[adapter]())
+    snake.train()
+    assert _losses(snake) == _losses(plain)
+    trained = get_peft_model_state_dict(snake.model)
+    _assert_same(trained, get_peft_model_state_dict(plain.model))
+    assert {t.dtype for t in trained.values()} == {torch.float32}, "adapters train in float32 over the bf16 base"
+    base = [p for n, p in snake.model.named_parameters() if "lora_" not in n]
+    assert {p.dtype for p in base} == {torch.bfloat16}, "the frozen base stays bf16"
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["bf16-weights", "bf16-autocast"])
+def test_full_mode_on_bf16_base_equals_trainer_step_for_step(tmp_path, bf16):
+    data = lm_dataset(n=16)
+    plain = Trainer(
+        tiny_llama_bf16(), TrainingArguments(str(tmp_path / "plain"), bf16=bf16, **QUIET), train_dataset=data
+    )
+    plain.train()
+    args = SnakeConfig(str(tmp_path / "snake"), bf16=bf16, num_nodes=1, num_block_groups=1, num_passes=1, **QUIET)
+    snake = SnakeTrainer(tiny_llama_bf16(), args, train_dataset=data)
+    snake.train()
+    assert _losses(snake) == _losses(plain)
+    _assert_same(snake.model.state_dict(), plain.model.state_dict())
+    assert {p.dtype for p in snake.model.parameters()} == {torch.bfloat16}, "full mode trains in the model's dtype"
+
+
+@pytest.mark.parametrize(
+    ("mode", "payload_dtype", "bytes_per_value"),
+    [("lora", "float32", 4), ("lora", "bfloat16", 2), ("full", "float32", 2)],
+    ids=["lora-float32-adapters", "lora-bfloat16-wire", "full-bf16-never-widened"],
+)
+def test_payloads_travel_in_the_trained_dtype_or_payload_dtype(tmp_path, mode, payload_dtype, bytes_per_value):
+    args = SnakeConfig(
+        str(tmp_path), num_nodes=2, num_block_groups=2, num_passes=1, stage_steps=1, payload_dtype=payload_dtype,
+        bf16=True, **QUIET,
+    )  # fmt: skip
+    peft = ADAPTERS["two-targets"]() if mode == "lora" else None
+    trainer = SnakeTrainer(tiny_llama_bf16(), args, train_dataset=lm_dataset(n=16), peft_config=peft)
+    trainer.train()
+    hops = trainer.snake_report.hops
+    assert hops, "a 2-node run hands payloads on"
+    named = dict(trainer.model.named_parameters())
+    for hop in hops:
+        values = sum(named[n].numel() for part in hop.parts for n in trainer.part_map.tensor_names(part))
+        assert hop.tensor_nbytes == bytes_per_value * values
+
+
+def _outputs_requiring_grad(blocks) -> list[list[int]]:
+    """Per training forward, the indices of the blocks whose output requires grad (the ones backward runs through)."""
+    forwards: list[list[int]] = []
+
+    def hook(module, args, output, index):
+        if torch.is_grad_enabled() and module.training:
+            if index == 0:
+                forwards.append([])
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.requires_grad:
+                forwards[-1].append(index)
+
+    for index, block in enumerate(blocks):
+        block.register_forward_hook(lambda m, a, o, i=index: hook(m, a, o, i))
+    return forwards
+
+
+def test_backward_stops_at_the_group_on_a_bf16_base(tmp_path):
+    """The frozen bf16 prefix below the active group builds no graph, so backward stops at the group's first block."""
+    args = SnakeConfig(
+        str(tmp_path), num_nodes=1, num_block_groups=2, num_passes=1, stage_steps=1, num_train_epochs=1, bf16=True, **QUIET
+    )  # fmt: skip
+    trainer = SnakeTrainer(tiny_llama_bf16(), args, train_dataset=lm_dataset(n=8), peft_config=ADAPTERS["dora"]())
+    forwards = _outputs_requiring_grad(trainer.model.base_model.model.model.layers)
+    trainer.train()
+    upper = trainer.groups.boundaries[1]
+    assert forwards == [[0, 1, 2, 3], list(range(upper, 4))]  # stage 0 trains group 0, stage 1 group 1
