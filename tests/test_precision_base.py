@@ -21,7 +21,7 @@ from snake_hf import SnakeConfig, SnakeTrainer
 
 QUIET = dict(
     report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0, learning_rate=1e-2,
-    per_device_train_batch_size=4, save_strategy="no",
+    per_device_train_batch_size=4, save_strategy="no", num_train_epochs=1,
 )  # fmt: skip
 
 
@@ -52,8 +52,11 @@ def _assert_same(a: dict, b: dict) -> None:
     assert not different, f"tensors differ: {different[:3]}"
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["bf16-weights", "bf16-autocast"])
-@pytest.mark.parametrize("adapter", list(ADAPTERS))
+@pytest.mark.parametrize(
+    ("adapter", "bf16"),
+    [("two-targets", False), ("two-targets", True), ("all-linear", True), ("dora", True)],
+    ids=["two-targets-bf16-weights", "two-targets-bf16-autocast", "all-linear-bf16-autocast", "dora-bf16-autocast"],
+)
 def test_lora_on_bf16_base_equals_trainer_step_for_step(tmp_path, adapter, bf16):
     data = lm_dataset(n=16)
     plain = Trainer(
@@ -129,10 +132,86 @@ def _outputs_requiring_grad(blocks) -> list[list[int]]:
 def test_backward_stops_at_the_group_on_a_bf16_base(tmp_path):
     """The frozen bf16 prefix below the active group builds no graph, so backward stops at the group's first block."""
     args = SnakeConfig(
-        str(tmp_path), num_nodes=1, num_block_groups=2, num_passes=1, stage_steps=1, num_train_epochs=1, bf16=True, **QUIET
+        str(tmp_path), num_nodes=1, num_block_groups=2, num_passes=1, stage_steps=1, bf16=True, **QUIET
     )  # fmt: skip
     trainer = SnakeTrainer(tiny_llama_bf16(), args, train_dataset=lm_dataset(n=8), peft_config=ADAPTERS["dora"]())
     forwards = _outputs_requiring_grad(trainer.model.base_model.model.model.layers)
     trainer.train()
     upper = trainer.groups.boundaries[1]
     assert forwards == [[0, 1, 2, 3], list(range(upper, 4))]  # stage 0 trains group 0, stage 1 group 1
+
+
+def test_input_grad_hook_and_checkpointing_are_removed_so_backward_stops_at_the_group(tmp_path):
+    """What peft's `prepare_model_for_kbit_training` sets on a model (input-grad hook, checkpointing on every block)
+    would make backward run through the frozen prefix; Snake removes both before training."""
+    model = tiny_llama_bf16()
+    model.enable_input_require_grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    args = SnakeConfig(
+        str(tmp_path), num_nodes=1, num_block_groups=2, num_passes=1, stage_steps=1, **QUIET
+    )  # fmt: skip
+    trainer = SnakeTrainer(model, args, train_dataset=lm_dataset(n=8), peft_config=ADAPTERS["two-targets"]())
+    forwards = _outputs_requiring_grad(model.model.layers)
+    trainer.train()
+    assert forwards == [[0, 1, 2, 3], [2, 3]]
+    assert not model.is_activation_checkpointing
+
+
+# ---- 4-bit bases (QLoRA): need bitsandbytes (the `bnb` extra); bitsandbytes >= 0.45 runs 4-bit on CPU ----
+
+
+def tiny_llama_4bit(tmp_path, seed: int = 0):
+    """The tiny Llama saved and loaded back in 4-bit NF4 (bf16 compute), prepared as QLoRA recipes do."""
+    pytest.importorskip("bitsandbytes")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = tmp_path / "base"
+    if not path.exists():
+        tiny_llama_bf16(seed).to(torch.float32).save_pretrained(path)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu")
+    set_seed(seed)  # the adapters' initial values
+    return prepare_model_for_kbit_training(model)  # input-grad hook and checkpointing on, as QLoRA recipes run it
+
+
+def test_qlora_trains_adapters_and_backward_stops_at_the_group(tmp_path):
+    model = tiny_llama_4bit(tmp_path)
+    assert model.is_activation_checkpointing and model._require_grads_hooks, "what QLoRA preparation sets"
+    args = SnakeConfig(
+        str(tmp_path / "run"), num_nodes=2, num_block_groups=2, num_passes=1, stage_steps=3, **QUIET,
+    )  # fmt: skip
+    trainer = SnakeTrainer(model, args, train_dataset=lm_dataset(n=16), peft_config=ADAPTERS["two-targets"]())
+    before = {k: v.clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+    forwards = _outputs_requiring_grad(trainer.model.base_model.model.model.layers)
+    trainer.train()
+    # serpentine over 2 nodes x 2 groups: (n0,g0) (n1,g0) (n1,g1) (n0,g1), 3 steps each
+    assert forwards == [[0, 1, 2, 3]] * 6 + [[2, 3]] * 6
+    after = get_peft_model_state_dict(trainer.model)
+    assert all(not torch.equal(before[k], after[k]) for k in before), "every adapter trained"
+    assert type(trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+
+
+def test_qlora_one_node_equals_trainer_step_for_step(tmp_path):
+    """Trainer runs the prepared model with its checkpointing (a reentrant recompute through every block); Snake
+    without it. The same kernels on the same values: bit-identical on CPU."""
+    data = lm_dataset(n=16)
+    plain = Trainer(
+        get_peft_model(tiny_llama_4bit(tmp_path), ADAPTERS["two-targets"]()),
+        TrainingArguments(str(tmp_path / "plain"), **QUIET),
+        train_dataset=data,
+    )
+    plain.train()
+    args = SnakeConfig(str(tmp_path / "snake"), num_nodes=1, num_block_groups=1, num_passes=1, **QUIET)
+    snake = SnakeTrainer(tiny_llama_4bit(tmp_path), args, train_dataset=data, peft_config=ADAPTERS["two-targets"]())
+    snake.train()
+    assert _losses(snake) == _losses(plain)
+    _assert_same(get_peft_model_state_dict(snake.model), get_peft_model_state_dict(plain.model))
+
+
+def test_full_mode_on_a_4bit_base_is_refused(tmp_path):
+    args = SnakeConfig(str(tmp_path / "run"), num_nodes=1, train_mode="full", **QUIET)
+    with pytest.raises(ValueError, match=r"`train_mode` is 'full' but the base is quantized \(4bit\)"):
+        SnakeTrainer(tiny_llama_4bit(tmp_path), args, train_dataset=lm_dataset(n=8))

@@ -33,6 +33,7 @@ from ..data.shards import make_partitioner
 from ..data.summary import shard_summary
 from ..engine.payload import PayloadSpec, model_fingerprint
 from ..engine.session import Session
+from ..frozen_base import base_weights, release_input_grads
 from ..launch import LaunchInfo, process_launch
 from ..lm_loss import check_chunkable
 from ..losses import StageObjective, TeacherForward, node_label_priors
@@ -380,6 +381,12 @@ def prepare_run(
     payload spec. Everything that can refuse the input runs before the model is wrapped (`get_peft_model` edits it
     in place). An unset `train_mode` is set to what the model asks for ([`resolve_mode`])."""
     args.train_mode = resolve_mode(model, args, peft_config)
+    base = base_weights(model)
+    if args.train_mode == "full" and base.quantization is not None:
+        raise ValueError(
+            f"`train_mode` is 'full' but the base is quantized ({base.quantization}): its weights cannot train; train "
+            "adapters on it (peft_config=LoraConfig(...), QLoRA), or load the base in bfloat16 for full mode."
+        )
     if args.lm_loss_chunk_tokens:
         check_chunkable(model, args.lm_loss_chunk_tokens)
     designated_by_profiles = args.node_profiles is not None and args.schedule == "designated"
@@ -399,6 +406,7 @@ def prepare_run(
         )
     plan, epoch_steps = build_plan(args, node_data.sizes, groups, capacity, node_data.streaming)
     model = wrap_for_mode(model, args, peft_config)
+    release_input_grads(model)  # QLoRA's prepare_model_for_kbit_training: backward must stop at the group
     part_map = PartMap.build(model, groups, args.train_mode, args.always_trainable_modules or ())
     if not any(part_map.params.values()):
         raise ValueError(
