@@ -66,6 +66,16 @@ def _base_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def _quantization_constants(tensor: torch.Tensor) -> int:
+    """Bytes of a bitsandbytes 4-bit weight's constants (per-block scales, nested scales and their code book)."""
+    state = getattr(tensor, "quant_state", None)
+    total = 0
+    while state is not None:
+        total += sum(t.nbytes for t in (getattr(state, "absmax", None), getattr(state, "code", None)) if t is not None)
+        state = getattr(state, "state2", None)
+    return total
+
+
 def base_weights(model: nn.Module) -> BaseWeights:
     """How `model`'s weights are stored: dtype, quantization and bytes (a `PeftModel` is read through to its base).
 
@@ -83,7 +93,7 @@ def base_weights(model: nn.Module) -> BaseWeights:
         if key in seen:
             continue
         seen.add(key)
-        total += tensor.nbytes
+        total += tensor.nbytes + _quantization_constants(tensor)
         if tensor.is_floating_point():
             counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
     dtype = max(counts, key=counts.get) if counts else torch.float32

@@ -215,3 +215,45 @@ def test_full_mode_on_a_4bit_base_is_refused(tmp_path):
     args = SnakeConfig(str(tmp_path / "run"), num_nodes=1, train_mode="full", **QUIET)
     with pytest.raises(ValueError, match=r"`train_mode` is 'full' but the base is quantized \(4bit\)"):
         SnakeTrainer(tiny_llama_4bit(tmp_path), args, train_dataset=lm_dataset(n=8))
+
+
+# ---- model-state bytes per node (analytic): weights as stored + gradients + AdamW states ----
+
+
+def _buffer_bytes(model) -> int:
+    return sum(b.nbytes for b in {(b.data_ptr(), b.nbytes): b for b in model.buffers()}.values())
+
+
+def test_model_state_counts_weights_as_stored_and_the_largest_groups_training_state():
+    from snake_hf.blocks import BlockGroups, PartMap
+    from snake_hf.capacity.model_state import full_finetune_state, snake_node_state
+
+    model = tiny_llama_bf16()
+    part_map = PartMap.build(model, BlockGroups.from_model(model, 4), "full")
+    numel = sum(p.numel() for p in model.parameters())  # lm_head is not tied here
+    largest = max(
+        sum(dict(model.named_parameters())[n].numel() for n in part_map.trainable_names(g)) for g in range(4)
+    )
+    buffers = _buffer_bytes(model)  # rotary frequencies
+    state = snake_node_state(model, part_map)
+    assert (state.weights, state.gradients, state.optimizer_state) == (2 * numel + buffers, 2 * largest, 4 * largest)
+    reference = full_finetune_state(model)
+    assert reference.total == 16 * numel, "full fine-tuning: float32 weights, gradients and AdamW, whatever the load"
+    model.float()
+    assert snake_node_state(model, part_map).weights == 4 * numel + _buffer_bytes(model)
+
+
+def test_model_state_of_a_4bit_base_counts_packed_weights_and_their_constants(tmp_path):
+    from snake_hf.capacity.model_state import full_finetune_state
+    from snake_hf.frozen_base import base_weights
+
+    model = tiny_llama_4bit(tmp_path)
+    dense = tiny_llama_bf16()
+    weights = base_weights(model)
+    assert weights.quantization == "4bit"
+    linear = sum(p.numel() for n, p in dense.named_parameters() if "proj" in n)
+    rest = sum(p.numel() for n, p in dense.named_parameters() if "proj" not in n)
+    # prepare_model_for_kbit_training made the rest float32; 4-bit weights: half a byte, plus one float32 scale per 64
+    assert weights.weight_bytes > linear // 2 + 4 * rest
+    assert weights.weight_bytes < linear // 2 + linear // 16 + 4 * rest + 4096  # + the NF4 code book
+    assert full_finetune_state(model).total == 16 * (linear + rest)
