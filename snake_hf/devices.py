@@ -16,12 +16,13 @@ A leaf module (torch only).
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["place_rank", "rank_device"]
+__all__ = ["check_no_offload", "place_rank", "rank_device"]
 
 
 def rank_device(default: torch.device, local_rank: int | None, device_count: int) -> torch.device:
@@ -58,3 +59,22 @@ def place_rank(args, default: torch.device, local_rank: int | None) -> torch.dev
     args._n_gpu = 1  # private field of TrainingArguments (transformers 5.23-5.24): what `n_gpu` reports
     logger.info(f"Local rank {local_rank} trains on {device}.")
     return device
+
+
+def check_no_offload(model: nn.Module) -> None:
+    """Refuses a model whose Accelerate device map offloads weights (`"cpu"` or `"disk"` entries: `meta` placeholders
+    between forwards), before any work.
+
+    Snake checksums, sends and loads the tensors of every part, frozen ones included (the final hand-over carries them
+    all), and reads the base's weights for its fingerprint: an offloaded weight has no values in the model. A device map
+    that places every block on a device (`device_map="auto"` with a `max_memory` that fits, over several GPUs) keeps
+    real tensors and trains as it is: Accelerate's hooks move activations between the devices.
+    """
+    offloaded = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if offloaded:
+        raise ValueError(
+            f"The model's device map offloads weights ({len(offloaded)} tensors on the meta device, e.g. "
+            f"{offloaded[0]!r}): Snake reads every part's values for checksums and payloads, which offloaded weights "
+            "do not hold. Place every block on a device (device_map over GPUs and 'cpu' as main memory, with "
+            "max_memory large enough that nothing goes to 'disk' or CPU offload), or load without a device map."
+        )

@@ -82,3 +82,32 @@ def test_cpu_rank_under_a_launcher_stays_on_cpu(tmp_path, monkeypatch):
     config = SnakeConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     assert config.device == torch.device("cpu")
     assert config.world_size == 1
+
+
+# ---- one node over several devices: an Accelerate device map that offloads frozen blocks (CPU + disk here) ----
+
+QUIET = dict(
+    report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0, learning_rate=1e-2,
+    per_device_train_batch_size=4, save_strategy="no", num_train_epochs=1,
+)  # fmt: skip
+# Blocks 0-1 (group 0) live on disk and load for each forward; the rest stays in CPU memory.
+DEVICE_MAP = {
+    "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk", "model.layers.1": "disk",
+    "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+}  # fmt: skip
+
+
+def test_a_device_map_that_offloads_weights_is_refused_before_any_work(tmp_path):
+    """Offloaded weights are meta placeholders between forwards: no values for checksums, payloads or the base's
+    fingerprint. Refused with the fix, before training."""
+    from accelerate import dispatch_model
+    from test_precision_base import tiny_llama_bf16
+
+    from conftest import lm_dataset
+    from snake_hf import SnakeTrainer
+
+    model = dispatch_model(tiny_llama_bf16().float(), DEVICE_MAP, "cpu", offload_dir=tmp_path / "offload")
+    assert model.model.layers[0].self_attn.q_proj.weight.is_meta
+    args = SnakeConfig(str(tmp_path / "run"), num_nodes=2, num_block_groups=2, train_mode="full", **QUIET)
+    with pytest.raises(ValueError, match=r"device map offloads weights \(18 tensors on the meta device"):
+        SnakeTrainer(model, args, train_dataset=lm_dataset(n=8))

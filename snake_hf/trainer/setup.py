@@ -31,6 +31,7 @@ from ..data.node_data import NodeData
 from ..data.sampler import default_stage_steps
 from ..data.shards import make_partitioner
 from ..data.summary import shard_summary
+from ..devices import check_no_offload
 from ..engine.payload import PayloadSpec, model_fingerprint
 from ..engine.session import Session
 from ..frozen_base import base_weights, release_input_grads
@@ -381,6 +382,7 @@ def prepare_run(
     payload spec. Everything that can refuse the input runs before the model is wrapped (`get_peft_model` edits it
     in place). An unset `train_mode` is set to what the model asks for ([`resolve_mode`])."""
     args.train_mode = resolve_mode(model, args, peft_config)
+    check_no_offload(model)
     base = base_weights(model)
     if args.train_mode == "full" and base.quantization is not None:
         raise ValueError(
