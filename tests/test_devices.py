@@ -111,3 +111,28 @@ def test_a_device_map_that_offloads_weights_is_refused_before_any_work(tmp_path)
     args = SnakeConfig(str(tmp_path / "run"), num_nodes=2, num_block_groups=2, train_mode="full", **QUIET)
     with pytest.raises(ValueError, match=r"device map offloads weights \(18 tensors on the meta device"):
         SnakeTrainer(model, args, train_dataset=lm_dataset(n=8))
+
+
+# ---- scripts/gpu_check.py: no GPU here, so its checks run on CPU at tiny sizes (--cpu-dry-run) ----
+
+
+def test_gpu_check_script_parses():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_dry_run_passes_every_check():
+    """Every check's code runs (a CPU stands in for the GPU; QLoRA skips without bitsandbytes)."""
+    from pathlib import Path
+
+    from conftest import load_script
+
+    gpu_check = load_script(Path(__file__).parents[1] / "scripts" / "gpu_check.py")
+    lines = gpu_check.run_checks(dry=True)
+    assert list(lines) == list(gpu_check.CHECKS)
+    failed = [line for line in lines.values() if "FAIL" in line]
+    assert not failed, failed
