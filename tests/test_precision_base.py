@@ -257,3 +257,20 @@ def test_model_state_of_a_4bit_base_counts_packed_weights_and_their_constants(tm
     assert weights.weight_bytes > linear // 2 + 4 * rest
     assert weights.weight_bytes < linear // 2 + linear // 16 + 4 * rest + 4096  # + the NF4 code book
     assert full_finetune_state(model).total == 16 * (linear + rest)
+
+
+def test_capacity_probe_runs_after_the_input_grad_hook_is_removed(tmp_path):
+    """Node profiles measure block costs before training: on a QLoRA-prepared model (hook and checkpointing on) they
+    must measure the model as it will train, i.e. as a model that never had them."""
+
+    def costs(model):
+        args = SnakeConfig(
+            str(tmp_path), num_nodes=2, num_block_groups=2, node_profiles=[{"memory_bytes": 2**40}] * 2, **QUIET
+        )  # fmt: skip
+        trainer = SnakeTrainer(model, args, train_dataset=lm_dataset(n=8), peft_config=ADAPTERS["two-targets"]())
+        return trainer.capacity.costs
+
+    hooked = tiny_llama_bf16()
+    hooked.enable_input_require_grads()
+    hooked.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert costs(hooked) == costs(tiny_llama_bf16())

@@ -232,6 +232,7 @@ def measure_capacity(model: nn.Module, args: SnakeConfig, node_data: NodeData) -
     capacity.costs = measure_block_costs(
         model, args.train_mode, probe_map, args.block_list_path, trainable, probe_inputs=probe
     )
+    logger.info(f"Block costs measured on the base as loaded: {base_weights(model).label}.")
     if args.schedule == "designated":
         capacity.designation = designate(
             profiles, num_nodes=args.num_nodes, batch_size=args.per_device_train_batch_size,
@@ -383,6 +384,7 @@ def prepare_run(
     in place). An unset `train_mode` is set to what the model asks for ([`resolve_mode`])."""
     args.train_mode = resolve_mode(model, args, peft_config)
     check_no_offload(model)
+    release_input_grads(model)  # QLoRA's prepare_model_for_kbit_training: backward (and the probes) stop at the group
     base = base_weights(model)
     if args.train_mode == "full" and base.quantization is not None:
         raise ValueError(
@@ -408,7 +410,7 @@ def prepare_run(
         )
     plan, epoch_steps = build_plan(args, node_data.sizes, groups, capacity, node_data.streaming)
     model = wrap_for_mode(model, args, peft_config)
-    release_input_grads(model)  # QLoRA's prepare_model_for_kbit_training: backward must stop at the group
+    release_input_grads(model)  # what wrapping may have added back
     part_map = PartMap.build(model, groups, args.train_mode, args.always_trainable_modules or ())
     if not any(part_map.params.values()):
         raise ValueError(
