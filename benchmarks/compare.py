@@ -26,6 +26,7 @@ Usage (results in benchmarks/results/compare_<task>[_<partition>]_<size>.{json,m
     python benchmarks/compare.py --task memory_full --recompute true --lm_loss_chunk 128      # ~5 min
     python benchmarks/compare.py --task memory_full --quick --recompute true    # Snake: recompute_above_group
     python benchmarks/compare.py --task memory_full --quick --recompute true --lm_loss_chunk 128  # + chunked LM loss
+    python benchmarks/compare.py --task memory_full --quick --base_dtype bfloat16    # Snake's frozen base in bf16
     python benchmarks/compare.py --task minilm_rt --partition iid --quick --payload_dtype bfloat16  # *_bfloat16.*
     python benchmarks/compare.py --task minilm_rt --threads 1 --payload_dtype int4 --methods snake_serpentine  # *_int4.*
     python benchmarks/compare.py --task minilm_rt --tiny --output_dir /tmp/bench              # seconds (tests)
