@@ -415,12 +415,13 @@ def security_cost() -> str:
     )
 
 
+LEVERS = "recompute_above_group, lm_loss_chunk_tokens=128 (full fine-tuning: chunked loss too)"
 # docs/precision_and_devices.md: SmolLM2-135M full mode, one block per group (30 nodes), by the frozen base's dtype.
 PRECISION_RUNS = [
     ("precision/compare_memory_full_quick.json", "float32", "-"),
     ("precision/compare_memory_full_quick_base-bfloat16.json", "bfloat16", "-"),
-    ("precision/levers/compare_memory_full_quick_base-bfloat16.json", "bfloat16",
-     "recompute_above_group, lm_loss_chunk_tokens=128 (full fine-tuning: chunked loss too)"),
+    ("precision/levers/compare_memory_full_quick.json", "float32", LEVERS),
+    ("precision/levers/compare_memory_full_quick_base-bfloat16.json", "bfloat16", LEVERS),
 ]  # fmt: skip
 
 
