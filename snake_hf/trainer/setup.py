@@ -446,6 +446,7 @@ def prepare_model_only(model: nn.Module, args: SnakeConfig, peft_config) -> Prep
     """An evaluate/predict-only trainer (`train_dataset=None`, as `Trainer` allows): the model for the mode and its
     parts, no shards and no plan (`train()` refuses, as `Trainer`'s does)."""
     args.train_mode = resolve_mode(model, args, peft_config)
+    check_no_offload(model)
     groups = block_groups(model, args, default_num_groups(model, args), args.group_boundaries)
     model = wrap_for_mode(model, args, peft_config)
     part_map = PartMap.build(model, groups, args.train_mode, args.always_trainable_modules or ())
