@@ -26,6 +26,7 @@ Usage (results in benchmarks/results/compare_<task>[_<partition>]_<size>.{json,m
     python benchmarks/compare.py --task memory_full --recompute true --lm_loss_chunk 128      # ~5 min
     python benchmarks/compare.py --task memory_full --quick --recompute true    # Snake: recompute_above_group
     python benchmarks/compare.py --task memory_full --quick --recompute true --lm_loss_chunk 128  # + chunked LM loss
+    python benchmarks/compare.py --task memory_full --quick --base_dtype bfloat16    # Snake's frozen base in bf16
     python benchmarks/compare.py --task minilm_rt --partition iid --quick --payload_dtype bfloat16  # *_bfloat16.*
     python benchmarks/compare.py --task minilm_rt --threads 1 --payload_dtype int4 --methods snake_serpentine  # *_int4.*
     python benchmarks/compare.py --task minilm_rt --tiny --output_dir /tmp/bench              # seconds (tests)
@@ -92,6 +93,7 @@ class Settings:
     curve_every: int = 0  # Snake: measure only at stage ends that are multiples of this many steps (0: every one)
     snake_options: str = ""  # extra SnakeConfig options of the Snake methods, e.g. "group_order=alternate"
     lora: bool = True  # smollm2_lm: False trains the blocks' own weights (Snake full mode; no adapters)
+    base_dtype: str = "float32"  # memory_full: Snake's frozen base loaded in this dtype (full fine-tuning: float32)
 
     @property
     def total_steps(self) -> int:
@@ -254,6 +256,7 @@ def run_snake(s: Settings, task: Task, budget, measure, peaks, output_dir: str, 
 
     from snake_hf import SnakeConfig, SnakeTrainer
     from snake_hf.blocks import part_nbytes
+    from snake_hf.capacity.model_state import snake_node_state
     from snake_hf.recipes.vision import stage_end_steps
 
     # Designated: one group per node, and groups x passes passes so that the step budget matches; in full mode
@@ -294,12 +297,14 @@ def run_snake(s: Settings, task: Task, budget, measure, peaks, output_dir: str, 
     for node, peak in report.peak_memory_per_node().items():
         peaks.record(node, peak)
     model_nbytes = part_nbytes(trainer.part_map, trainer.model)  # in the model's dtype (the report's are wire bytes)
+    state = snake_node_state(trainer.model, trainer.part_map)  # analytic: weights + gradients + AdamW of a node
     return method_result(
         curve, report.total_bytes, trainer.total_steps, budget, seconds, peaks,
         messages=len(report.hops), tensor_bytes=sum(h.tensor_nbytes for h in report.hops),
         adapter_bytes=sum(model_nbytes.values()), train_loss=output.training_loss,
         trainable_state_bytes=3 * max(model_nbytes.values()),  # gradients + AdamW moments of the largest part
-        options=options, snake_report=report.to_dict(),
+        options=options, snake_report=report.to_dict(), model_state=dataclasses.asdict(state),
+        weight_bytes=state.weights,
     )  # fmt: skip
 
 
@@ -309,6 +314,9 @@ def run_full_finetune(s: Settings, task: Task, budget, peaks, output_dir: str) -
     from baselines import Curve, method_result
     from datasets import concatenate_datasets
     from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from snake_hf.capacity.model_state import full_finetune_state
+    from snake_hf.frozen_base import base_weights
 
     args = TrainingArguments(max_steps=s.stage_steps, **_trainer_args(s, output_dir))
     kind = _chunked_loss_trainer(s.lm_loss_chunk) if s.lm_loss_chunk else Trainer
@@ -320,6 +328,8 @@ def run_full_finetune(s: Settings, task: Task, budget, peaks, output_dir: str) -
     return method_result(
         Curve(None), 0, s.stage_steps, budget, time.perf_counter() - start, peaks, train_loss=output.training_loss,
         trainable_state_bytes=3 * baselines.nbytes(p for p in task.model.parameters() if p.requires_grad),
+        model_state=dataclasses.asdict(full_finetune_state(task.model)),
+        weight_bytes=base_weights(task.model).weight_bytes,
     )  # fmt: skip
 
 
@@ -373,6 +383,8 @@ def run_method(method: str, s: Settings) -> dict:
     logging.set_verbosity_error()
     torch.set_num_threads(s.threads)
     task = build_task(s)
+    if method.startswith("snake") and s.base_dtype != "float32":  # a base loaded in half precision, as users do
+        task.model.to(getattr(torch, s.base_dtype))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task.model.to(device)
     _warm_up(task, device)
@@ -464,11 +476,27 @@ def _memory_ratio(methods: dict) -> tuple[float | None, str | None]:
     return snake / full, None
 
 
+def _memory_ratios_with_weights(methods: dict) -> dict:
+    """The two numbers of docs/precision_and_devices.md, Snake's largest node over full fine-tuning: (a) model-state
+    bytes (weights as loaded + gradients + optimizer state, analytic) and (b) the measured peak with the weights
+    (weights as loaded + the peak above the loaded model; the Python runtime is left out of both)."""
+    full, snake = methods["full_finetune"], methods["snake_full"]
+    if "model_state" not in full or "model_state" not in snake:  # results from before these fields
+        return {}
+    state = lambda m: sum(m["model_state"].values())  # noqa: E731
+    peak = lambda m: None if m["peak_memory_max"] is None else m["weight_bytes"] + m["peak_memory_max"]  # noqa: E731
+    ratios = {"model_state_ratio": state(snake) / state(full)}
+    if peak(full) and peak(snake) is not None:
+        ratios["peak_with_weights_ratio"] = peak(snake) / peak(full)
+    return ratios
+
+
 def summarise(s: Settings, methods: dict) -> dict:
     """Target, bytes and steps to reach it for every method, and the headline ratios."""
     if s.task == "memory_full":
         ratio, missing = _memory_ratio(methods)
-        return {"memory_ratio": ratio, "memory_ratio_missing": missing, "paper_memory_ratio": 3.13 / 19.37}
+        return {"memory_ratio": ratio, "memory_ratio_missing": missing, "paper_memory_ratio": 3.13 / 19.37,
+                **_memory_ratios_with_weights(methods)}  # fmt: skip
     better = (lambda m, t: m >= t) if s.kind == "accuracy" else (lambda m, t: m <= t)
     reference = methods["centralized"]["final_metric"] if "centralized" in methods else None
     target = None if reference is None else (reference - 0.01 if s.kind == "accuracy" else reference * 1.01)
@@ -492,10 +520,11 @@ def summarise(s: Settings, methods: dict) -> dict:
 
 
 def result_stem(s: Settings) -> str:
-    """`compare_<task>[_<partition>]_<size>[_<payload dtype>]`: the results' file names (and their run cache's)."""
+    """`compare_<task>[_<partition>]_<size>[_<payload dtype>][_base-<base dtype>]`: the results' file names (and their run cache's)."""
     split = f"_{s.partition}" + (f"{s.alpha:g}" if s.partition == "dirichlet" else "") if s.kind == "accuracy" else ""
     wire = f"_{s.payload_dtype}" if s.payload_dtype != "float32" else ""  # never overwrite the float32 results
-    return f"compare_{s.task}{split}_{s.size}{wire}"  # not Path.with_suffix: "dirichlet0.1" has a dot
+    base = f"_base-{s.base_dtype}" if s.base_dtype != "float32" else ""
+    return f"compare_{s.task}{split}_{s.size}{wire}{base}"  # not Path.with_suffix: "dirichlet0.1" has a dot
 
 
 def _cache_key(s: Settings) -> dict:
@@ -560,6 +589,8 @@ def _snake_options(s: dict) -> str:
     options = []
     if s.get("payload_dtype", "float32") != "float32":
         options.append(f"payloads in {s['payload_dtype']} (the baselines count float32 tensors)")
+    if s.get("base_dtype", "float32") != "float32":
+        options.append(f"frozen base loaded in {s['base_dtype']} (full fine-tuning: float32)")
     if s.get("recompute"):
         options.append("blocks above the active group recomputed in backward (`recompute_above_group`)")
     if s.get("lm_loss_chunk"):
@@ -592,6 +623,13 @@ def to_markdown(results: dict) -> str:
         value = summary["memory_ratio"]
         value = f"**{value:.3f}**" if value is not None else f"none ({summary.get('memory_ratio_missing')})"
         ratio = f"\n\nSnake / full fine-tuning peak memory: {value} (paper: 0.16)."
+        if "model_state_ratio" in summary:  # docs/precision_and_devices.md: the two numbers, weights included
+            with_weights = summary.get("peak_with_weights_ratio")
+            ratio += (
+                f" With the weights as loaded: model state (weights + gradients + AdamW, analytic) "
+                f"**{summary['model_state_ratio']:.3f}**, measured peak "
+                + (f"**{with_weights:.3f}**." if with_weights is not None else "not measured.")
+            )
         return head + "\n\n" + "\n".join(rows) + ratio
     rows = [
         f"| method | final {results['metric']} | gap to centralized | MiB moved | MiB to target | steps to target "

@@ -37,6 +37,7 @@ PAGES = [
     "docs/payload_compression.md",
     "docs/security.md",
     "docs/trl.md",
+    "docs/precision_and_devices.md",
 ]
 MiB = 2**20
 
@@ -510,6 +511,45 @@ def sft() -> str:
     )
 
 
+LEVERS = "recompute_above_group, lm_loss_chunk_tokens=128 (full fine-tuning: chunked loss too)"
+# docs/precision_and_devices.md: SmolLM2-135M full mode, one block per group (30 nodes), by the frozen base's dtype.
+PRECISION_RUNS = [
+    ("precision/compare_memory_full_quick.json", "float32", "-"),
+    ("precision/compare_memory_full_quick_base-bfloat16.json", "bfloat16", "-"),
+    ("precision/levers/compare_memory_full_quick.json", "float32", LEVERS),
+    ("precision/levers/compare_memory_full_quick_base-bfloat16.json", "bfloat16", LEVERS),
+]  # fmt: skip
+
+
+def precision_memory() -> str:
+    rows = [
+        "| frozen base | Snake options | (a) model state | (b) measured peak, weights included | peak above the loaded "
+        "model | Snake's largest node, MiB (weights + peak) | full fine-tuning, MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    used = [run for run in PRECISION_RUNS if (RESULTS / run[0]).is_file()]
+    for name, dtype, options in used:
+        data = load(name)
+        summary, snake, full = data["summary"], data["methods"]["snake_full"], data["methods"]["full_finetune"]
+        rows.append(
+            f"| {dtype} | {options} | {summary['model_state_ratio']:.3f} | {summary['peak_with_weights_ratio']:.3f} "
+            f"| {summary['memory_ratio']:.3f} | {mib(snake['weight_bytes'] + snake['peak_memory_max'], 0)} "
+            f"| {mib(full['weight_bytes'] + full['peak_memory_max'], 0)} |"
+        )
+    settings = load(used[0][0])["settings"]
+    return "\n".join(
+        [
+            f"SmolLM2-135M, full mode, {settings['num_nodes']} nodes, one block per group, {settings['stage_steps']} "
+            f"step per stage, batch {settings['batch_size']} x {settings['max_length']} tokens, CPU; each ratio is "
+            "Snake's largest node over full fine-tuning (float32, every parameter training).",
+            "",
+            *rows,
+            "",
+            source(*(name for name, _, _ in used)),
+        ]
+    )
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "headline": headline,
     "main_job": main_job,
@@ -526,6 +566,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "payload_compression_lm": payload_compression_lm,
     "security_cost": security_cost,
     "sft": sft,
+    "precision_memory": precision_memory,
 }
 _PART = re.compile(r"<!-- numbers:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /numbers:(?P=name) -->", re.S)
 _MEASURED = re.compile(r"\d+(?:\.\d+)?\s?(?:MiB|MB|GiB|GB|KiB|%|s\b|minutes?\b|min\b)|\d+\.\d+|\d{1,3}(?:,\d{3})+")

@@ -13,7 +13,8 @@ import torch
 from transformers import TrainingArguments
 
 from .capacity.planner import as_profiles, profiles_to_dicts
-from .launch import TOPOLOGIES, hide_launch_env
+from .devices import place_rank
+from .launch import TOPOLOGIES, current_launch, hide_launch_env
 from .plan import GROUP_ORDERS, ON_NODE_FAILURE, Stage, load_plan
 from .precision import PAYLOAD_DTYPES
 
@@ -279,8 +280,11 @@ class SnakeConfig(TrainingArguments):
         # rank trains at a time. Each rank trains single-process (DESIGN §5), so the launcher's variables are hidden
         # while the state is built and put back at once: a config changes nothing outside itself. The trainer reads the
         # launch where the run starts (`snake_hf.launch.process_launch`).
+        # A launched rank then takes the GPU of its local rank, alone (`snake_hf.devices`).
+        launch = current_launch()
         with hide_launch_env():
-            return super()._setup_devices
+            device = super()._setup_devices
+        return place_rank(self, device, launch.local_rank if launch is not None else None)
 
     def _validate_snake_fields(self) -> None:
         _require(self.num_nodes >= 1, "num_nodes", self.num_nodes, "use at least 1 node")

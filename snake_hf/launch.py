@@ -13,6 +13,7 @@ __all__ = [
     "TOPOLOGIES",
     "HiddenLaunchEnv",
     "LaunchInfo",
+    "current_launch",
     "hide_launch_env",
     "launch_info",
     "process_launch",
@@ -146,6 +147,15 @@ def process_launch() -> LaunchInfo | None:
     elif not _PROCESS_LAUNCH:
         _PROCESS_LAUNCH.append(None)
     return _PROCESS_LAUNCH[0]
+
+
+def current_launch() -> LaunchInfo | None:
+    """The launch in the environment, else the one [`process_launch`] read (and hid) earlier; reads without hiding.
+
+    For code that runs after the launcher's variables may have been hidden (e.g. choosing a rank's GPU when a
+    `SnakeConfig` is built after the trainer started).
+    """
+    return launch_info() or (_PROCESS_LAUNCH[0] if _PROCESS_LAUNCH else None)
 
 
 def _forget_process_launch() -> None:

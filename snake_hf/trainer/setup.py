@@ -31,8 +31,10 @@ from ..data.node_data import NodeData
 from ..data.sampler import default_stage_steps
 from ..data.shards import make_partitioner
 from ..data.summary import shard_summary
+from ..devices import check_no_offload
 from ..engine.payload import PayloadSpec, model_fingerprint
 from ..engine.session import Session
+from ..frozen_base import base_weights, release_input_grads
 from ..launch import LaunchInfo, process_launch
 from ..lm_loss import check_chunkable
 from ..losses import StageObjective, TeacherForward, node_label_priors
@@ -244,6 +246,7 @@ def measure_capacity(model: nn.Module, args: SnakeConfig, node_data: NodeData) -
     capacity.costs = measure_block_costs(
         model, args.train_mode, probe_map, args.block_list_path, trainable, probe_inputs=probe
     )
+    logger.info(f"Block costs measured on the base as loaded: {base_weights(model).label}.")
     if args.schedule == "designated":
         capacity.designation = designate(
             profiles, num_nodes=args.num_nodes, batch_size=args.per_device_train_batch_size,
@@ -400,6 +403,14 @@ def prepare_run(
     payload spec. Everything that can refuse the input runs before the model is wrapped (`get_peft_model` edits it
     in place). An unset `train_mode` is set to what the model asks for ([`resolve_mode`])."""
     args.train_mode = resolve_mode(model, args, peft_config)
+    check_no_offload(model)
+    release_input_grads(model)  # QLoRA's prepare_model_for_kbit_training: backward (and the probes) stop at the group
+    base = base_weights(model)
+    if args.train_mode == "full" and base.quantization is not None:
+        raise ValueError(
+            f"`train_mode` is 'full' but the base is quantized ({base.quantization}): its weights cannot train; train "
+            "adapters on it (peft_config=LoraConfig(...), QLoRA), or load the base in bfloat16 for full mode."
+        )
     if args.lm_loss_chunk_tokens:
         check_chunkable(model, args.lm_loss_chunk_tokens)
     designated_by_profiles = args.node_profiles is not None and args.schedule == "designated"
@@ -419,6 +430,7 @@ def prepare_run(
         )
     plan, epoch_steps = build_plan(args, node_data.sizes, groups, capacity, node_data.streaming)
     model = wrap_for_mode(model, args, peft_config)
+    release_input_grads(model)  # what wrapping may have added back
     part_map = PartMap.build(model, groups, args.train_mode, args.always_trainable_modules or ())
     if not any(part_map.params.values()):
         raise ValueError(
@@ -454,6 +466,7 @@ def prepare_model_only(model: nn.Module, args: SnakeConfig, peft_config) -> Prep
     """An evaluate/predict-only trainer (`train_dataset=None`, as `Trainer` allows): the model for the mode and its
     parts, no shards and no plan (`train()` refuses, as `Trainer`'s does)."""
     args.train_mode = resolve_mode(model, args, peft_config)
+    check_no_offload(model)
     groups = block_groups(model, args, default_num_groups(model, args), args.group_boundaries)
     model = wrap_for_mode(model, args, peft_config)
     part_map = PartMap.build(model, groups, args.train_mode, args.always_trainable_modules or ())
