@@ -296,6 +296,38 @@ def lm_study_table() -> str:
     return "\n".join(lines)
 
 
+def lm_study_levers() -> str:
+    """docs/benchmarks.md: the sweeps, the levers at one rate, and the gaps at equal wall time and equal bytes."""
+    data = load(LM_STUDY)
+    rows, central = data["summary"]["methods"], data["summary"]["methods"]["centralized"]["perplexity"]
+    lines = ["| method | learning rate: final perplexity |", "| --- | --- |"]
+    sweeps = (
+        {**data["sweeps"], "snake full mode": data["full_mode_sweep"]} if data["full_mode_sweep"] else data["sweeps"]
+    )
+    for name, runs in sweeps.items():
+        cells = ", ".join(f"{lr}: {r['final_metric']:.2f}" for lr, r in runs.items())
+        lines.append(f"| {_LM_NAMES.get(name, name)} | {cells} |")
+    lever_lr = data["lever_learning_rate"]
+    plain = data["sweeps"]["snake_serpentine"][f"{lever_lr:g}"]
+    lines += ["", f"Snake's levers, each at learning rate {lever_lr:g} (the best of Snake's first grid):", "",
+              "| variant | steps | perplexity | gap to centralized | MiB moved | trainable state MiB |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for name, r in {"serpentine, plain": plain, **data["levers"]}.items():
+        lines.append(
+            f"| {name} | {r['steps']} | {r['final_metric']:.2f} | {_gap(r['final_metric'] / central - 1)} | "
+            f"{mib(r['bytes_total'], 2)} | {mib(r['trainable_state_bytes'], 2)} |"
+        )
+    snake = rows["snake_serpentine"]
+    at_time = ", ".join(f"{_LM_NAMES.get(n, n)} {r['perplexity_at_snake_wall_time']:.2f}" for n, r in rows.items()
+                        if r["perplexity_at_snake_wall_time"] is not None)  # fmt: skip
+    at_bytes = ", ".join(f"{_LM_NAMES.get(n, n)} {r['perplexity_at_snake_bytes']:.2f}" for n, r in rows.items()
+                         if r["perplexity_at_snake_bytes"] is not None)  # fmt: skip
+    lines += ["", f"At Snake's training time ({snake['wall_seconds']:.0f} s, nodes one after the other) the methods "
+              f"stood at: {at_time}. At Snake's bytes ({mib(snake['bytes_total'], 2)} MiB): {at_bytes} (a method "
+              "missing there had moved more before its first measurement).", "", source(LM_STUDY)]  # fmt: skip
+    return "\n".join(lines)
+
+
 def memory_full_part() -> str:
     ratio6, snake6, full6, nodes6 = memory_full(MEM6)
     ratio10, snake10, _, nodes10 = memory_full(MEM10)
@@ -557,6 +589,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "minilm_notes": minilm_notes,
     "smollm2": smollm2,
     "lm_study": lm_study_table,
+    "lm_study_levers": lm_study_levers,
     "memory_full": memory_full_part,
     "distributed": distributed_part,
     "vision": vision_part,
