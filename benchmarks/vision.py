@@ -77,16 +77,40 @@ class Settings:
     seed: int = 42
     threads: int = 2
     eval_batch_size: int = 250
+    variants: str = "all"  # comma-separated names of MITIGATIONS run on the Dirichlet split, or "all" / "none"
+    iid_variants: str = "none"  # the same, on the IID split
 
     @property
     def total_steps(self) -> int:
         return self.num_nodes * self.num_groups * self.num_passes * self.stage_steps
 
 
-# Snake's label-skew mitigations (SnakeConfig fields), run on the Dirichlet split besides plain Snake.
+# Snake's label-skew mitigations, run on the Dirichlet split besides plain Snake: SnakeConfig fields, plus two plan
+# choices the benchmark makes itself: "passes" (the same steps as more passes of shorter stages) and "balanced_last"
+# (the most balanced shard, by label entropy, on the node that trains last).
 MITIGATIONS = {
     "logit adjustment": {"logit_adjustment": 1.0},
     "restricted softmax": {"restrict_to_node_classes": True},
+    "proximal 0.01": {"proximal_mu": 0.01},
+    "proximal 0.1": {"proximal_mu": 0.1},
+    "bn recompute": {"recompute_batchnorm": True},
+    "calibration (diag)": {"head_calibration": "diagonal"},
+    "calibration (full)": {"head_calibration": "full"},
+    "bn + calibration (full)": {"recompute_batchnorm": True, "head_calibration": "full"},
+    "bn + calibration (diag)": {"recompute_batchnorm": True, "head_calibration": "diagonal"},
+    "4 passes x half stages": {"passes": 2},
+    "balanced node last": {"balanced_last": True},
+    "bn + calibration + 4 passes": {"recompute_batchnorm": True, "head_calibration": "full", "passes": 2},
+    "bn + calibration + balanced last": {
+        "recompute_batchnorm": True,
+        "head_calibration": "full",
+        "balanced_last": True,
+    },
+    "bn + calibration + logit adjustment": {
+        "recompute_batchnorm": True,
+        "head_calibration": "full",
+        "logit_adjustment": 1.0,
+    },
 }
 QUICK = dict(name="quick", train_size=6_000, eval_size=1_000, width=0.25, stage_steps=20, batch_size=32, threads=1)
 
@@ -122,15 +146,36 @@ def _quiet_args(s: Settings, output_dir: str) -> dict:
 # ---- Snake ----
 
 
+def _entropy(shard: datasets.Dataset) -> float:
+    counts = torch.bincount(torch.as_tensor(shard["labels"]).reshape(-1)).double()
+    share = counts[counts > 0] / counts.sum()
+    return float(-(share * share.log2()).sum())
+
+
+def _balanced_last(s: Settings, shards: list[datasets.Dataset], passes: int) -> list[datasets.Dataset]:
+    """The shards reordered so that the most balanced one (label entropy) sits on the node that trains last."""
+    from snake_hf.plan import serpentine_plan
+
+    last = serpentine_plan(s.num_nodes, s.num_groups, passes, s.stage_steps)[-1].node
+    best = max(range(len(shards)), key=lambda n: _entropy(shards[n]))
+    order = list(range(len(shards)))
+    order[last], order[best] = order[best], order[last]
+    return [shards[n] for n in order]
+
+
 def run_snake(
     s: Settings, shards: list[datasets.Dataset], test: datasets.Dataset, output_dir: str, **mitigation
 ) -> dict:
+    mitigation = dict(mitigation)
+    factor = mitigation.pop("passes", 1)  # more passes of proportionally shorter stages: the same steps
+    if mitigation.pop("balanced_last", False):
+        shards = _balanced_last(s, shards, s.num_passes * factor)
     args = SnakeConfig(
         num_train_epochs=1,
         num_nodes=s.num_nodes,
         num_block_groups=s.num_groups,
-        num_passes=s.num_passes,
-        stage_steps=s.stage_steps,
+        num_passes=s.num_passes * factor,
+        stage_steps=s.stage_steps // factor,
         train_mode="full",
         block_list_path=BLOCK_LIST_PATH,
         partition_label_column="labels",
@@ -144,6 +189,8 @@ def run_snake(
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    if curve.curve[-1][0] != trainer.total_steps:  # (measured at the last stage's end, after any final pass)
+        curve.curve.append((trainer.total_steps, classification_accuracy(trainer.model, test, s.eval_batch_size)))
     report = trainer.snake_report
     groups = [trainer.part_map.params[f"g{g}"] for g in range(trainer.groups.num_groups)]
     params = dict(trainer.model.named_parameters())
@@ -277,16 +324,26 @@ def run(s: Settings) -> dict:
             snake = run_snake(s, shards, test, f"{tmp}/snake-{split}")
             print(snake.pop("stages"), flush=True)
             methods = {"snake": snake}
-            if kind == "dirichlet":  # the library's label-skew mitigations (SnakeConfig), measured
-                for name, mitigation in MITIGATIONS.items():
-                    print(f"snake + {name} ({split}) ...", flush=True)
-                    methods[f"snake + {name}"] = run_snake(s, shards, test, f"{tmp}/snake-{name}", **mitigation)
-                    print(methods[f"snake + {name}"].pop("stages"), flush=True)
+            # the library's label-skew mitigations (SnakeConfig), measured
+            for name in _variants(s.variants if kind == "dirichlet" else s.iid_variants):
+                print(f"snake + {name} ({split}) ...", flush=True)
+                methods[f"snake + {name}"] = run_snake(s, shards, test, f"{tmp}/snake-{name}", **MITIGATIONS[name])
+                print(methods[f"snake + {name}"].pop("stages"), flush=True)
             print(f"fedavg ({split}) ...", flush=True)
             methods["fedavg"] = run_fedavg(s, shards, test, device)
             methods["centralized"] = centralized
             results["splits"][split] = {"shards": summary.to_dict(), "methods": methods}
     return results
+
+
+def _variants(names: str) -> list[str]:
+    if names == "all":
+        return list(MITIGATIONS)
+    chosen = [n.strip() for n in names.split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in chosen if n not in MITIGATIONS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(MITIGATIONS)}")
+    return chosen
 
 
 def _commit() -> str | None:
