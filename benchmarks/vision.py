@@ -115,6 +115,12 @@ MITIGATIONS = {
     "balanced node last": {"balanced_last": True},
     "bn + calibration + 4 passes": {"recompute_batchnorm": True, "head_calibration": "full", "passes": 2},
     "bn + calibration + 1 pass": {"recompute_batchnorm": True, "head_calibration": "full", "passes": 0.5},
+    "bn + calibration + 1 pass + balanced last": {
+        "recompute_batchnorm": True,
+        "head_calibration": "full",
+        "passes": 0.5,
+        "balanced_last": True,
+    },
     "bn + calibration + balanced last": {
         "recompute_batchnorm": True,
         "head_calibration": "full",

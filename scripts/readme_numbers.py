@@ -303,10 +303,10 @@ def vision_part() -> str:
 NONIID_CAL = "non_iid_calibration_full.json"
 
 
-def _vision_skew_rows(name: str) -> tuple[list[str], dict]:
-    """Rows of the Dirichlet split of a vision results file: every method's final accuracy, bytes and byte ratio."""
+def _vision_skew_rows(name: str, prefix: str = "dirichlet") -> tuple[list[str], dict]:
+    """Rows of one split of a vision results file: every method's final accuracy, bytes and byte ratio."""
     results = load(name)
-    split = next(k for k in results["splits"] if k.startswith("dirichlet"))
+    split = next(k for k in results["splits"] if k.startswith(prefix))
     methods = results["splits"][split]["methods"]
     fedavg = methods["fedavg"]["bytes_moved"]
     rows = ["| method | final accuracy | MiB moved | FedAvg's bytes / these |", "| --- | ---: | ---: | ---: |"]
@@ -329,6 +329,10 @@ def vision_skew() -> str:
             f"{s['num_groups']} groups x {s['num_passes']} passes x {s['stage_steps']} steps per stage.",
             "",
             *rows,
+            "",
+            "The IID split, with the classification recipe's default for label skew:",
+            "",
+            *_vision_skew_rows(VISION, "iid")[0],
             "",
             source(VISION),
         ]
