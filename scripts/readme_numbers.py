@@ -330,7 +330,7 @@ def vision_skew() -> str:
             "",
             *rows,
             "",
-            "The IID split, with the classification recipe's default for label skew:",
+            "The IID split, with pooled batch norm and full calibration:",
             "",
             *_vision_skew_rows(VISION, "iid")[0],
             "",
@@ -353,8 +353,8 @@ def label_skew_headline() -> str:
         [
             f"Vision (VGG-11 x{results['settings']['width']} on Fashion-MNIST, {results['settings']['num_nodes']} "
             f"nodes, Dirichlet α={results['settings']['alpha']}): {best} reaches {acc(final[best])} against plain "
-            f"Snake {acc(final['snake'])}, FedAvg {acc(final['fedavg'])} ({ratio:.1f}x the bytes) and centralized "
-            f"{acc(final['centralized'])}. Text (MiniLM + LoRA on Rotten Tomatoes, Dirichlet α=0.1): Snake + "
+            f"Snake {acc(final['snake'])}, FedAvg {acc(final['fedavg'])} (which moves {ratio:.1f}x the bytes) and "
+            f"centralized {acc(final['centralized'])}. Text (MiniLM + LoRA on Rotten Tomatoes, Dirichlet α=0.1): Snake + "
             f"`{text['variants'][text_best]}` reaches {acc(runs[text_best]['final_metric'])} against centralized "
             f"{acc(central)} ({100 * (runs[text_best]['final_metric'] - central):+.1f} points).",
             "",
