@@ -16,7 +16,9 @@ the held-out set.
 | `head_lr` | `head_learning_rate=...` (2.5 x the base rate) for the always-trainable head |
 | `data_steps` | `scale_steps_by="data"`: steps per stage proportional to the node's shard size (total about the same) |
 | `logit_adj+min_share`, `restrict+min_share` | with `node_class_min_share=0.01`: a class under 1% of a node's labels counts as absent there |
-| `logit_adj+head_lr`, `logit_adj+distill`, `logit_adj+distill+head_lr`, `logit_adj+min_share+distill` | combinations |
+| `proximal` | `proximal_mu=0.01`: μ/2·‖w − w_stage_start‖² on the stage's tensors |
+| `calibration`, `calibration_full` | `head_calibration="diagonal"` / `"full"`: after the last stage the head is re-fit on virtual features from the nodes' pooled per-class Gaussians (CCVR) |
+| `logit_adj+head_lr`, `logit_adj+distill`, `logit_adj+distill+head_lr`, `logit_adj+min_share+distill`, `logit_adj+min_share+proximal`, `logit_adj+min_share+calibration(_full)` | combinations |
 
 Usage (results in benchmarks/results/non_iid_<size>.{json,md,png}; per-run results are kept in --workdir, so an
 interrupted run picks up where it stopped):
@@ -54,6 +56,12 @@ VARIANTS = {
     "logit_adj+distill": "logit_adjustment=1.0,distill_alpha=0.5",
     "logit_adj+distill+head_lr": "logit_adjustment=1.0,distill_alpha=0.5,head_learning_rate={head_lr}",
     "logit_adj+min_share+distill": "logit_adjustment=1.0,node_class_min_share=0.01,distill_alpha=0.5",
+    "proximal": "proximal_mu=0.01",
+    "calibration": "head_calibration=diagonal",
+    "calibration_full": "head_calibration=full",
+    "logit_adj+min_share+proximal": "logit_adjustment=1.0,node_class_min_share=0.01,proximal_mu=0.01",
+    "logit_adj+min_share+calibration": "logit_adjustment=1.0,node_class_min_share=0.01,head_calibration=diagonal",
+    "logit_adj+min_share+calibration_full": "logit_adjustment=1.0,node_class_min_share=0.01,head_calibration=full",
 }
 # A variant that equals another one, run for run, when every node holds every class above a share (nothing masked).
 EQUIVALENT = {
@@ -231,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated Snake variants")
     parser.add_argument("--stage_steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the preset's)")
     parser.add_argument("--output_dir", default=str(compare.RESULTS))
     parser.add_argument("--workdir", default=None, help="per-run results (default: <output_dir>/non_iid_runs_<size>)")
     parser.add_argument("--in_process", action="store_true", help="every method in this process (tests)")
@@ -240,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
-    overrides = {k: v for k, v in (("stage_steps", args.stage_steps), ("seed", args.seed)) if v is not None}
+    given = (("stage_steps", args.stage_steps), ("seed", args.seed), ("threads", args.threads))
+    overrides = {k: v for k, v in given if v is not None}
     output = Path(args.output_dir)
     workdir = Path(args.workdir) if args.workdir else output / f"non_iid_runs_{size}"
     workdir.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,14 @@ Usage:
     python benchmarks/vision.py --quick   # minutes on 2 CPU cores: benchmarks/results/vision_quick.{json,md,png}
     python benchmarks/vision.py           # full size (60k images, wider model): about an hour on 2 CPU cores
     python benchmarks/vision.py --quick --num_nodes 5 --alpha 0.5   # any setting can be overridden
+    python benchmarks/vision.py --quick --variants "bn + calibration (full),proximal 0.01" \
+        --workdir benchmarks/results/vision_runs_quick   # chosen mitigations; each method's result kept and reused
+
+Label-skew mitigations (`MITIGATIONS`, `--variants` on the Dirichlet split, `--iid_variants` on the IID one): the
+SnakeConfig options (logit adjustment, restricted softmax, `proximal_mu`, `recompute_batchnorm`, `head_calibration`)
+and two plan choices: the same steps as more or fewer passes of shorter or longer stages, and the most balanced shard
+on the node that trains last. Accuracy is measured after the run, after the final pass where there is one; the final
+pass's hops count in the bytes. `vision_<name>_skew.png` plots the Dirichlet split's accuracy against bytes.
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -77,16 +87,50 @@ class Settings:
     seed: int = 42
     threads: int = 2
     eval_batch_size: int = 250
+    variants: str = "all"  # comma-separated names of MITIGATIONS run on the Dirichlet split, or "all" / "none"
+    iid_variants: str = "none"  # the same, on the IID split
+    workdir: str = ""  # keep every method's result here and reuse it on a rerun of the same settings ("": none)
+    splits: str = "iid,dirichlet"  # which splits to run
 
     @property
     def total_steps(self) -> int:
         return self.num_nodes * self.num_groups * self.num_passes * self.stage_steps
 
 
-# Snake's label-skew mitigations (SnakeConfig fields), run on the Dirichlet split besides plain Snake.
+# Snake's label-skew mitigations, run on the Dirichlet split besides plain Snake: SnakeConfig fields, plus two plan
+# choices the benchmark makes itself: "passes" (the same steps as more passes of shorter stages) and "balanced_last"
+# (the most balanced shard, by label entropy, on the node that trains last).
 MITIGATIONS = {
     "logit adjustment": {"logit_adjustment": 1.0},
     "restricted softmax": {"restrict_to_node_classes": True},
+    "proximal 0.01": {"proximal_mu": 0.01},
+    "proximal 0.1": {"proximal_mu": 0.1},
+    "bn recompute": {"recompute_batchnorm": True},
+    "calibration (diag)": {"head_calibration": "diagonal"},
+    "calibration (full)": {"head_calibration": "full"},
+    "bn + calibration (full)": {"recompute_batchnorm": True, "head_calibration": "full"},
+    "bn + calibration (diag)": {"recompute_batchnorm": True, "head_calibration": "diagonal"},
+    "4 passes x half stages": {"passes": 2},
+    "1 pass x double stages": {"passes": 0.5},
+    "balanced node last": {"balanced_last": True},
+    "bn + calibration + 4 passes": {"recompute_batchnorm": True, "head_calibration": "full", "passes": 2},
+    "bn + calibration + 1 pass": {"recompute_batchnorm": True, "head_calibration": "full", "passes": 0.5},
+    "bn + calibration + 1 pass + balanced last": {
+        "recompute_batchnorm": True,
+        "head_calibration": "full",
+        "passes": 0.5,
+        "balanced_last": True,
+    },
+    "bn + calibration + balanced last": {
+        "recompute_batchnorm": True,
+        "head_calibration": "full",
+        "balanced_last": True,
+    },
+    "bn + calibration + logit adjustment": {
+        "recompute_batchnorm": True,
+        "head_calibration": "full",
+        "logit_adjustment": 1.0,
+    },
 }
 QUICK = dict(name="quick", train_size=6_000, eval_size=1_000, width=0.25, stage_steps=20, batch_size=32, threads=1)
 
@@ -122,15 +166,36 @@ def _quiet_args(s: Settings, output_dir: str) -> dict:
 # ---- Snake ----
 
 
+def _entropy(shard: datasets.Dataset) -> float:
+    counts = torch.bincount(torch.as_tensor(shard["labels"]).reshape(-1)).double()
+    share = counts[counts > 0] / counts.sum()
+    return float(-(share * share.log2()).sum())
+
+
+def _balanced_last(s: Settings, shards: list[datasets.Dataset], passes: int) -> list[datasets.Dataset]:
+    """The shards reordered so that the most balanced one (label entropy) sits on the node that trains last."""
+    from snake_hf.plan import serpentine_plan
+
+    last = serpentine_plan(s.num_nodes, s.num_groups, passes, s.stage_steps)[-1].node
+    best = max(range(len(shards)), key=lambda n: _entropy(shards[n]))
+    order = list(range(len(shards)))
+    order[last], order[best] = order[best], order[last]
+    return [shards[n] for n in order]
+
+
 def run_snake(
     s: Settings, shards: list[datasets.Dataset], test: datasets.Dataset, output_dir: str, **mitigation
 ) -> dict:
+    mitigation = dict(mitigation)
+    factor = mitigation.pop("passes", 1)  # more (or fewer) passes of proportionally shorter stages: the same steps
+    if mitigation.pop("balanced_last", False):
+        shards = _balanced_last(s, shards, round(s.num_passes * factor))
     args = SnakeConfig(
         num_train_epochs=1,
         num_nodes=s.num_nodes,
         num_block_groups=s.num_groups,
-        num_passes=s.num_passes,
-        stage_steps=s.stage_steps,
+        num_passes=round(s.num_passes * factor),
+        stage_steps=round(s.stage_steps / factor),
         train_mode="full",
         block_list_path=BLOCK_LIST_PATH,
         partition_label_column="labels",
@@ -144,6 +209,8 @@ def run_snake(
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    if curve.curve[-1][0] != trainer.total_steps:  # (measured at the last stage's end, after any final pass)
+        curve.curve.append((trainer.total_steps, classification_accuracy(trainer.model, test, s.eval_batch_size)))
     report = trainer.snake_report
     groups = [trainer.part_map.params[f"g{g}"] for g in range(trainer.groups.num_groups)]
     params = dict(trainer.model.named_parameters())
@@ -263,30 +330,63 @@ def run(s: Settings) -> dict:
         "splits": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"centralized: {s.total_steps} steps on {len(train)} pooled images ...", flush=True)
-        centralized = run_centralized(s, train, test, f"{tmp}/centralized")
+        cached = partial(_cached, s)
         for split, kwargs in (
             ("iid", {}),
             (f"dirichlet-{s.alpha}", {"alpha": s.alpha, "label_column": "labels", "min_size": s.batch_size}),
         ):
             kind = split.split("-")[0]
+            if kind not in s.splits.split(","):
+                continue
             shards = make_partitioner(kind, s.num_nodes, seed=s.seed, **kwargs).split(train)
             summary = shard_summary(shards, "labels")
             print(f"\n{split} shards:\n{summary.to_markdown()}", flush=True)
             print(f"snake ({split}) ...", flush=True)
-            snake = run_snake(s, shards, test, f"{tmp}/snake-{split}")
-            print(snake.pop("stages"), flush=True)
+            snake = cached(f"{split}_snake", run_snake, s, shards, test, f"{tmp}/snake-{split}")
+            print(snake.pop("stages", ""), flush=True)
             methods = {"snake": snake}
-            if kind == "dirichlet":  # the library's label-skew mitigations (SnakeConfig), measured
-                for name, mitigation in MITIGATIONS.items():
-                    print(f"snake + {name} ({split}) ...", flush=True)
-                    methods[f"snake + {name}"] = run_snake(s, shards, test, f"{tmp}/snake-{name}", **mitigation)
-                    print(methods[f"snake + {name}"].pop("stages"), flush=True)
             print(f"fedavg ({split}) ...", flush=True)
-            methods["fedavg"] = run_fedavg(s, shards, test, device)
-            methods["centralized"] = centralized
+            fedavg = cached(f"{split}_fedavg", run_fedavg, s, shards, test, device)
+            # the library's label-skew mitigations (SnakeConfig), measured
+            for name in _variants(s.variants if kind == "dirichlet" else s.iid_variants):
+                print(f"snake + {name} ({split}) ...", flush=True)
+                methods[f"snake + {name}"] = cached(
+                    f"{split}_{name}", run_snake, s, shards, test, f"{tmp}/snake-{name}", **MITIGATIONS[name]
+                )
+                print(methods[f"snake + {name}"].pop("stages", ""), flush=True)
+            methods["fedavg"] = fedavg
             results["splits"][split] = {"shards": summary.to_dict(), "methods": methods}
+        print(f"centralized: {s.total_steps} steps on {len(train)} pooled images ...", flush=True)
+        centralized = cached("centralized", run_centralized, s, train, test, f"{tmp}/centralized")
+        for entry in results["splits"].values():
+            entry["methods"]["centralized"] = centralized
     return results
+
+
+def _cached(s: Settings, key: str, compute, *args, **kwargs) -> dict:
+    """`compute(*args, **kwargs)`, or its result kept in `s.workdir` by an earlier run of the same settings."""
+    if not s.workdir:
+        return compute(*args, **kwargs)
+    what = ("name", "variants", "iid_variants", "workdir", "splits", "threads")  # not what a method computes
+    fields = {k: v for k, v in dataclasses.asdict(s).items() if k not in what}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(s.workdir) / f"{digest}_{key.replace(' ', '_')}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute(*args, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
+
+
+def _variants(names: str) -> list[str]:
+    if names == "all":
+        return list(MITIGATIONS)
+    chosen = [n.strip() for n in names.split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in chosen if n not in MITIGATIONS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(MITIGATIONS)}")
+    return chosen
 
 
 def _commit() -> str | None:
@@ -356,6 +456,30 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def plot_skew(results: dict, path: Path) -> None:
+    """The Dirichlet split: every method's final accuracy against the bytes it moved (log scale)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    split = next((k for k in results["splits"] if k.startswith("dirichlet")), None)
+    if split is None:
+        return
+    fig = Figure(figsize=(9, 5.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for method, r in results["splits"][split]["methods"].items():
+        x, y = r["bytes_moved"] / 2**20, r["curve"][-1][1]
+        color = COLORS.get(method, "tab:red" if "calibration" in method or "bn" in method else "tab:gray")
+        ax.scatter([x], [y], color=color, s=30)
+        ax.annotate(method, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set(xlabel="MiB moved (log scale)", ylabel="held-out accuracy", ylim=(0, 1),
+           title=f"Fashion-MNIST, {split}: accuracy against bytes")  # fmt: skip
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def parse_settings(argv: list[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
@@ -378,6 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"# Snake vs FedAvg vs centralized: VGG-11 on Fashion-MNIST ({s.name})\n\n{table}\n"
     )
     plot(results, stem.with_suffix(".png"))
+    plot_skew(results, RESULTS / f"vision_{s.name}_skew.png")
     print("\n" + table)
     return results
 

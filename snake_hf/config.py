@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import TrainingArguments
 
+from .calibration import FEATURE_COVARIANCES
 from .capacity.planner import as_profiles, profiles_to_dicts
 from .devices import place_rank
 from .launch import TOPOLOGIES, current_launch, hide_launch_env
@@ -128,6 +129,21 @@ class SnakeConfig(TrainingArguments):
             shard of 2,638 negatives and 1 positive into a one-class shard, which then adds no gradient at all.
         head_learning_rate (`float`, *optional*):
             Learning rate of the always-trainable modules (e.g. a new head), scheduled like the others.
+        proximal_mu (`float`, defaults to `0.0`):
+            Weight μ of a proximal term μ/2·‖w − w_start‖² on the stage's trainable tensors, towards the values the
+            stage started from (FedProx-like; `snake_hf.losses.ProximalTerm`). 0 turns it off.
+        head_calibration (`str`, *optional*):
+            Classification: after the last stage, a final pass over the nodes gathers per-class feature statistics of
+            the classifier's input (count, mean and `"diagonal"` variances or `"full"` covariances) and re-fits the
+            classifier (the last trainable `nn.Linear`) on virtual features drawn from the pooled Gaussians (CCVR,
+            `snake_hf.calibration`). The statistics travel as counted payload parts; they reveal each node's class
+            counts and per-class feature means and spreads. Simulation engine only for now. Unset: off.
+        head_calibration_samples (`int`, defaults to `500`): virtual features drawn per class.
+        head_calibration_steps (`int`, defaults to `200`): full-batch Adam steps (lr 0.01) of the re-fit.
+        recompute_batchnorm (`bool`, defaults to `False`):
+            After the last stage, a final pass over the nodes recomputes every batch-norm layer's running statistics
+            on each node's shard with the final model and pools them, weighted by shard size (before a head
+            calibration, which then sees them). Simulation engine only for now.
         node_profiles (`str` or `list[dict]`, *optional*):
             One profile per node — `memory_bytes` (e.g. "2GiB"), `speed` (relative), `num_examples` — or the path of
             a YAML/JSON file of them (see `snake_hf.capacity.planner.NodeProfile`). With the designated schedule the blocks
@@ -240,6 +256,18 @@ class SnakeConfig(TrainingArguments):
     head_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the always-trainable modules (e.g. a new head)."}
     )
+    proximal_mu: float = field(
+        default=0.0, metadata={"help": "Proximal term μ/2·‖w − w_stage_start‖² on the stage's tensors (0 = off)."}
+    )
+    head_calibration: str | None = field(
+        default=None,
+        metadata={"help": "After the last stage, re-fit the classifier on pooled class Gaussians: diagonal or full."},
+    )
+    head_calibration_samples: int = field(default=500, metadata={"help": "Virtual features per class (calibration)."})
+    head_calibration_steps: int = field(default=200, metadata={"help": "Adam steps of the head re-fit (calibration)."})
+    recompute_batchnorm: bool = field(
+        default=False, metadata={"help": "After the last stage, pool batch-norm statistics over every node's shard."}
+    )
     node_profiles: ProfilesArg = field(
         default=None, metadata={"help": "Node profiles (memory_bytes, speed, num_examples): a YAML/JSON file path."}
     )
@@ -334,6 +362,13 @@ class SnakeConfig(TrainingArguments):
         _require(self.logit_adjustment >= 0, "logit_adjustment", self.logit_adjustment, "use τ >= 0 (1.0 is usual)")
         _require(0.0 <= self.node_class_min_share < 1.0, "node_class_min_share", self.node_class_min_share,
                  "use a share in [0, 1), e.g. 0.01")  # fmt: skip
+        _require(self.proximal_mu >= 0, "proximal_mu", self.proximal_mu, "use μ >= 0 (e.g. 0.01), 0 turns it off")
+        _require(self.head_calibration in (None, *FEATURE_COVARIANCES), "head_calibration", self.head_calibration,
+                 "use 'diagonal', 'full', or leave it unset")  # fmt: skip
+        _require(self.head_calibration_samples >= 2, "head_calibration_samples", self.head_calibration_samples,
+                 "use at least 2 virtual features per class, e.g. 500")  # fmt: skip
+        _require(self.head_calibration_steps >= 1, "head_calibration_steps", self.head_calibration_steps,
+                 "use at least 1 step, e.g. 200")  # fmt: skip
         _require(self.profile_size_by in ("memory", "speed", "equal"), "profile_size_by", self.profile_size_by,
                  "use 'memory', 'speed' or 'equal'")  # fmt: skip
         _require(self.scale_steps_by in (None, "speed", "data"), "scale_steps_by", self.scale_steps_by,
@@ -368,12 +403,12 @@ class SnakeConfig(TrainingArguments):
                  "use 'replan' (move a dead node's stages to a live node) or 'drop' (skip them)")  # fmt: skip
         if self.lm_loss_chunk_tokens and (
             self.distill_alpha > 0 or self.logit_adjustment > 0 or self.restrict_to_node_classes
-            or self.label_smoothing_factor > 0
+            or self.label_smoothing_factor > 0 or self.proximal_mu > 0
         ):  # fmt: skip
             raise ValueError(
                 f"`lm_loss_chunk_tokens` ({self.lm_loss_chunk_tokens}) never materialises the logits, which "
-                "distillation, logit adjustment, restrict_to_node_classes and label smoothing need; set it to 0 or "
-                "turn those off."
+                "distillation, logit adjustment, restrict_to_node_classes and label smoothing need (and proximal_mu "
+                "adds its term on that same path); set it to 0 or turn those off."
             )
         if self.head_learning_rate is not None:
             _require(self.head_learning_rate > 0, "head_learning_rate", self.head_learning_rate, "use a rate > 0")

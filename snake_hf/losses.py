@@ -8,6 +8,8 @@
 * Logit adjustment (Menon et al., 2021): train on `logits + τ·log(prior)`, where the prior is the node's own label
   frequencies, so a node does not learn its skew into the classifier's bias.
 * Restricted softmax: absent classes are masked out of the node's softmax, so it does not push them down.
+* Proximal term (FedProx, Li et al., 2020): μ/2·‖w − w_start‖² over the stage's trainable tensors, towards the values
+  the stage started from, so one node's skewed shard cannot carry the group far from what earlier nodes left.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-__all__ = ["StageObjective", "TeacherForward", "distillation_kl", "label_skew_cross_entropy", "node_label_priors"]
+__all__ = [
+    "ProximalTerm",
+    "StageObjective",
+    "TeacherForward",
+    "distillation_kl",
+    "label_skew_cross_entropy",
+    "node_label_priors",
+]
 
 
 def distillation_kl(
@@ -141,6 +150,30 @@ class TeacherForward:
         return outputs["logits"] if isinstance(outputs, dict) else outputs.logits
 
 
+class ProximalTerm:
+    """μ/2·‖w − w_start‖² over the stage's trainable tensors, against a snapshot taken when the stage starts.
+
+    Args:
+        mu (`float`): the weight μ.
+        parameters (`Sequence[torch.nn.Parameter]`): the tensors that train in the stage.
+
+    Example:
+        ```python
+        >>> term = ProximalTerm(0.01, [p for p in model.parameters() if p.requires_grad])  # at stage start
+        >>> loss = task_loss + term()
+        ```
+    """
+
+    def __init__(self, mu: float, parameters: Sequence[torch.Tensor]):
+        self.mu = mu
+        self.parameters = list(parameters)
+        self.start = [p.detach().clone() for p in self.parameters]
+
+    def __call__(self) -> torch.Tensor:
+        total = sum(((p.float() - s.float()) ** 2).sum() for p, s in zip(self.parameters, self.start))
+        return 0.5 * self.mu * total
+
+
 class StageObjective:
     """The training loss of one stage when a mitigation is on (distillation and/or a label-skew-aware loss).
 
@@ -151,15 +184,17 @@ class StageObjective:
         prior (`torch.Tensor`, *optional*): the node's label frequencies, for the label-skew-aware loss.
         adjustment (`float`): logit-adjustment strength τ.
         restrict (`bool`): mask the classes the node lacks out of the softmax.
+        proximal ([`ProximalTerm`], *optional*): the proximal term towards the stage's starting values.
     """
 
-    def __init__(self, alpha, temperature, teacher=None, prior=None, adjustment=0.0, restrict=False):
+    def __init__(self, alpha, temperature, teacher=None, prior=None, adjustment=0.0, restrict=False, proximal=None):
         self.alpha = alpha
         self.temperature = temperature
         self.teacher = teacher if alpha > 0 else None
         self.prior = prior if (adjustment or restrict) else None
         self.adjustment = adjustment
         self.restrict = restrict
+        self.proximal = proximal
         self.distill_total = 0.0
         self.loss_total = 0.0
 
@@ -187,6 +222,11 @@ class StageObjective:
             distill = kl_sum / (num_items_in_batch if scaled else max(count, 1))
             loss = (1 - self.alpha) * loss + self.alpha * distill
             self.distill_total += float(self.alpha * distill.detach())
+        if self.proximal is not None:
+            # Once per optimizer step: each micro-batch adds its share (Trainer divides an unscaled loss by the
+            # accumulation steps itself; a scaled one is this micro-batch's share of the step's items).
+            share = _batch_items(logits, labels) / num_items_in_batch if scaled else 1.0
+            loss = loss + self.proximal() * share
         self.loss_total += float(loss.detach())
         return loss, outputs
 
@@ -196,6 +236,15 @@ class StageObjective:
         if self.teacher is None or not self.loss_total:
             return None
         return self.distill_total / self.loss_total
+
+
+def _batch_items(logits: torch.Tensor, labels: torch.Tensor | None) -> int:
+    """Items this micro-batch counts in `num_items_in_batch`: rows, or (language models) shifted labels not -100."""
+    if labels is None:
+        return logits.shape[0]
+    if logits.dim() == 3:
+        return int((labels[:, 1:] != -100).sum())
+    return labels.shape[0]
 
 
 def node_label_priors(label_ids: Sequence[Sequence[int]], num_classes: int, min_share: float = 0.0) -> torch.Tensor:

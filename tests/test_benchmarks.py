@@ -217,3 +217,30 @@ def test_each_method_result_is_cached_and_reused_only_under_the_same_settings(co
     assert calls[3:] == [("centralized", 7)]
     compare.run(other, in_process=True, cache=None)  # no cache: always runs
     assert calls[4:] == [("centralized", 7)]
+
+
+# ---- benchmarks/vision.py: the label-skew variants ----
+
+
+def test_vision_balanced_last_puts_the_most_balanced_shard_on_the_last_node():
+    vision = load_script(BENCH / "vision.py")
+    import datasets
+
+    shards = [datasets.Dataset.from_dict({"labels": labels}) for labels in ([0, 0, 0, 1], [0, 1, 2, 3], [1, 1, 1, 1])]
+    s = vision.Settings(num_nodes=3, num_groups=3, stage_steps=2)
+    # a serpentine plan of 2 passes over 3 groups ends on node 0, one of 1 pass on node 2
+    for passes, last in ((2, 0), (1, 2)):
+        ordered = vision._balanced_last(s, shards, passes)
+        assert ordered[last]["labels"] == [0, 1, 2, 3]
+        assert sorted(map(tuple, (d["labels"] for d in ordered))) == sorted(map(tuple, (d["labels"] for d in shards)))
+
+
+def test_vision_variant_results_are_cached_under_the_same_settings_only(tmp_path):
+    vision = load_script(BENCH / "vision.py")
+    calls = []
+    s = vision.Settings(workdir=str(tmp_path))
+    compute = lambda value: calls.append(value) or {"value": value}  # noqa: E731
+    assert vision._cached(s, "snake", compute, 1) == {"value": 1}
+    assert vision._cached(dataclasses.replace(s, variants="none", threads=1), "snake", compute, 2) == {"value": 1}
+    assert vision._cached(dataclasses.replace(s, seed=7), "snake", compute, 3) == {"value": 3}
+    assert calls == [1, 3]

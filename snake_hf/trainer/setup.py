@@ -37,7 +37,7 @@ from ..engine.session import Session
 from ..frozen_base import base_weights, release_input_grads
 from ..launch import LaunchInfo, process_launch
 from ..lm_loss import check_chunkable
-from ..losses import StageObjective, TeacherForward, node_label_priors
+from ..losses import ProximalTerm, StageObjective, TeacherForward, node_label_priors
 from ..plan import Stage, cut_plan, designated_plan, fit_plan, plan_steps, serpentine_plan, validate_plan
 
 
@@ -448,7 +448,7 @@ def stage_objective(
 ) -> StageObjective | None:
     """The stage's loss when it is not the model's own: distillation from the model as it arrived at the stage,
     and/or the label-skew losses with the node's label prior (None: the plain task loss)."""
-    if not (args.distill_alpha > 0 or args.logit_adjustment > 0 or args.restrict_to_node_classes):
+    if not (args.distill_alpha > 0 or args.logit_adjustment > 0 or args.restrict_to_node_classes or args.proximal_mu):
         return None
     teacher = None
     if args.distill_alpha > 0:
@@ -456,9 +456,14 @@ def stage_objective(
         blocks = find_block_list(model, groups.path)[1]
         teacher = TeacherForward(model, blocks, groups.boundaries[stage.group], names)
     prior = priors[stage.node] if priors is not None else None
+    proximal = None
+    if args.proximal_mu > 0:
+        named = dict(model.named_parameters())
+        names = sorted(part_map.trainable_names(stage.group))
+        proximal = ProximalTerm(args.proximal_mu, [named[n] for n in names if n in named and named[n].requires_grad])
     return StageObjective(
         args.distill_alpha, args.distill_temperature, teacher, prior, args.logit_adjustment,
-        args.restrict_to_node_classes,
+        args.restrict_to_node_classes, proximal,
     )  # fmt: skip
 
 

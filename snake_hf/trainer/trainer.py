@@ -45,6 +45,7 @@ from ..plan import PLAN_FILE, Stage, format_plan, save_plan
 from ..recompute import set_recompute
 from ..report import SnakeReport, StageRecord
 from . import _compat
+from .final_pass import check_final_pass, needs_final_pass, run_final_pass
 from .options import check_trainer_options, check_user_optimizer
 from .resume import ResumePoint, StageCheckpoints
 from .setup import (
@@ -143,6 +144,7 @@ class SnakeTrainer(Trainer):
             resolve_launch(args), args.num_nodes, args.topology, args.hop_timeout, run_secret=args.run_secret
         )
         check_trainer_options(args, self.session, callbacks)
+        check_final_pass(args, self.session.distributed)
         self._peft_config, self._partitioner, self._train_input = peft_config, partitioner, train_dataset
         if model is None and model_init is not None:  # as Trainer: seeded, then built once for the set-up
             _compat.seed_for_model_init(args)
@@ -543,6 +545,8 @@ class SnakeTrainer(Trainer):
         current.closed = True
         self._relay.close_stage(stage)
         self.snake_report.stages.append(record)
+        if stage.index == len(self.plan) - 1 and needs_final_pass(self.args):  # simulation only (check_final_pass)
+            run_final_pass(self, stage.index, stage.node)  # before Trainer's end-of-training evaluation and save
         metrics = self.snake_report.log_metrics(record)  # stage, node, group, comm/*, mem/peak to every report_to
         if self.session.distributed:
             if self.checkpoints.due(stage):
