@@ -284,12 +284,16 @@ def lm_study_table() -> str:
             f"| {_LM_NAMES.get(name, name)} | {lrs[name]:g} | {row['perplexity']:.2f} ± {row['standard_error']:.2f} | "
             f"{_gap(row['gap_at_equal_steps'])} | {mib(row['bytes_total'], 2)} | {mib(row['peak_memory_max'], 0)} |"
         )
-    levers = data["levers"]
-    if levers:
-        name, best = min(levers.items(), key=lambda kv: kv[1]["final_metric"])
-        lines += ["", f"Snake's best lever at its learning rate: {name}, perplexity {best['final_metric']:.2f} "
-                  f"({_gap(best['final_metric'] / central - 1)} against centralized, {best['steps']} steps, "
-                  f"{mib(best['bytes_total'], 2)} MiB moved)."]  # fmt: skip
+    same = {n: r for n, r in data["levers"].items() if r["steps"] == data["total_steps"]}
+    longer = {n: r for n, r in data["levers"].items() if r["steps"] > data["total_steps"]}
+    if same:
+        name, best = min(same.items(), key=lambda kv: kv[1]["final_metric"])
+        lines += ["", f"Snake's best lever at the same steps: {name}, perplexity {best['final_metric']:.2f} "
+                  f"({_gap(best['final_metric'] / central - 1)} against centralized, "
+                  f"{mib(best['bytes_total'], 2)} MiB moved)"
+                  + "".join(f"; given {r['steps']} steps ({n}), {r['final_metric']:.2f} "
+                            f"({_gap(r['final_metric'] / central - 1)})" for n, r in longer.items())
+                  + ". Centralized's bytes are the pooled tokenized training set, which Snake's nodes never send."]  # fmt: skip
     s = data["settings"]
     lines += ["", f"SmolLM2-135M-Instruct + LoRA on the King James Bible, {s['num_nodes']} nodes, {data['total_steps']} "
               f"optimizer steps of {s['batch_size']} x {s['max_length']} tokens per method, each at the best of its own "
@@ -323,7 +327,8 @@ def lm_study_levers() -> str:
                         if r["perplexity_at_snake_wall_time"] is not None)  # fmt: skip
     at_bytes = ", ".join(f"{_LM_NAMES.get(n, n)} {r['perplexity_at_snake_bytes']:.2f}" for n, r in rows.items()
                          if r["perplexity_at_snake_bytes"] is not None)  # fmt: skip
-    lines += ["", f"At Snake's training time ({snake['wall_seconds']:.0f} s, nodes one after the other) the methods "
+    lines += ["", f"At Snake's training time ({snake['wall_seconds']:.0f} s, nodes one after the other; the runs shared a "
+              "loaded machine, so wall times are indicative only) the methods "
               f"stood at: {at_time}. At Snake's bytes ({mib(snake['bytes_total'], 2)} MiB): {at_bytes} (a method "
               "missing there had moved more before its first measurement).", "", source(LM_STUDY)]  # fmt: skip
     return "\n".join(lines)
