@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import datasets
 import pytest
@@ -134,3 +136,26 @@ def snake_args(tmp_path):
         return SnakeConfig(**base)
 
     return make
+
+
+def losses(trainer) -> list[float]:
+    """The training losses a `Trainer` logged, in order."""
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two state dicts with the same names and bit-identical tensors."""
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:3]}"
+
+
+def assert_same_run(whole: Path, crashed: Path) -> None:
+    """A run resumed after a crash ended as the uninterrupted one: final tensors, per-stage losses, bytes per link."""
+    from safetensors.torch import load_file
+
+    assert_same_state(load_file(str(whole / "final.safetensors")), load_file(str(crashed / "final.safetensors")))
+    report_a = json.loads((whole / "final_report.json").read_text())
+    report_b = json.loads((crashed / "final_report.json").read_text())
+    assert [s["train_loss"] for s in report_a["stages"]] == [s["train_loss"] for s in report_b["stages"]]
+    assert report_a["link_bytes"] == report_b["link_bytes"]

@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
 
 from _matrix import DEFAULT, MATRIX
-from conftest import lm_dataset, tiny_gpt2
+from conftest import assert_same_run, lm_dataset, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
 from snake_hf.engine.session import Session
 from snake_hf.engine.transport import InMemoryTransport
@@ -47,12 +46,7 @@ def test_sigkill_mid_stage_then_resume_gives_bit_identical_adapters(tmp_path, co
     assert not (crashed / "final.safetensors").exists()
     resumed = _run(crashed, "resume", config=config, hash_seed=118)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    a, b = load_file(str(whole / "final.safetensors")), load_file(str(crashed / "final.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    report_a = json.loads((whole / "final_report.json").read_text())
-    report_b = json.loads((crashed / "final_report.json").read_text())
-    assert [s["train_loss"] for s in report_a["stages"]] == [s["train_loss"] for s in report_b["stages"]]
-    assert report_a["link_bytes"] == report_b["link_bytes"]
+    assert_same_run(whole, crashed)
     assert len(list(crashed.glob("checkpoint-*"))) <= 2, "save_total_limit is honoured"
 
 

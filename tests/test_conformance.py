@@ -32,7 +32,7 @@ from transformers import (
     set_seed,
 )
 
-from conftest import lm_dataset, tiny_gpt2
+from conftest import assert_same_state, lm_dataset, losses, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
 from snake_hf.trainer.options import check_trainer_options
 
@@ -100,16 +100,6 @@ def trained_state(trainer) -> dict[str, torch.Tensor]:
     if isinstance(model, PeftModel):
         return get_peft_model_state_dict(model)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def losses(trainer) -> list[float]:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"tensors differ: {different[:3]}"
 
 
 class EventCounter(TrainerCallback):

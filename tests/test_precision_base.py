@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
-from conftest import VOCAB, lm_dataset
+from _matrix import tiny_llama
+from conftest import assert_same_state, lm_dataset, losses
 from snake_hf import SnakeConfig, SnakeTrainer
 
 
@@ -27,12 +28,7 @@ QUIET = dict(
 
 def tiny_llama_bf16(seed: int = 0) -> LlamaForCausalLM:
     """A tiny Llama as a user loads a base in half precision (`from_pretrained(..., dtype=torch.bfloat16)`)."""
-    set_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).to(torch.bfloat16)
+    return tiny_llama(seed).to(torch.bfloat16)
 
 
 ADAPTERS = {
@@ -40,16 +36,6 @@ ADAPTERS = {
     "all-linear": lambda: LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=0.1),
     "dora": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM"),
 }
-
-
-def _losses(trainer) -> list[float]:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"tensors differ: {different[:3]}"
 
 
 @pytest.mark.parametrize(
@@ -68,9 +54,9 @@ def test_lora_on_bf16_base_equals_trainer_step_for_step(tmp_path, adapter, bf16)
     args = SnakeConfig(str(tmp_path / "snake"), bf16=bf16, num_nodes=1, num_block_groups=1, num_passes=1, **QUIET)
     snake = SnakeTrainer(tiny_llama_bf16(), args, train_dataset=data, peft_config=ADAPTERS[adapter]())
     snake.train()
-    assert _losses(snake) == _losses(plain)
+    assert losses(snake) == losses(plain)
     trained = get_peft_model_state_dict(snake.model)
-    _assert_same(trained, get_peft_model_state_dict(plain.model))
+    assert_same_state(trained, get_peft_model_state_dict(plain.model))
     assert {t.dtype for t in trained.values()} == {torch.float32}, "adapters train in float32 over the bf16 base"
     base = [p for n, p in snake.model.named_parameters() if "lora_" not in n]
     assert {p.dtype for p in base} == {torch.bfloat16}, "the frozen base stays bf16"
@@ -86,8 +72,8 @@ def test_full_mode_on_bf16_base_equals_trainer_step_for_step(tmp_path, bf16):
     args = SnakeConfig(str(tmp_path / "snake"), bf16=bf16, num_nodes=1, num_block_groups=1, num_passes=1, **QUIET)
     snake = SnakeTrainer(tiny_llama_bf16(), args, train_dataset=data)
     snake.train()
-    assert _losses(snake) == _losses(plain)
-    _assert_same(snake.model.state_dict(), plain.model.state_dict())
+    assert losses(snake) == losses(plain)
+    assert_same_state(snake.model.state_dict(), plain.model.state_dict())
     assert {p.dtype for p in snake.model.parameters()} == {torch.bfloat16}, "full mode trains in the model's dtype"
 
 
@@ -207,8 +193,8 @@ def test_qlora_one_node_equals_trainer_step_for_step(tmp_path):
     args = SnakeConfig(str(tmp_path / "snake"), num_nodes=1, num_block_groups=1, num_passes=1, **QUIET)
     snake = SnakeTrainer(tiny_llama_4bit(tmp_path), args, train_dataset=data, peft_config=ADAPTERS["two-targets"]())
     snake.train()
-    assert _losses(snake) == _losses(plain)
-    _assert_same(get_peft_model_state_dict(snake.model), get_peft_model_state_dict(plain.model))
+    assert losses(snake) == losses(plain)
+    assert_same_state(get_peft_model_state_dict(snake.model), get_peft_model_state_dict(plain.model))
 
 
 def test_full_mode_on_a_4bit_base_is_refused(tmp_path):

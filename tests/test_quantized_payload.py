@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-from safetensors.torch import load_file
 
 import snake_hf.engine.relay as relay_module
-from conftest import lm_dataset, tiny_bert, tiny_gpt2
+from conftest import assert_same_run, lm_dataset, tiny_bert, tiny_gpt2
 from snake_hf import SnakeTrainer
 from snake_hf.blocks import BlockGroups, PartMap
 from snake_hf.engine.payload import (
@@ -395,12 +394,7 @@ def test_sigkill_mid_stage_then_resume_with_int4_payloads_gives_bit_identical_ad
     assert checkpoint.name == "checkpoint-6" and (checkpoint / "snake_deltas.safetensors").is_file()
     resumed = run(crashed, "resume", hash_seed=118)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    a, b = load_file(str(whole / "final.safetensors")), load_file(str(crashed / "final.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    report_a = json.loads((whole / "final_report.json").read_text())
-    report_b = json.loads((crashed / "final_report.json").read_text())
-    assert [s["train_loss"] for s in report_a["stages"]] == [s["train_loss"] for s in report_b["stages"]]
-    assert report_a["link_bytes"] == report_b["link_bytes"]
+    assert_same_run(whole, crashed)
 
 
 # p2p: rank 1 dies in stage 4 and the others stop; cs: the coordinator dies in stage 5 and the others stop. Relaunched

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 trl = pytest.importorskip("trl")
 
+from conftest import losses  # noqa: E402
 from snake_hf.blocks import SHARED  # noqa: E402
 from snake_hf.compose import SnakeMixin, snake_config, snake_trainer  # noqa: E402
 from snake_hf.trainer import SnakeTrainer  # noqa: E402
@@ -74,10 +75,6 @@ def snake_sft(tmp_path, data, **overrides):
     )
 
 
-def _losses(trainer) -> list[float]:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
 def _adapter(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
 
@@ -98,8 +95,8 @@ def test_one_node_one_group_matches_plain_sft_trainer_step_for_step(tmp_path, da
     if data is prompt_completion_data:
         assert snake.completion_only_loss, "prompt-completion data trains on the completion only, as in TRL"
         assert (torch.tensor(snake.train_dataset[0]["labels"]) == -100).any(), "the prompt is masked out of the loss"
-    assert len(_losses(plain)) == len(_losses(snake)) >= 3
-    assert _losses(snake) == _losses(plain)
+    assert len(losses(plain)) == len(losses(snake)) >= 3
+    assert losses(snake) == losses(plain)
     a, b = _adapter(plain), _adapter(snake)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -160,7 +157,7 @@ def test_distillation_changes_the_loss_and_zero_alpha_equals_none_exactly(tmp_pa
         extra = {"loss_type": "nll"} if alpha is None else {"loss_type": "nll", "distill_alpha": alpha}
         trainer = snake_sft(tmp_path / name, prompt_completion_data(12), num_nodes=3, num_block_groups=2, **extra)
         trainer.train()
-        runs[name] = (_losses(trainer), _adapter(trainer), trainer.state.log_history)
+        runs[name] = (losses(trainer), _adapter(trainer), trainer.state.log_history)
     assert runs["zero"][0] == runs["none"][0]
     assert all(torch.equal(runs["zero"][1][k], runs["none"][1][k]) for k in runs["none"][1])
     assert runs["half"][0] != runs["none"][0]
@@ -321,7 +318,7 @@ def test_any_trainer_subclass_is_split_after_its_own_preparation_with_its_argume
     assert [s.node for s in trainer.snake_report.stages] == [0, 1, 2, 2, 1, 0]
 
 
-def test_trls_dpo_trainer_made_snake_trains_each_group_in_turn_and_refuses_snakes_losses(tmp_path):
+def test_trls_dpo_trainer_made_snake_trains_each_group_in_turn_and_refuses_snakeslosses(tmp_path):
     config_class = snake_config(trl.DPOConfig)
     common = dict(use_cpu=True, bf16=False, report_to=[], num_nodes=3, num_block_groups=2, learning_rate=1e-2,
                   per_device_train_batch_size=2, save_strategy="no", num_train_epochs=1, gradient_checkpointing=False,

@@ -191,28 +191,32 @@ def node_priors(node_data: NodeData, args: SnakeConfig, model: nn.Module) -> tor
     return node_label_priors(node_labels, num_classes, min_share=args.node_class_min_share)
 
 
+def _split_groups(optimizer, model: nn.Module, names: set[str], **change) -> list[dict]:
+    """Moves the parameters named `names` out of every param group into a group of their own (the same settings,
+    updated with `change`); returns the groups left without them."""
+    ids = {id(p) for n, p in model.named_parameters() if n in names}
+    rest = []
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in ids]
+        kept = [p for p in group["params"] if id(p) not in ids]
+        if moved:
+            group["params"] = kept
+            optimizer.add_param_group({**group, "params": moved, **change})
+        if kept:
+            rest.append(group)
+    return rest
+
+
 def scale_group_learning_rate(optimizer, model: nn.Module, shared_names: set[str], factor: float) -> None:
     """Multiplies the learning rate of every param group by `factor`, except for the always-trainable (shared)
     parameters, which move into their own groups at the rate they had."""
-    shared_ids = {id(p) for n, p in model.named_parameters() if n in shared_names}
-    for group in list(optimizer.param_groups):
-        shared = [p for p in group["params"] if id(p) in shared_ids]
-        own = [p for p in group["params"] if id(p) not in shared_ids]
-        if shared and own:
-            group["params"] = own
-            optimizer.add_param_group({**group, "params": shared})
-        if own:
-            group["lr"] = group["lr"] * factor
+    for group in _split_groups(optimizer, model, shared_names):
+        group["lr"] = group["lr"] * factor
 
 
 def split_head_groups(optimizer, model: nn.Module, head_names: set[str], args: SnakeConfig) -> None:
     """Moves the always-trainable parameters into their own param groups at `head_learning_rate`."""
-    head_ids = {id(p) for n, p in model.named_parameters() if n in head_names}
-    for group in list(optimizer.param_groups):
-        head = [p for p in group["params"] if id(p) in head_ids]
-        if head:
-            group["params"] = [p for p in group["params"] if id(p) not in head_ids]
-            optimizer.add_param_group({**group, "params": head, "lr": args.head_learning_rate})
+    _split_groups(optimizer, model, head_names, lr=args.head_learning_rate)
 
 
 @dataclass
