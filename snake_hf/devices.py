@@ -10,10 +10,21 @@ Payloads never touch the GPU on the wire: they are encoded into host memory and 
 few megabytes), so the host copy costs little next to a stage, and gloo needs no GPU on either side, so the same links
 serve CPU and GPU ranks alike (NCCL would tie every link to a GPU stream of both ranks while one computes).
 
-A leaf module (torch only).
+A node whose model does not fit one device spreads it with an Accelerate device map (`device_map="auto"` with
+`max_memory`, or an explicit map; `dispatch_model`). Entries on other devices keep real tensors and train as they are.
+Entries offloaded to `"cpu"` (with a GPU as main device) or `"disk"` hold `meta` placeholders between forwards: their
+values live in the hook's `weights_map` and load for each forward. In LoRA mode that is fine for the frozen base (only
+adapters train and travel): [`offloaded_values`] reads the stored values for the base's fingerprint, and
+[`materialize_offloaded_adapters`] gives the adapters PEFT creates on an offloaded module (on `meta`, the device of its
+base weight) real tensors on the module's execution device. Full mode trains and sends block weights, which an offload
+does not hold: [`check_offload`] refuses it by name.
+
+A leaf module (torch; accelerate and peft imported where used).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -22,7 +33,16 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["check_no_offload", "place_rank", "rank_device"]
+__all__ = [
+    "check_offload",
+    "check_trainable_placed",
+    "has_offload",
+    "load_adapters_in_place",
+    "materialize_offloaded_adapters",
+    "offloaded_values",
+    "place_rank",
+    "rank_device",
+]
 
 
 def rank_device(default: torch.device, local_rank: int | None, device_count: int) -> torch.device:
@@ -61,20 +81,216 @@ def place_rank(args, default: torch.device, local_rank: int | None) -> torch.dev
     return device
 
 
-def check_no_offload(model: nn.Module) -> None:
-    """Refuses a model whose Accelerate device map offloads weights (`"cpu"` or `"disk"` entries: `meta` placeholders
-    between forwards), before any work.
+def _offload_hooks(module: nn.Module) -> Iterator:
+    """The Accelerate `AlignDevicesHook`s with `offload=True` on `module` itself (a `SequentialHook` is searched)."""
+    hook = getattr(module, "_hf_hook", None)
+    for one in getattr(hook, "hooks", (hook,)):
+        if one is not None and getattr(one, "offload", False) and getattr(one, "weights_map", None) is not None:
+            yield one
 
-    Snake checksums, sends and loads the tensors of every part, frozen ones included (the final hand-over carries them
-    all), and reads the base's weights for its fingerprint: an offloaded weight has no values in the model. A device map
-    that places every block on a device (`device_map="auto"` with a `max_memory` that fits, over several GPUs) keeps
-    real tensors and trains as it is: Accelerate's hooks move activations between the devices.
-    """
-    offloaded = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
-    if offloaded:
-        raise ValueError(
-            f"The model's device map offloads weights ({len(offloaded)} tensors on the meta device, e.g. "
-            f"{offloaded[0]!r}): Snake reads every part's values for checksums and payloads, which offloaded weights "
-            "do not hold. Place every block on a device (device_map over GPUs and 'cpu' as main memory, with "
-            "max_memory large enough that nothing goes to 'disk' or CPU offload), or load without a device map."
+
+def _hook_tensor_names(module: nn.Module, hook) -> list[str]:
+    """The names (relative to `module`) of the tensors `hook` offloads: its parameters, its buffers if it offloads
+    them, and its submodules' when it places them (as `AlignDevicesHook` does)."""
+    from accelerate.utils import named_module_tensors
+
+    return [
+        name
+        for name, _ in named_module_tensors(
+            module, include_buffers=hook.offload_buffers, recurse=hook.place_submodules, remove_non_persistent=True
         )
+    ]
+
+
+def has_offload(model: nn.Module) -> bool:
+    """Whether an Accelerate device map offloads any of `model`'s tensors (`"cpu"` with a GPU as main device, or
+    `"disk"`)."""
+    return any(True for module in model.modules() for _ in _offload_hooks(module))
+
+
+def load_adapters_in_place(model: nn.Module, folder: str) -> bool:
+    """Loads the adapter saved in `folder` into `model`'s active adapter, in place, when `model` is a `PeftModel` over
+    an offloaded base; returns whether it did (False: nothing offloaded, load as usual).
+
+    `PeftModel.load_adapter` re-dispatches an offloaded model with a new `"auto"` device map (made for inference),
+    which moves `meta` placeholders and fails; a checkpoint of the same run only needs its values copied into the
+    adapters that are already placed.
+    """
+    from peft import PeftModel
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    if not isinstance(model, PeftModel) or not has_offload(model):
+        return False
+    adapter = model.active_adapters[0]
+    result = set_peft_model_state_dict(model, load_peft_weights(folder, device="cpu"), adapter_name=adapter)
+    if result.unexpected_keys:
+        raise ValueError(
+            f"The adapter in {folder} does not fit the model: {len(result.unexpected_keys)} tensors have no place "
+            f"(e.g. {result.unexpected_keys[0]!r}); it was saved from another model or adapter configuration."
+        )
+    return True
+
+
+def offloaded_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The stored values of every offloaded tensor of `model`, by its `state_dict` name.
+
+    An offloaded tensor is a `meta` placeholder in the module between forwards; its value sits in the Accelerate
+    hook's `weights_map` (host memory, or a memory-mapped file for `"disk"`). Reading one does not load the others.
+    Empty when nothing is offloaded.
+    """
+    values = {}
+    for path, module in model.named_modules():
+        for hook in _offload_hooks(module):
+            for name in _hook_tensor_names(module, hook):
+                if name in hook.weights_map:
+                    values[f"{path}.{name}" if path else name] = hook.weights_map[name]
+    return values
+
+
+def check_offload(model: nn.Module, train_mode: str) -> None:
+    """Refuses, before any work, what an offloading device map cannot train: any offload in full mode (the groups'
+    weights train and travel, and an offloaded weight has no values in the model), and `meta` tensors that no
+    Accelerate hook holds values for (a model built with `init_empty_weights` and never loaded).
+
+    In LoRA mode the frozen base may be offloaded (`"cpu"` with a GPU as main device, or `"disk"`): only adapters train
+    and travel, and they are placed on a device by [`materialize_offloaded_adapters`].
+    """
+    meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if not meta:
+        return
+    stored = set(offloaded_values(model))
+    for path, layer, _, pending in _unplaced_adapters(model):  # placed by `materialize_offloaded_adapters`
+        for attribute, adapter in pending:
+            item = getattr(layer, attribute)[adapter]
+            named = (
+                [("", item)] if isinstance(item, torch.Tensor) else [*item.named_parameters(), *item.named_buffers()]
+            )
+            stored |= {f"{path}.{attribute}.{adapter}" + (f".{name}" if name else "") for name, _ in named}
+    unheld = [name for name in meta if name not in stored]
+    if unheld:
+        raise ValueError(
+            f"{len(unheld)} of the model's tensors are on the meta device with no stored values (e.g. {unheld[0]!r}): "
+            "the model was built without weights (`init_empty_weights`) and never loaded. Load it with "
+            "`from_pretrained(..., device_map=...)` or `load_checkpoint_and_dispatch`."
+        )
+    if train_mode == "full":
+        raise ValueError(
+            f"`train_mode` is 'full' but the model's device map offloads weights ({len(meta)} tensors, e.g. "
+            f"{meta[0]!r}): full mode trains and sends every group's weights, which an offloaded block does not hold "
+            "between forwards. Train LoRA adapters on the offloaded base (peft_config=LoraConfig(...)), or use a "
+            "device map with nothing on 'disk' (and, with a GPU as main device, nothing on 'cpu')."
+        )
+
+
+def materialize_offloaded_adapters(model: nn.Module) -> list[str]:
+    """Gives the adapters of offloaded modules real tensors on their module's execution device; returns their names.
+
+    PEFT places a new adapter on the device of its base layer's weight, which for an offloaded module is `meta`: the
+    adapter has no values and cannot train (backward fails on it). Each such adapter is re-created with `to_empty` on
+    the execution device of the base layer's hook (its dtype kept), then initialised by PEFT's own code with the base
+    weight loaded for the moment: `reset_lora_parameters` (LoRA's A as `nn.Linear`, or Gaussian; B zero) and the
+    variant's `init` (DoRA's magnitude, from the base weight's norm). Layers are visited in `named_modules` order, so
+    the same seed gives the same adapters in every process. Initialisations that read or rewrite the base weight
+    (PiSSA, OLoRA, LoftQ, EVA, ...) are refused by name.
+    """
+    from accelerate.utils import set_module_tensor_to_device
+
+    created = []
+    for path, layer, hook, pending in _unplaced_adapters(model):
+        base = layer.get_base_layer()
+        config = _peft_config_of(model, path)
+        init = getattr(config, "init_lora_weights", True)
+        if init not in (True, False, "gaussian"):
+            raise ValueError(
+                f"`init_lora_weights` is {init!r} and {path!r} is offloaded: that initialisation reads (or rewrites) "
+                "the base weight, which is not in memory. Use init_lora_weights=True or 'gaussian', or place the "
+                "module on a device in the device map."
+            )
+        device = torch.device(hook.execution_device) if hook.execution_device is not None else torch.device("cpu")
+        names = _hook_tensor_names(base, hook)
+        for name in names:  # the base weight in memory while its adapters initialise (DoRA reads its norm)
+            set_module_tensor_to_device(base, name, device, value=hook.weights_map[name])
+        try:
+            adapters = sorted({adapter for _, adapter in pending})
+            kept = {key: _dtypes_and_grads(getattr(layer, key[0])[key[1]]) for key in pending}
+            for attribute, adapter in pending:
+                container = getattr(layer, attribute)
+                if isinstance(container, nn.ParameterDict):
+                    old = container[adapter]
+                    container[adapter] = nn.Parameter(
+                        torch.empty_like(old, device=device), requires_grad=old.requires_grad
+                    )
+                else:
+                    container[adapter].to_empty(device=device)
+            for adapter in adapters:
+                layer.reset_lora_parameters(adapter, init)
+                variant = getattr(layer, "lora_variant", {}).get(adapter)
+                if variant is not None:
+                    variant.init(layer, adapter_name=adapter, config=config)
+            for (attribute, adapter), state in kept.items():  # as PEFT left them: e.g. float32 over a bf16 base
+                _restore_dtypes_and_grads(getattr(layer, attribute)[adapter], state)
+        finally:
+            for name in names:
+                set_module_tensor_to_device(base, name, "meta")
+        created += [f"{path}.{attribute}.{adapter}" for attribute, adapter in pending]
+    if created:
+        logger.info(f"Placed {len(created)} adapters of offloaded modules on their execution device.")
+    return created
+
+
+def _unplaced_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module, object, list[tuple[str, str]]]]:
+    """Each PEFT layer whose base layer is offloaded and has adapters on `meta`: its path, the layer, the base layer's
+    offload hook and the (adapter attribute, adapter name) pairs to place."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for path, layer in model.named_modules():
+        if not isinstance(layer, BaseTunerLayer):
+            continue
+        hooks = list(_offload_hooks(layer.get_base_layer()))
+        pending = [
+            (attribute, adapter)
+            for attribute in layer.adapter_layer_names
+            for adapter, item in getattr(layer, attribute, {}).items()
+            if any(tensor.is_meta for tensor in _tensors_of(item))
+        ]
+        if hooks and pending:
+            yield path, layer, hooks[0], pending
+
+
+def check_trainable_placed(model: nn.Module) -> None:
+    """Refuses a trainable tensor left on the `meta` device (e.g. a `modules_to_save` head, or a layer trained in full,
+    inside an offloaded entry of the device map): it has no values to train or send."""
+    unplaced = [name for name, param in model.named_parameters() if param.requires_grad and param.is_meta]
+    if unplaced:
+        raise ValueError(
+            f"{len(unplaced)} trainable tensors are offloaded by the device map (e.g. {unplaced[0]!r}): they have no "
+            "values between forwards, so they can neither train nor travel. Map the modules that train (a "
+            "`modules_to_save` head, layers trained in full) to a device, and offload only frozen blocks."
+        )
+
+
+def _tensors_of(item) -> list[torch.Tensor]:
+    return [item] if isinstance(item, torch.Tensor) else [*item.parameters(), *item.buffers()]
+
+
+def _dtypes_and_grads(item) -> dict[str, tuple[torch.dtype, bool]]:
+    named = [("", item)] if isinstance(item, torch.Tensor) else item.named_parameters()
+    return {name: (tensor.dtype, tensor.requires_grad) for name, tensor in named}
+
+
+def _restore_dtypes_and_grads(item, state: dict[str, tuple[torch.dtype, bool]]) -> None:
+    named = [("", item)] if isinstance(item, torch.Tensor) else item.named_parameters()
+    for name, tensor in named:
+        if name in state:
+            dtype, requires_grad = state[name]
+            tensor.data = tensor.data.to(dtype)
+            tensor.requires_grad_(requires_grad)
+
+
+def _peft_config_of(model: nn.Module, path: str):
+    """The PEFT config of the adapter of the tuner layer at `path` (the model's active adapter's)."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        raise ValueError(f"{path!r} is a PEFT layer in a model without `peft_config`; wrap the model with peft.")
+    active = getattr(model, "active_adapter", None)
+    return configs[active] if active in configs else next(iter(configs.values()))

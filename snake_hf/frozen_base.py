@@ -89,7 +89,7 @@ def base_weights(model: nn.Module) -> BaseWeights:
     counts: dict[torch.dtype, int] = {}
     seen, total = set(), 0
     for tensor in (*base.parameters(), *base.buffers()):
-        key = (tensor.data_ptr(), tensor.nbytes)
+        key = (id(tensor),) if tensor.is_meta else (tensor.data_ptr(), tensor.nbytes)  # offloaded: no storage
         if key in seen:
             continue
         seen.add(key)

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..blocks import PartMap
+from ..devices import offloaded_values
 from ..identity import canonical_hash
 from ..precision import dtype_by_name, dtype_name, is_quantized, wire_dtype
 from ..quant import QuantizedTensor, apply_delta, quantized_nbytes
@@ -90,10 +91,14 @@ def model_fingerprint(model: nn.Module, samples: int = 64) -> str:
     """Fingerprint of a model's weights as loaded: class, every tensor's name, dtype and shape, and a sample of values.
 
     Hashes the first and last `samples` values of each tensor rather than all bytes, so a 7B model is fingerprinted in
-    well under a second; two different checkpoints of the same architecture still differ in their samples.
+    well under a second; two different checkpoints of the same architecture still differ in their samples. Weights an
+    Accelerate device map offloads are read from their hook's stored values, so an offloaded base fingerprints as the
+    same base loaded whole.
     """
     digest = hashlib.sha256(type(model).__name__.encode())
+    offloaded = offloaded_values(model)  # an offloaded tensor's values sit in its hook, not in the model
     for name, tensor in sorted(model.state_dict().items()):
+        tensor = offloaded.get(name, tensor) if tensor.is_meta else tensor
         flat = tensor.detach().reshape(-1)
         sample = torch.cat([flat[:samples], flat[-samples:]]) if flat.numel() > 2 * samples else flat
         digest.update(f"{name}|{dtype_name(tensor.dtype)}|{tuple(tensor.shape)}|".encode())

@@ -31,7 +31,7 @@ from ..data.node_data import NodeData
 from ..data.sampler import default_stage_steps
 from ..data.shards import make_partitioner
 from ..data.summary import shard_summary
-from ..devices import check_no_offload
+from ..devices import check_offload, check_trainable_placed, materialize_offloaded_adapters
 from ..engine.payload import PayloadSpec, model_fingerprint
 from ..engine.session import Session
 from ..frozen_base import base_weights, release_input_grads
@@ -115,10 +115,13 @@ def _check_peft_method(config, args: SnakeConfig) -> None:
 
 
 def wrap_for_mode(model: nn.Module, args: SnakeConfig, peft_config) -> nn.Module:
-    """The model that trains: in LoRA mode a `PeftModel` (wrapping a plain model with `peft_config`)."""
-    if args.train_mode == "full" or isinstance(model, PeftModel):
-        return model
-    return get_peft_model(model, peft_config)
+    """The model that trains: in LoRA mode a `PeftModel` (wrapping a plain model with `peft_config`), every trainable
+    tensor on a device (adapters of offloaded modules placed, [`materialize_offloaded_adapters`])."""
+    if args.train_mode != "full" and not isinstance(model, PeftModel):
+        model = get_peft_model(model, peft_config)
+    materialize_offloaded_adapters(model)  # PEFT leaves an offloaded module's adapters on `meta`
+    check_trainable_placed(model)
+    return model
 
 
 def block_groups(model: nn.Module, args: SnakeConfig, num_groups: int | None, boundaries=None) -> BlockGroups:
@@ -407,7 +410,7 @@ def prepare_run(
     payload spec. Everything that can refuse the input runs before the model is wrapped (`get_peft_model` edits it
     in place). An unset `train_mode` is set to what the model asks for ([`resolve_mode`])."""
     args.train_mode = resolve_mode(model, args, peft_config)
-    check_no_offload(model)
+    check_offload(model, args.train_mode)
     release_input_grads(model)  # QLoRA's prepare_model_for_kbit_training: backward (and the probes) stop at the group
     base = base_weights(model)
     if args.train_mode == "full" and base.quantization is not None:
@@ -475,7 +478,7 @@ def prepare_model_only(model: nn.Module, args: SnakeConfig, peft_config) -> Prep
     """An evaluate/predict-only trainer (`train_dataset=None`, as `Trainer` allows): the model for the mode and its
     parts, no shards and no plan (`train()` refuses, as `Trainer`'s does)."""
     args.train_mode = resolve_mode(model, args, peft_config)
-    check_no_offload(model)
+    check_offload(model, args.train_mode)
     groups = block_groups(model, args, default_num_groups(model, args), args.group_boundaries)
     model = wrap_for_mode(model, args, peft_config)
     part_map = PartMap.build(model, groups, args.train_mode, args.always_trainable_modules or ())

@@ -34,6 +34,7 @@ from ..blocks import SHARED, frozen_batchnorms, set_trainable, unwrap_model
 from ..config import SnakeConfig
 from ..data.sampler import plan_dataloader
 from ..data.shards import Partitioner
+from ..devices import load_adapters_in_place
 from ..engine.payload import part_wire_nbytes
 from ..engine.relay import Relay
 from ..engine.session import Session
@@ -378,6 +379,16 @@ class SnakeTrainer(Trainer):
         # holds the closed stage's optimizer, while the run goes on with a fresh one for the next group.
         if self._resume_point.in_stage is not None:
             super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        # Trainer._load_from_checkpoint / _load_best_model (private; transformers 5.23-5.24) load adapters with
+        # PeftModel.load_adapter, which re-dispatches an offloaded base: its adapters are loaded in place instead.
+        if not load_adapters_in_place(model or self.model, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not load_adapters_in_place(self.model, self.state.best_model_checkpoint):
+            super()._load_best_model()
 
     def _save_checkpoint(self, model, trial) -> None:
         # Trainer._save_checkpoint (private; transformers 5.23-5.24), plus the Snake state that resumes the run
