@@ -25,6 +25,7 @@ A leaf module (torch; accelerate and peft imported where used).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ __all__ = [
     "load_adapters_in_place",
     "materialize_offloaded_adapters",
     "offloaded_values",
+    "peft_on_offloaded_base",
     "place_rank",
     "rank_device",
 ]
@@ -147,14 +149,22 @@ def offloaded_values(model: nn.Module) -> dict[str, torch.Tensor]:
     return values
 
 
-def check_offload(model: nn.Module, train_mode: str) -> None:
+def check_offload(model: nn.Module, train_mode: str, peft_config=None) -> None:
     """Refuses, before any work, what an offloading device map cannot train: any offload in full mode (the groups'
     weights train and travel, and an offloaded weight has no values in the model), and `meta` tensors that no
     Accelerate hook holds values for (a model built with `init_empty_weights` and never loaded).
 
     In LoRA mode the frozen base may be offloaded (`"cpu"` with a GPU as main device, or `"disk"`): only adapters train
-    and travel, and they are placed on a device by [`materialize_offloaded_adapters`].
+    and travel, and they are placed on a device ([`peft_on_offloaded_base`]). A `peft_config` whose initialisation
+    reads the base weight (PiSSA, OLoRA, LoftQ, ...) is refused there: the weight is not in memory when PEFT reads it.
     """
+    init = getattr(peft_config, "init_lora_weights", True)
+    if init not in (True, False, "gaussian") and has_offload(model):
+        raise ValueError(
+            f"`init_lora_weights` is {init!r} and the model's device map offloads weights: that initialisation reads "
+            "(or rewrites) the base weight, which an offloaded module does not hold. Use init_lora_weights=True or "
+            "'gaussian', or a device map with nothing offloaded."
+        )
     meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
     if not meta:
         return
@@ -182,19 +192,84 @@ def check_offload(model: nn.Module, train_mode: str) -> None:
         )
 
 
+@contextmanager
+def peft_on_offloaded_base() -> Iterator[None]:
+    """Inside it, `get_peft_model` places the adapters of offloaded modules on their execution device, with the values
+    PEFT draws for them, so an offloaded base gets the same adapters as the base loaded whole (same seed).
+
+    PEFT creates each adapter on the CPU (drawing its initial values, in module order), then moves it to the device of
+    its base layer's weight, which for an offloaded module is `meta`: the values are dropped. Here the move goes to the
+    execution device of the base layer's offload hook instead, and the base weight is loaded for the moment (a
+    variant's `init` reads it: DoRA's magnitude is its norm) until the next layer is placed. Every process then holds
+    the same adapters whatever its device map, as Snake needs (a part's version 0 is the same on every node).
+    `SnakeTrainer` wraps a model with its `peft_config` inside this; for a `PeftModel` built outside it, see
+    [`materialize_offloaded_adapters`].
+
+    Example:
+        ```python
+        >>> base = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder="offload")
+        >>> with peft_on_offloaded_base():
+        ...     model = get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"]))
+        ```
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    original = BaseTunerLayer._move_adapter_to_device_of_base_layer
+    loaded: list[tuple[nn.Module, list[str]]] = []
+
+    def move(layer, adapter_name, device=None):
+        _offload_again(loaded)
+        base = layer.get_base_layer()
+        hooks = list(_offload_hooks(base))
+        if device is None and hooks and any(t.is_meta for _, t in base.named_parameters(recurse=False)):
+            device = _execution_device(hooks[0])
+            loaded.append((base, _onload(base, hooks[0], device)))
+        return original(layer, adapter_name, device)
+
+    BaseTunerLayer._move_adapter_to_device_of_base_layer = move
+    try:
+        yield
+    finally:
+        BaseTunerLayer._move_adapter_to_device_of_base_layer = original
+        _offload_again(loaded)
+
+
+def _execution_device(hook) -> torch.device:
+    return torch.device(hook.execution_device) if hook.execution_device is not None else torch.device("cpu")
+
+
+def _onload(module: nn.Module, hook, device: torch.device) -> list[str]:
+    """Loads the tensors `hook` offloads into `module` on `device`; returns their names."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    names = _hook_tensor_names(module, hook)
+    for name in names:
+        set_module_tensor_to_device(module, name, device, value=hook.weights_map[name])
+    return names
+
+
+def _offload_again(loaded: list[tuple[nn.Module, list[str]]]) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    while loaded:
+        module, names = loaded.pop()
+        for name in names:
+            set_module_tensor_to_device(module, name, "meta")
+
+
 def materialize_offloaded_adapters(model: nn.Module) -> list[str]:
     """Gives the adapters of offloaded modules real tensors on their module's execution device; returns their names.
 
-    PEFT places a new adapter on the device of its base layer's weight, which for an offloaded module is `meta`: the
-    adapter has no values and cannot train (backward fails on it). Each such adapter is re-created with `to_empty` on
-    the execution device of the base layer's hook (its dtype kept), then initialised by PEFT's own code with the base
-    weight loaded for the moment: `reset_lora_parameters` (LoRA's A as `nn.Linear`, or Gaussian; B zero) and the
-    variant's `init` (DoRA's magnitude, from the base weight's norm). Layers are visited in `named_modules` order, so
-    the same seed gives the same adapters in every process. Initialisations that read or rewrite the base weight
-    (PiSSA, OLoRA, LoftQ, EVA, ...) are refused by name.
+    For a `PeftModel` built outside [`peft_on_offloaded_base`]: PEFT placed a new adapter on the device of its base
+    layer's weight, which for an offloaded module is `meta`, so the adapter has no values and cannot train (backward
+    fails on it). Each such adapter is re-created with `to_empty` on the execution device of the base layer's hook (its
+    dtype kept), then initialised by PEFT's own code with the base weight loaded for the moment:
+    `reset_lora_parameters` (LoRA's A as `nn.Linear`, or Gaussian; B zero) and the variant's `init` (DoRA's magnitude,
+    from the base weight's norm). These are new draws, in `named_modules` order: processes that offload the same
+    modules get the same adapters, but not those of the base loaded whole (Snake refuses nodes that start from
+    different adapters; wrap inside [`peft_on_offloaded_base`] to keep PEFT's draws). Initialisations that read or
+    rewrite the base weight (PiSSA, OLoRA, LoftQ, EVA, ...) are refused by name.
     """
-    from accelerate.utils import set_module_tensor_to_device
-
     created = []
     for path, layer, hook, pending in _unplaced_adapters(model):
         base = layer.get_base_layer()
@@ -206,10 +281,8 @@ def materialize_offloaded_adapters(model: nn.Module) -> list[str]:
                 "the base weight, which is not in memory. Use init_lora_weights=True or 'gaussian', or place the "
                 "module on a device in the device map."
             )
-        device = torch.device(hook.execution_device) if hook.execution_device is not None else torch.device("cpu")
-        names = _hook_tensor_names(base, hook)
-        for name in names:  # the base weight in memory while its adapters initialise (DoRA reads its norm)
-            set_module_tensor_to_device(base, name, device, value=hook.weights_map[name])
+        device = _execution_device(hook)
+        loaded = [(base, _onload(base, hook, device))]  # the base weight in memory while its adapters initialise
         try:
             adapters = sorted({adapter for _, adapter in pending})
             kept = {key: _dtypes_and_grads(getattr(layer, key[0])[key[1]]) for key in pending}
@@ -230,8 +303,7 @@ def materialize_offloaded_adapters(model: nn.Module) -> list[str]:
             for (attribute, adapter), state in kept.items():  # as PEFT left them: e.g. float32 over a bf16 base
                 _restore_dtypes_and_grads(getattr(layer, attribute)[adapter], state)
         finally:
-            for name in names:
-                set_module_tensor_to_device(base, name, "meta")
+            _offload_again(loaded)
         created += [f"{path}.{attribute}.{adapter}" for attribute, adapter in pending]
     if created:
         logger.info(f"Placed {len(created)} adapters of offloaded modules on their execution device.")
@@ -259,7 +331,19 @@ def _unplaced_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module, objec
 
 def check_trainable_placed(model: nn.Module) -> None:
     """Refuses a trainable tensor left on the `meta` device (e.g. a `modules_to_save` head, or a layer trained in full,
-    inside an offloaded entry of the device map): it has no values to train or send."""
+    inside an offloaded entry of the device map): it has no values to train or send. Refuses DoRA on an offloaded
+    module too: its forward reads the base weight outside the base layer's forward, where the offload hook has put
+    the placeholder back."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for path, layer in model.named_modules():
+        dora = isinstance(layer, BaseTunerLayer) and any(getattr(layer, "use_dora", {}).values())
+        if dora and any(True for _ in _offload_hooks(layer.get_base_layer())):
+            raise ValueError(
+                f"`use_dora` is True and {path!r} is offloaded by the device map: DoRA reads the base weight "
+                "outside the base layer's forward, when an offloaded module holds only a meta placeholder. Map "
+                "the blocks DoRA targets to a device, or train plain LoRA (use_dora=False) over the offloaded base."
+            )
     unplaced = [name for name, param in model.named_parameters() if param.requires_grad and param.is_meta]
     if unplaced:
         raise ValueError(

@@ -12,7 +12,7 @@ import os
 import tempfile
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 
 from conftest import VOCAB, cls_dataset, lm_dataset, tiny_bert, tiny_gpt2
@@ -36,19 +36,16 @@ OFFLOADED_BLOCKS = {None: (0, 2), "0": (2, 3), "1": (0, 1), "2": (1, 3)}
 
 def offloaded_llama(blocks, peft_config: LoraConfig, seed: int = 0) -> PeftModel:
     """`tiny_llama(seed)` + `peft_config` with `blocks` offloaded to disk by an Accelerate device map (the rest on the
-    CPU), its adapters equal to the same model's built whole (PEFT's draws differ when some adapters start on `meta`)."""
+    CPU); its adapters are PEFT's draws, the same as the model's built whole."""
     from accelerate import dispatch_model
 
-    from snake_hf.devices import materialize_offloaded_adapters
+    from snake_hf.devices import peft_on_offloaded_base
 
-    reference = get_peft_model_state_dict(get_peft_model(tiny_llama(seed), peft_config))
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
     device_map |= {f"model.layers.{i}": "disk" if i in blocks else "cpu" for i in range(4)}
     base = dispatch_model(tiny_llama(seed), device_map, "cpu", offload_dir=tempfile.mkdtemp(prefix="snake-offload-"))
-    model = get_peft_model(base, peft_config)
-    materialize_offloaded_adapters(model)
-    set_peft_model_state_dict(model, reference)
-    return model
+    with peft_on_offloaded_base():
+        return get_peft_model(base, peft_config)
 
 
 def _lora(targets, task_type: str = "CAUSAL_LM", **extra) -> LoraConfig:
@@ -66,8 +63,10 @@ CONFIGS = {
     "llama_full": lambda: (tiny_llama(), lm_dataset(n=36), None, {"train_mode": "full"}),
     # one node over several devices: frozen blocks offloaded to disk, a different map in every process
     "llama_offload": lambda: (
-        offloaded_llama(OFFLOADED_BLOCKS[os.environ.get("RANK")], _lora(["q_proj", "v_proj"])), lm_dataset(n=36),
-        None, {},
+        offloaded_llama(OFFLOADED_BLOCKS[os.environ.get("RANK")], _lora(["q_proj", "v_proj"])),
+        lm_dataset(n=36),
+        None,
+        {},
     ),  # fmt: skip
 }
 MATRIX = [name for name in CONFIGS if name != DEFAULT]  # the default runs in every engine test already

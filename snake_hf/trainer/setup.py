@@ -31,7 +31,7 @@ from ..data.node_data import NodeData
 from ..data.sampler import default_stage_steps
 from ..data.shards import make_partitioner
 from ..data.summary import shard_summary
-from ..devices import check_offload, check_trainable_placed, materialize_offloaded_adapters
+from ..devices import check_offload, check_trainable_placed, materialize_offloaded_adapters, peft_on_offloaded_base
 from ..engine.payload import PayloadSpec, model_fingerprint
 from ..engine.session import Session
 from ..frozen_base import base_weights, release_input_grads
@@ -118,8 +118,15 @@ def wrap_for_mode(model: nn.Module, args: SnakeConfig, peft_config) -> nn.Module
     """The model that trains: in LoRA mode a `PeftModel` (wrapping a plain model with `peft_config`), every trainable
     tensor on a device (adapters of offloaded modules placed, [`materialize_offloaded_adapters`])."""
     if args.train_mode != "full" and not isinstance(model, PeftModel):
-        model = get_peft_model(model, peft_config)
-    materialize_offloaded_adapters(model)  # PEFT leaves an offloaded module's adapters on `meta`
+        with peft_on_offloaded_base():  # an offloaded module's adapters keep PEFT's draws, on its execution device
+            model = get_peft_model(model, peft_config)
+    if materialize_offloaded_adapters(model):  # a PeftModel wrapped outside: PEFT left them on `meta`
+        logger.warning(
+            "The PeftModel's adapters on offloaded modules were on the meta device: they were placed and drawn anew, so "
+            "they differ from the adapters of the base loaded whole, and nodes with other device maps would start from "
+            "other adapters (and be refused). Pass peft_config to SnakeTrainer, or build the PeftModel inside "
+            "snake_hf.devices.peft_on_offloaded_base(), to keep PEFT's own draws."
+        )
     check_trainable_placed(model)
     return model
 
@@ -410,7 +417,7 @@ def prepare_run(
     payload spec. Everything that can refuse the input runs before the model is wrapped (`get_peft_model` edits it
     in place). An unset `train_mode` is set to what the model asks for ([`resolve_mode`])."""
     args.train_mode = resolve_mode(model, args, peft_config)
-    check_offload(model, args.train_mode)
+    check_offload(model, args.train_mode, peft_config)
     release_input_grads(model)  # QLoRA's prepare_model_for_kbit_training: backward (and the probes) stop at the group
     base = base_weights(model)
     if args.train_mode == "full" and base.quantization is not None:
@@ -478,7 +485,7 @@ def prepare_model_only(model: nn.Module, args: SnakeConfig, peft_config) -> Prep
     """An evaluate/predict-only trainer (`train_dataset=None`, as `Trainer` allows): the model for the mode and its
     parts, no shards and no plan (`train()` refuses, as `Trainer`'s does)."""
     args.train_mode = resolve_mode(model, args, peft_config)
-    check_offload(model, args.train_mode)
+    check_offload(model, args.train_mode, peft_config)
     groups = block_groups(model, args, default_num_groups(model, args), args.group_boundaries)
     model = wrap_for_mode(model, args, peft_config)
     part_map = PartMap.build(model, groups, args.train_mode, args.always_trainable_modules or ())
