@@ -252,22 +252,50 @@ def _rank_worker(out: str, topology: str, device_type: str) -> None:
 
 
 def check_device_map(ctx) -> str:
-    """A node over the device and `cpu` (Accelerate: `cpu` entries are offloaded when the main device is a GPU; on a
-    CPU-only dry run, `disk`): Snake refuses offloaded weights before any work (docs: what a device map may hold)."""
+    """A node over the device and `cpu` (Accelerate offloads `cpu` entries to host memory when the main device is a
+    GPU; on a CPU-only dry run, `disk`): LoRA trains over the offloaded frozen blocks and gives the same adapters as
+    the base held whole on the device (the same kernels run: the offload only moves the weights in for each forward).
+    Full mode over it is refused by name (its weights train and travel)."""
     from accelerate import dispatch_model
 
     from snake_hf import SnakeTrainer
 
     other = "cpu" if ctx.device.type == "cuda" else "disk"
-    names = ["model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"]
-    device_map = {**{n: str(ctx.device) for n in names}, "model.layers.0": str(ctx.device), "model.layers.1": str(ctx.device),
-                  "model.layers.2": other, "model.layers.3": other}  # fmt: skip
-    model = dispatch_model(_tiny_llama(), device_map, str(ctx.device), offload_dir=tempfile.mkdtemp())
-    try:
+    on = str(ctx.device)
+    device_map = {"model.embed_tokens": on, "model.rotary_emb": on, "model.norm": on, "lm_head": on,
+                  "model.layers.0": on, "model.layers.1": other, "model.layers.2": on, "model.layers.3": other}  # fmt: skip
+    _reset_peak(ctx.device)
+    whole = tiny_run(tempfile.mkdtemp(), ctx.device, "lora")
+    whole_peak = _peak(ctx.device)
+    torch.set_num_threads(1)
+    model = dispatch_model(_tiny_llama(), device_map, on, offload_dir=tempfile.mkdtemp())
+    trainer = _quiet(
         SnakeTrainer(model, _args(tempfile.mkdtemp(), ctx.device), train_dataset=_lm_data(), peft_config=_lora())
+    )
+    _reset_peak(ctx.device)
+    trainer.train()
+    offloaded, peak = _trained(trainer), _peak(ctx.device)
+    diff = _max_diff(whole, offloaded)
+    try:
+        full = dispatch_model(_tiny_llama(), device_map, on, offload_dir=tempfile.mkdtemp())
+        SnakeTrainer(full, _args(tempfile.mkdtemp(), ctx.device, train_mode="full"), train_dataset=_lm_data())
+        refused = "FAIL: full mode over an offload was not refused"
     except ValueError as error:
-        return f"ok (refused as documented): {str(error)[:90]}..."
-    return "FAIL: an offloading device map was not refused"
+        refused = "full mode refused" if "offloads weights" in str(error) else f"FAIL: {error}"
+    verdict = "ok" if diff == 0 and not refused.startswith("FAIL") else "FAIL"
+    peaks = f", device peak {peak / 2**20:.2f} MiB vs {whole_peak / 2**20:.2f} MiB whole" if peak else ""
+    return (f"{verdict}: blocks 1 and 3 on {other}, LoRA adapters max |offloaded - whole| = {diff:.2e} over "
+            f"{len(whole)} tensors (expected 0){peaks}; {refused}")  # fmt: skip
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int:
+    """Bytes allocated on `device` at most since the last reset (0 on CPU: no allocator statistics)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
 
 def check_memory_ratio(ctx) -> str:

@@ -146,6 +146,23 @@ def test_lora_over_an_offloaded_base_trains_bit_identical_to_the_base_loaded_who
     assert q_proj.base_layer.weight.is_meta
 
 
+def test_backward_stops_at_the_group_over_an_offloaded_base(tmp_path, saved_llama):
+    """Group 1's stage builds no graph through the offloaded blocks below it (block 0 on disk): truncated backward
+    holds whatever the placement."""
+    from peft import LoraConfig
+    from test_precision_base import _outputs_requiring_grad
+
+    from conftest import lm_dataset
+    from snake_hf import SnakeTrainer
+
+    args = SnakeConfig(str(tmp_path / "run"), num_nodes=1, num_block_groups=2, num_passes=1, stage_steps=1, **QUIET)
+    peft = LoraConfig(**TWO_TARGETS)
+    trainer = SnakeTrainer(_offloaded(saved_llama, tmp_path), args, train_dataset=lm_dataset(n=8), peft_config=peft)
+    forwards = _outputs_requiring_grad(trainer.model.base_model.model.model.layers)
+    trainer.train()
+    assert forwards == [[0, 1, 2, 3], [2, 3]]  # stage 0 trains blocks 0-1, stage 1 blocks 2-3
+
+
 def test_snake_over_an_offloaded_base_equals_trainer_step_for_step(tmp_path, saved_llama):
     """One node, one group, one pass: `Trainer` + PEFT on the same offloaded base, wrapped the same way."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
