@@ -27,6 +27,7 @@ Usage (results in benchmarks/results/compare_<task>[_<partition>]_<size>.{json,m
     python benchmarks/compare.py --task memory_full --quick --recompute true    # Snake: recompute_above_group
     python benchmarks/compare.py --task memory_full --quick --recompute true --lm_loss_chunk 128  # + chunked LM loss
     python benchmarks/compare.py --task memory_full --quick --base_dtype bfloat16    # Snake's frozen base in bf16
+    python benchmarks/compare.py --task memory_full --quick --base_dtype bfloat16 --frozen_embedding true  # blocks only
     python benchmarks/compare.py --task minilm_rt --partition iid --quick --payload_dtype bfloat16  # *_bfloat16.*
     python benchmarks/compare.py --task minilm_rt --threads 1 --payload_dtype int4 --methods snake_serpentine  # *_int4.*
     python benchmarks/compare.py --task minilm_rt --tiny --output_dir /tmp/bench              # seconds (tests)
@@ -94,6 +95,7 @@ class Settings:
     snake_options: str = ""  # extra SnakeConfig options of the Snake methods, e.g. "group_order=alternate"
     lora: bool = True  # smollm2_lm: False trains the blocks' own weights (Snake full mode; no adapters)
     base_dtype: str = "float32"  # memory_full: Snake's frozen base loaded in this dtype (full fine-tuning: float32)
+    frozen_embedding: bool = False  # memory_full: Snake leaves the (tied) input embedding frozen (full FT trains it)
 
     @property
     def total_steps(self) -> int:
@@ -385,6 +387,8 @@ def run_method(method: str, s: Settings) -> dict:
     task = build_task(s)
     if method.startswith("snake") and s.base_dtype != "float32":  # a base loaded in half precision, as users do
         task.model.to(getattr(torch, s.base_dtype))
+    if method.startswith("snake") and s.frozen_embedding:  # only decoder blocks train, as in the paper's count
+        task.model.get_input_embeddings().weight.requires_grad_(False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task.model.to(device)
     _warm_up(task, device)
@@ -524,12 +528,22 @@ def result_stem(s: Settings) -> str:
     split = f"_{s.partition}" + (f"{s.alpha:g}" if s.partition == "dirichlet" else "") if s.kind == "accuracy" else ""
     wire = f"_{s.payload_dtype}" if s.payload_dtype != "float32" else ""  # never overwrite the float32 results
     base = f"_base-{s.base_dtype}" if s.base_dtype != "float32" else ""
+    base += "_frozen-embedding" if s.frozen_embedding else ""
     return f"compare_{s.task}{split}_{s.size}{wire}{base}"  # not Path.with_suffix: "dirichlet0.1" has a dot
 
 
 def _cache_key(s: Settings) -> dict:
     """The settings a method's result depends on: all but which methods run and how many threads time them."""
-    return {k: v for k, v in dataclasses.asdict(s).items() if k not in ("methods", "threads")}
+    defaults = Settings(task=s.task)
+    return {
+        k: v
+        for k, v in dataclasses.asdict(s).items()
+        if k not in ("methods", "threads") and not (k in _LATER_FIELDS and v == getattr(defaults, k))
+    }
+
+
+# Fields added after results were cached: they enter a run's cache key only when set, so older caches stay valid.
+_LATER_FIELDS = ("frozen_embedding",)
 
 
 def run(s: Settings, in_process: bool = False, cache: Path | None = None) -> dict:
@@ -591,6 +605,8 @@ def _snake_options(s: dict) -> str:
         options.append(f"payloads in {s['payload_dtype']} (the baselines count float32 tensors)")
     if s.get("base_dtype", "float32") != "float32":
         options.append(f"frozen base loaded in {s['base_dtype']} (full fine-tuning: float32)")
+    if s.get("frozen_embedding"):
+        options.append("the tied input embedding frozen (only decoder blocks train; full fine-tuning trains it)")
     if s.get("recompute"):
         options.append("blocks above the active group recomputed in backward (`recompute_above_group`)")
     if s.get("lm_loss_chunk"):
