@@ -645,6 +645,8 @@ PRECISION_RUNS = [
     ("precision/compare_memory_full_quick_base-bfloat16.json", "bfloat16", "-"),
     ("precision/levers/compare_memory_full_quick.json", "float32", LEVERS),
     ("precision/levers/compare_memory_full_quick_base-bfloat16.json", "bfloat16", LEVERS),
+    ("precision/levers/compare_memory_full_quick_base-bfloat16_frozen-embedding.json", "bfloat16",
+     LEVERS + "; Snake leaves the tied input embedding frozen (only blocks train, as in the paper's count)"),
 ]  # fmt: skip
 
 

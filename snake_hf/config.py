@@ -164,6 +164,13 @@ class SnakeConfig(TrainingArguments):
             each part as a block-quantized delta (float16 scales) with error feedback, at 0.254x and 0.133x of float32
             tensor bytes; the trained parts take their reconstructed values when the stage closes, so again every node
             holds exactly what a receiver holds (docs/payload_compression.md).
+        master_dtype (`str`, *optional*):
+            `"float32"`: the group in training keeps float32 master copies of its half-precision weights for its
+            stage; the optimizer steps the masters and the model takes their rounding after each step, so updates
+            smaller than half a bfloat16 step accumulate instead of vanishing (what mixed-precision training does).
+            The rounded weights travel (payload bytes unchanged); the masters are in the optimizer's state, so a
+            resume inside a stage is exact. Unset: the group trains in the dtype the model was loaded in, as
+            `Trainer` trains it. Float32 parameters (LoRA adapters) are unaffected (snake_hf.master_weights).
         recompute_above_group (`bool`, defaults to `False`):
             Wrap every block above the active group in non-reentrant `torch.utils.checkpoint` during its stage: their
             activations are recomputed in backward instead of stored (only each block's input is kept). Losses and
@@ -280,6 +287,10 @@ class SnakeConfig(TrainingArguments):
         default="float32",
         metadata={"help": "Wire format: float32, bfloat16, float16, or int8/int4 quantized deltas."},
     )
+    master_dtype: str | None = field(
+        default=None,
+        metadata={"help": "'float32': float32 master weights for the group in training over a half-precision model."},
+    )
     recompute_above_group: bool = field(
         default=False, metadata={"help": "Recompute (checkpoint) the blocks above the active group in backward."}
     )
@@ -390,6 +401,8 @@ class SnakeConfig(TrainingArguments):
             raise ValueError("`scale_steps_by` is 'speed' but no `node_profiles` give the speeds; set node_profiles.")
         _require(self.payload_dtype in PAYLOAD_DTYPES, "payload_dtype", self.payload_dtype,
                  f"use one of {list(PAYLOAD_DTYPES)}")  # fmt: skip
+        _require(self.master_dtype in (None, "float32"), "master_dtype", self.master_dtype,
+                 "use 'float32' (float32 master weights for the group in training), or leave it unset")  # fmt: skip
         _require(self.lm_loss_chunk_tokens >= 0, "lm_loss_chunk_tokens", self.lm_loss_chunk_tokens,
                  "use 0 (off) or a number of tokens, e.g. 128")  # fmt: skip
         secret = self.run_secret  # the message never shows the secret, only what is wrong with it

@@ -61,6 +61,13 @@ CONFIGS = {
     "bert_head": lambda: (tiny_bert(), cls_dataset(n=36), _lora(["query", "key", "value"], "SEQ_CLS"), {}),
     "llama_dora": lambda: (tiny_llama(), lm_dataset(n=36), _lora(["q_proj", "v_proj"], use_dora=True), {}),
     "llama_full": lambda: (tiny_llama(), lm_dataset(n=36), None, {"train_mode": "full"}),
+    # a bfloat16 base in full mode with float32 master weights (in the optimizer's state: resumes must restore them)
+    "llama_full_bf16_master": lambda: (
+        tiny_llama().to(torch.bfloat16),
+        lm_dataset(n=36),
+        None,
+        {"train_mode": "full", "bf16": True, "master_dtype": "float32"},
+    ),  # fmt: skip
     # one node over several devices: frozen blocks offloaded to disk, a different map in every process
     "llama_offload": lambda: (
         offloaded_llama(OFFLOADED_BLOCKS[os.environ.get("RANK")], _lora(["q_proj", "v_proj"])),

@@ -40,6 +40,7 @@ from ..engine.relay import Relay
 from ..engine.session import Session
 from ..launch import LaunchInfo
 from ..lm_loss import chunked_causal_lm_loss
+from ..master_weights import keep_master_weights
 from ..memory import PeakMemory
 from ..model_card import write_model_card
 from ..plan import PLAN_FILE, Stage, format_plan, save_plan
@@ -487,6 +488,8 @@ class SnakeTrainer(Trainer):
         if fresh and self.args.group_learning_rate_scale is not None and self._current is not None:
             factor = self.args.group_learning_rate_scale[self._current.stage.group]
             scale_group_learning_rate(optimizer, self.model, shared, factor)
+        if self.args.master_dtype is not None and not optimizer.state:  # last: the groups above match the model
+            keep_master_weights(optimizer, getattr(torch, self.args.master_dtype))  # (the user's first one too)
         return optimizer
 
     # ---- stage boundaries ----
