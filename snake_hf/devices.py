@@ -214,7 +214,12 @@ def peft_on_offloaded_base() -> Iterator[None]:
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    original = BaseTunerLayer._move_adapter_to_device_of_base_layer
+    # BaseTunerLayer._move_adapter_to_device_of_base_layer: private (peft 0.21); where a peft lacks it, adapters on
+    # `meta` are placed afterwards by `materialize_offloaded_adapters` (new draws, with a warning).
+    original = getattr(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", None)
+    if original is None:
+        yield
+        return
     loaded: list[tuple[nn.Module, list[str]]] = []
 
     def move(layer, adapter_name, device=None):
