@@ -91,6 +91,7 @@ class Settings:
     iid_variants: str = "none"  # the same, on the IID split
     workdir: str = ""  # keep every method's result here and reuse it on a rerun of the same settings ("": none)
     splits: str = "iid,dirichlet"  # which splits to run
+    cyclic: int = 1  # also run cyclic weight transfer (1) or not (0)
 
     @property
     def total_steps(self) -> int:
@@ -288,6 +289,39 @@ def run_fedavg(s: Settings, shards: list[datasets.Dataset], test: datasets.Datas
     }
 
 
+def run_cyclic(s: Settings, shards: list[datasets.Dataset], test: datasets.Dataset, device: torch.device) -> dict:
+    """Cyclic weight transfer: one model visits the nodes 0..N-1 in G*P cycles; every visit trains the whole model for
+    `s.stage_steps` local steps (a fresh AdamW, on the global schedule, as FedAvg's local training) and hands the whole
+    model (weights and batch-norm buffers) to the next node. T = cycles*N*s steps, as every method."""
+    model = build_model(s).to(device)
+    cycles = s.num_groups * s.num_passes
+    streams = [_batches(shard, s.batch_size, s.seed + node) for node, shard in enumerate(shards)]
+    meter, peaks = PeakMemory(device), [0] * len(shards)
+    curve = [(0, classification_accuracy(model, test, s.eval_batch_size))]
+    total = cycles * len(shards) * s.stage_steps
+    start = time.perf_counter()
+    for cycle in range(cycles):
+        for node, stream in enumerate(streams):
+            meter.reset()
+            visit = cycle * len(shards) + node
+            _local_training(model, stream, s, visit * s.stage_steps, total)
+            peaks[node] = max(peaks[node], meter.read() or 0)
+        curve.append(
+            ((cycle + 1) * len(shards) * s.stage_steps, classification_accuracy(model, test, s.eval_batch_size))
+        )
+    model_bytes = _nbytes(model.state_dict().values())
+    hops = cycles * len(shards) - 1  # every visit but the first receives the whole model
+    return {
+        "curve": curve,
+        "bytes_moved": model_bytes * hops,
+        "tensor_bytes_moved": model_bytes * hops,
+        "messages": hops,
+        "peak_rss_per_node": {str(n): v for n, v in enumerate(peaks)},
+        "trainable_state_bytes": _trainable_state_bytes(model.parameters()),
+        "seconds": time.perf_counter() - start,
+    }
+
+
 # ---- centralized ----
 
 
@@ -355,6 +389,9 @@ def run(s: Settings) -> dict:
                 )
                 print(methods[f"snake + {name}"].pop("stages", ""), flush=True)
             methods["fedavg"] = fedavg
+            if s.cyclic:
+                print(f"cyclic ({split}) ...", flush=True)
+                methods["cyclic"] = cached(f"{split}_cyclic", run_cyclic, s, shards, test, device)
             results["splits"][split] = {"shards": summary.to_dict(), "methods": methods}
         print(f"centralized: {s.total_steps} steps on {len(train)} pooled images ...", flush=True)
         centralized = cached("centralized", run_centralized, s, train, test, f"{tmp}/centralized")
@@ -367,7 +404,7 @@ def _cached(s: Settings, key: str, compute, *args, **kwargs) -> dict:
     """`compute(*args, **kwargs)`, or its result kept in `s.workdir` by an earlier run of the same settings."""
     if not s.workdir:
         return compute(*args, **kwargs)
-    what = ("name", "variants", "iid_variants", "workdir", "splits", "threads")  # not what a method computes
+    what = ("name", "variants", "iid_variants", "workdir", "splits", "threads", "cyclic")  # not what a method computes
     fields = {k: v for k, v in dataclasses.asdict(s).items() if k not in what}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
     path = Path(s.workdir) / f"{digest}_{key.replace(' ', '_')}.json"
@@ -431,6 +468,7 @@ COLORS = {
     "snake + logit adjustment": "tab:cyan",
     "snake + restricted softmax": "tab:purple",
     "fedavg": "tab:orange",
+    "cyclic": "tab:brown",
     "centralized": "tab:green",
 }
 
