@@ -270,7 +270,7 @@ def test_distributed_walk_in_one_process_repairs_as_the_simulated_final_pass(nai
     `run`, and hops that carry the same statistics parts and bytes (without the model parts the simulation's carry)."""
     _, _, trainer = naive_forgetting
     args = copy.copy(trainer.args)
-    for name, value in options.items():
+    for name, value in (options | {"head_calibration_samples": 50, "head_calibration_steps": 20}).items():
         setattr(args, name, value)
     last = trainer.plan[-1]
     results = {}
