@@ -10,6 +10,9 @@ starts from the same initial weights (seed), sees the same shards, and takes the
 * **FedAvg**: G*P rounds; in each, every node trains the whole model for s local steps from the global model on its
   shard (a fresh AdamW each round), then a server averages the weights AND the batch-norm buffers, weighted by shard
   size. T = rounds*N*s steps. Bytes moved: 2 x model bytes x N per round (download and upload).
+* **Cyclic** (cyclic weight transfer): one model visits the nodes 0..N-1 in G*P cycles; each visit trains the whole
+  model for s steps (FedAvg's local training: a fresh AdamW, the global schedule) and hands it on. T = cycles*N*s
+  steps. Bytes moved: the whole model (weights and batch-norm buffers) per hop. `--cyclic 0` leaves it out.
 * **Centralized**: plain `Trainer` on the pooled training data for T steps (the data itself moves to one place).
 
 Held-out accuracy is measured after every Snake stage, every FedAvg round and every s centralized steps. Peak
@@ -19,7 +22,9 @@ state of what trains, the part that differs between methods) is the clearer comp
 
 Usage:
     python benchmarks/vision.py --quick   # minutes on 2 CPU cores: benchmarks/results/vision_quick.{json,md,png}
-    python benchmarks/vision.py           # full size (60k images, wider model): about an hour on 2 CPU cores
+    python benchmarks/vision.py           # full size (60k images, wider model): about an hour per method on 2 CPU cores
+    python benchmarks/vision.py --name half --train_size 30000 --eval_size 5000 --width 0.25 --batch_size 32 \
+        --stage_steps 100 --threads 1   # half the training set, 5x quick's steps: minutes per method
     python benchmarks/vision.py --quick --num_nodes 5 --alpha 0.5   # any setting can be overridden
     python benchmarks/vision.py --quick --variants "bn + calibration (full),proximal 0.01" \
         --workdir benchmarks/results/vision_runs_quick   # chosen mitigations; each method's result kept and reused
