@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -25,7 +26,7 @@ from snake_hf.calibration import (
 from snake_hf.engine.payload import PayloadError, decode_payload, encode_payload
 from snake_hf.recipes.vision import BLOCK_LIST_PATH, VGG11, synthetic_image_dataset
 from snake_hf.report import SnakeReport
-from snake_hf.trainer.final_pass import FinalPass, check_final_pass, node_batches, walk_order
+from snake_hf.trainer.final_pass import FinalPass, check_final_pass, node_batches, run_final_pass, walk_order
 
 
 @pytest.fixture(autouse=True)
@@ -290,3 +291,16 @@ def test_distributed_walk_in_one_process_repairs_as_the_simulated_final_pass(nai
         model_parts = [p for p in sim.parts if p.startswith("g")]
         assert hop.parts == [p for p in sim.parts if not p.startswith("g")]
         assert hop.tensor_nbytes == sim.tensor_nbytes - sum(trainer.snake_report.part_nbytes[p] for p in model_parts)
+
+
+def test_distributed_final_pass_is_skipped_after_a_node_failure(naive_forgetting, monkeypatch):
+    """cs failover: a failed node's statistics are missing, so the repairs are skipped and the trained model kept."""
+    _, _, trainer = naive_forgetting
+    monkeypatch.setattr(trainer.args, "head_calibration", "full")
+    monkeypatch.setattr(trainer, "session", SimpleNamespace(distributed=True))
+    monkeypatch.setattr(trainer._relay, "failed", {1}, raising=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    hops = len(trainer.snake_report.hops)
+    run_final_pass(trainer, len(trainer.plan) - 1, trainer.plan[-1].node)
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    assert len(trainer.snake_report.hops) == hops
