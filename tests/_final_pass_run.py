@@ -50,7 +50,10 @@ def run(out_dir: str, topology: str, num_nodes: int, repairs: str, engine: str =
     state = {name: tensor.detach().contiguous() for name, tensor in trainer.model.state_dict().items()}
     save_file(state, os.path.join(out_dir, f"state-{rank}.safetensors"))
     if rank == 0:
-        Path(out_dir, "report.json").write_text(json.dumps(trainer.snake_report.to_dict(), default=str))
+        report = trainer.snake_report.to_dict() | {
+            "authenticated": bool(getattr(trainer.transport, "authenticated", 0))
+        }
+        Path(out_dir, "report.json").write_text(json.dumps(report, default=str))
     trainer.transport.close()
     return trainer
 

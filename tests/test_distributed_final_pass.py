@@ -21,14 +21,20 @@ HERE = Path(__file__).parent
 STATS_PARTS = ("batchnorm/", "features/")
 
 
-def _launch(out_dir: Path, topology: str, num_nodes: int, repairs: str, timeout: float = 240) -> None:
-    """One process per node joined through the rendezvous store, each with its own PYTHONHASHSEED."""
+def _launch(
+    out_dir: Path, topology: str, num_nodes: int, repairs: str, secret: str = "", timeout: float = 240
+) -> None:
+    """One process per node joined through the rendezvous store, each with its own PYTHONHASHSEED (and, with `secret`,
+    authenticated: every store message and payload sealed and checked)."""
     port = _free_port()
     procs = []
     for rank in range(num_nodes):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(num_nodes), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                    PYTHONHASHSEED=str(211 + 13 * rank))  # fmt: skip
+        env.pop("SNAKE_RUN_SECRET", None)
+        if secret:
+            env["SNAKE_RUN_SECRET"] = secret
         command = [sys.executable, str(HERE / "_final_pass_run.py"), str(out_dir), topology, str(num_nodes), repairs]
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
@@ -55,15 +61,21 @@ def _final_hops(hops, num_stages: int) -> dict[tuple[int, int], dict]:
     return {(h["sender"], h["receiver"]): h for h in hops if h["to_stage"] == num_stages}
 
 
+CASES = [
+    pytest.param(topology, n, repairs, "", id=f"{topology}-{n}-{repairs}")
+    for topology in ("p2p", "cs")
+    for n, repairs in ((2, "both"), (3, "both"), (3, "bn"), (2, "head"))
+] + [pytest.param("cs", 3, "both", "final-pass-secret", id="cs-3-both-authenticated")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("topology", ["p2p", "cs"])
-@pytest.mark.parametrize(("num_nodes", "repairs"), [(2, "both"), (3, "both"), (3, "bn"), (2, "head")])
-def test_distributed_final_pass_matches_the_simulation_bit_for_bit(tmp_path, topology, num_nodes, repairs):
+@pytest.mark.parametrize(("topology", "num_nodes", "repairs", "secret"), CASES)
+def test_distributed_final_pass_matches_the_simulation_bit_for_bit(tmp_path, topology, num_nodes, repairs, secret):
     (tmp_path / "sim").mkdir()
     expected, sim_report = _simulate(tmp_path / "sim", num_nodes, repairs)
     (tmp_path / "plain").mkdir()
     untouched, _ = _simulate(tmp_path / "plain", num_nodes, "none")
-    _launch(tmp_path, topology, num_nodes, repairs)
+    _launch(tmp_path, topology, num_nodes, repairs, secret)
     for rank in range(num_nodes):
         state = load_file(str(tmp_path / f"state-{rank}.safetensors"))
         assert state.keys() == expected.keys()
@@ -74,6 +86,7 @@ def test_distributed_final_pass_matches_the_simulation_bit_for_bit(tmp_path, top
     # the same walk, with the same statistics parts and bytes; the simulation's hops also carry the model parts a
     # node lacks (distributed, the final hand-over brought them to every rank)
     report = json.loads((tmp_path / "report.json").read_text())
+    assert report["authenticated"] == bool(secret)
     num_stages = len(report["stages"])
     sim_hops = _final_hops([vars(h) for h in sim_report.hops], num_stages)
     hops = _final_hops(report["hops"], num_stages)
