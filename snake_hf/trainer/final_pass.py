@@ -22,8 +22,9 @@ before it computes its features, as the simulation's shared model has them. The 
 exactly as in the simulation (same code, same order of summation) and hands the repairs (the pooled moments, or the
 calibrated head's weights) to every process, which load them: every process ends with the same bits, equal to the
 simulation's on the same kernels (tests/test_distributed_final_pass.py). Like the final hand-over, that last
-broadcast is not a hop of the report. A cs run in which a node failed skips the final pass with a warning (the failed
-node's statistics are missing).
+broadcast is not a hop of the report. The repairs land after `Trainer.train`'s own loop has ended (an evaluation it
+runs at the end of training sees the unrepaired model; one after `train()` returns sees the repaired one). A cs run
+in which a node failed skips the final pass with a warning (the failed node's statistics are missing).
 """
 
 from __future__ import annotations
@@ -318,7 +319,7 @@ class FinalPass:
 
     def _relay_walk(self, order, last_stage, carried, kind, contribute) -> dict[str, torch.Tensor]:
         """Distributed: this process's part of the walk over `order` (every process takes part in every hop, so the cs
-        coordinator can pass it on). Returns what the walk gathered on the walk's last node (else what this node sent)."""
+        coordinator can pass it on). Returns what the walk gathered on its last node's process ({} on the others)."""
         mine = self.relay.local_nodes
         carried = dict(carried) if order[0] in mine else {}
         back = kind == "features" and self.args.recompute_batchnorm  # the pooled moments travel too
@@ -352,7 +353,7 @@ class FinalPass:
         if receiver not in mine:
             return {}
         tensors = dict(decode_payload(encoded, self.stats_spec, expected_parts=expected).tensors)
-        if POOLED_BATCHNORM in expected and self.args.recompute_batchnorm:
+        if POOLED_BATCHNORM in expected:  # the way back: this node's features must see the pooled moments
             pooled = self._strip(tensors, POOLED_BATCHNORM)
             round_to_wire(load_batchnorm(self.model, pooled), self.args.payload_dtype)  # as the pooling node did
         return tensors
