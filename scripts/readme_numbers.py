@@ -433,7 +433,7 @@ def vision_larger(name: str) -> str:
             "",
             *rows,
             "",
-            source(VISION_HALF),
+            source(name),
         ]
     )
 
@@ -475,7 +475,7 @@ def vision_skew() -> str:
 
 
 def label_skew_headline() -> str:
-    results = load(VISION_HALF)  # the larger of the two vision runs (vision_skew has every quick variant)
+    results = load(VISION_ALL)  # the largest vision run (vision_skew has every quick variant)
     split = next(k for k in results["splits"] if k.startswith("dirichlet"))
     methods = results["splits"][split]["methods"]
     final = {k: r["curve"][-1][1] for k, r in methods.items()}
@@ -495,7 +495,7 @@ def label_skew_headline() -> str:
             f"`{text['variants'][text_best]}` reaches {acc(runs[text_best]['final_metric'])} against centralized "
             f"{acc(central)} ({100 * (runs[text_best]['final_metric'] - central):+.1f} points).",
             "",
-            source(VISION_HALF, NONIID_CAL),
+            source(VISION_ALL, NONIID_CAL),
         ]
     )
 
