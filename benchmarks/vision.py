@@ -10,6 +10,9 @@ starts from the same initial weights (seed), sees the same shards, and takes the
 * **FedAvg**: G*P rounds; in each, every node trains the whole model for s local steps from the global model on its
   shard (a fresh AdamW each round), then a server averages the weights AND the batch-norm buffers, weighted by shard
   size. T = rounds*N*s steps. Bytes moved: 2 x model bytes x N per round (download and upload).
+* **Cyclic** (cyclic weight transfer): one model visits the nodes 0..N-1 in G*P cycles; each visit trains the whole
+  model for s steps (FedAvg's local training: a fresh AdamW, the global schedule) and hands it on. T = cycles*N*s
+  steps. Bytes moved: the whole model (weights and batch-norm buffers) per hop. `--cyclic 0` leaves it out.
 * **Centralized**: plain `Trainer` on the pooled training data for T steps (the data itself moves to one place).
 
 Held-out accuracy is measured after every Snake stage, every FedAvg round and every s centralized steps. Peak
@@ -19,7 +22,9 @@ state of what trains, the part that differs between methods) is the clearer comp
 
 Usage:
     python benchmarks/vision.py --quick   # minutes on 2 CPU cores: benchmarks/results/vision_quick.{json,md,png}
-    python benchmarks/vision.py           # full size (60k images, wider model): about an hour on 2 CPU cores
+    python benchmarks/vision.py           # full size (60k images, wider model): about an hour per method on 2 CPU cores
+    python benchmarks/vision.py --name half --train_size 30000 --eval_size 5000 --width 0.25 --batch_size 32 \
+        --stage_steps 100 --threads 1   # half the training set, 5x quick's steps: minutes per method
     python benchmarks/vision.py --quick --num_nodes 5 --alpha 0.5   # any setting can be overridden
     python benchmarks/vision.py --quick --variants "bn + calibration (full),proximal 0.01" \
         --workdir benchmarks/results/vision_runs_quick   # chosen mitigations; each method's result kept and reused
@@ -91,6 +96,7 @@ class Settings:
     iid_variants: str = "none"  # the same, on the IID split
     workdir: str = ""  # keep every method's result here and reuse it on a rerun of the same settings ("": none)
     splits: str = "iid,dirichlet"  # which splits to run
+    cyclic: int = 1  # also run cyclic weight transfer (1) or not (0)
 
     @property
     def total_steps(self) -> int:
@@ -288,6 +294,39 @@ def run_fedavg(s: Settings, shards: list[datasets.Dataset], test: datasets.Datas
     }
 
 
+def run_cyclic(s: Settings, shards: list[datasets.Dataset], test: datasets.Dataset, device: torch.device) -> dict:
+    """Cyclic weight transfer: one model visits the nodes 0..N-1 in G*P cycles; every visit trains the whole model for
+    `s.stage_steps` local steps (a fresh AdamW, on the global schedule, as FedAvg's local training) and hands the whole
+    model (weights and batch-norm buffers) to the next node. T = cycles*N*s steps, as every method."""
+    model = build_model(s).to(device)
+    cycles = s.num_groups * s.num_passes
+    streams = [_batches(shard, s.batch_size, s.seed + node) for node, shard in enumerate(shards)]
+    meter, peaks = PeakMemory(device), [0] * len(shards)
+    curve = [(0, classification_accuracy(model, test, s.eval_batch_size))]
+    total = cycles * len(shards) * s.stage_steps
+    start = time.perf_counter()
+    for cycle in range(cycles):
+        for node, stream in enumerate(streams):
+            meter.reset()
+            visit = cycle * len(shards) + node
+            _local_training(model, stream, s, visit * s.stage_steps, total)
+            peaks[node] = max(peaks[node], meter.read() or 0)
+        curve.append(
+            ((cycle + 1) * len(shards) * s.stage_steps, classification_accuracy(model, test, s.eval_batch_size))
+        )
+    model_bytes = _nbytes(model.state_dict().values())
+    hops = cycles * len(shards) - 1  # every visit but the first receives the whole model
+    return {
+        "curve": curve,
+        "bytes_moved": model_bytes * hops,
+        "tensor_bytes_moved": model_bytes * hops,
+        "messages": hops,
+        "peak_rss_per_node": {str(n): v for n, v in enumerate(peaks)},
+        "trainable_state_bytes": _trainable_state_bytes(model.parameters()),
+        "seconds": time.perf_counter() - start,
+    }
+
+
 # ---- centralized ----
 
 
@@ -355,6 +394,9 @@ def run(s: Settings) -> dict:
                 )
                 print(methods[f"snake + {name}"].pop("stages", ""), flush=True)
             methods["fedavg"] = fedavg
+            if s.cyclic:
+                print(f"cyclic ({split}) ...", flush=True)
+                methods["cyclic"] = cached(f"{split}_cyclic", run_cyclic, s, shards, test, device)
             results["splits"][split] = {"shards": summary.to_dict(), "methods": methods}
         print(f"centralized: {s.total_steps} steps on {len(train)} pooled images ...", flush=True)
         centralized = cached("centralized", run_centralized, s, train, test, f"{tmp}/centralized")
@@ -367,7 +409,7 @@ def _cached(s: Settings, key: str, compute, *args, **kwargs) -> dict:
     """`compute(*args, **kwargs)`, or its result kept in `s.workdir` by an earlier run of the same settings."""
     if not s.workdir:
         return compute(*args, **kwargs)
-    what = ("name", "variants", "iid_variants", "workdir", "splits", "threads")  # not what a method computes
+    what = ("name", "variants", "iid_variants", "workdir", "splits", "threads", "cyclic")  # not what a method computes
     fields = {k: v for k, v in dataclasses.asdict(s).items() if k not in what}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
     path = Path(s.workdir) / f"{digest}_{key.replace(' ', '_')}.json"
@@ -431,6 +473,7 @@ COLORS = {
     "snake + logit adjustment": "tab:cyan",
     "snake + restricted softmax": "tab:purple",
     "fedavg": "tab:orange",
+    "cyclic": "tab:brown",
     "centralized": "tab:green",
 }
 

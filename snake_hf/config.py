@@ -137,13 +137,13 @@ class SnakeConfig(TrainingArguments):
             the classifier's input (count, mean and `"diagonal"` variances or `"full"` covariances) and re-fits the
             classifier (the last trainable `nn.Linear`) on virtual features drawn from the pooled Gaussians (CCVR,
             `snake_hf.calibration`). The statistics travel as counted payload parts; they reveal each node's class
-            counts and per-class feature means and spreads. Simulation engine only for now. Unset: off.
+            counts and per-class feature means and spreads. Simulation and distributed runs (p2p, cs). Unset: off.
         head_calibration_samples (`int`, defaults to `500`): virtual features drawn per class.
         head_calibration_steps (`int`, defaults to `200`): full-batch Adam steps (lr 0.01) of the re-fit.
         recompute_batchnorm (`bool`, defaults to `False`):
             After the last stage, a final pass over the nodes recomputes every batch-norm layer's running statistics
             on each node's shard with the final model and pools them, weighted by shard size (before a head
-            calibration, which then sees them). Simulation engine only for now.
+            calibration, which then sees them). Simulation and distributed runs (p2p, cs).
         node_profiles (`str` or `list[dict]`, *optional*):
             One profile per node — `memory_bytes` (e.g. "2GiB"), `speed` (relative), `num_examples` — or the path of
             a YAML/JSON file of them (see `snake_hf.capacity.planner.NodeProfile`). With the designated schedule the blocks

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
 import datasets
 import pytest
 import torch
@@ -22,7 +25,8 @@ from snake_hf.calibration import (
 )
 from snake_hf.engine.payload import PayloadError, decode_payload, encode_payload
 from snake_hf.recipes.vision import BLOCK_LIST_PATH, VGG11, synthetic_image_dataset
-from snake_hf.trainer.final_pass import FinalPass, check_final_pass, walk_order
+from snake_hf.report import SnakeReport
+from snake_hf.trainer.final_pass import FinalPass, check_final_pass, node_batches, run_final_pass, walk_order
 
 
 @pytest.fixture(autouse=True)
@@ -137,11 +141,11 @@ def test_bad_final_pass_and_proximal_options_are_refused_by_name(tmp_path, field
 
 
 @pytest.mark.parametrize("field", ["head_calibration", "recompute_batchnorm"])
-def test_final_pass_is_refused_in_distributed_mode(tmp_path, field):
+def test_final_pass_is_refused_over_iterable_streams(tmp_path, field):
     args = SnakeConfig(output_dir=str(tmp_path), **{field: "full" if field == "head_calibration" else True})
-    check_final_pass(args, distributed=False)
-    with pytest.raises(ValueError, match=f"`{field}`.*simulation"):
-        check_final_pass(args, distributed=True)
+    check_final_pass(args, streaming=False)
+    with pytest.raises(ValueError, match=f"`{field}`.*iterable stream"):
+        check_final_pass(args, streaming=True)
 
 
 # ---- two nodes with disjoint classes: the first node's classes are forgotten ----
@@ -248,3 +252,55 @@ def test_statistics_payload_is_verified_and_a_corrupted_one_refused(tmp_path, na
     with pytest.raises(PayloadError, match="checksum"):
         decode_payload(wire, final.stats_spec, expected_parts=["features/node1"])
     trainer.args.head_calibration, trainer.args.recompute_batchnorm = None, False
+
+
+# ---- the distributed walk's logic, in one process ----
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"recompute_batchnorm": True},
+        {"head_calibration": "full"},
+        {"recompute_batchnorm": True, "head_calibration": "diagonal"},
+    ],
+    ids=["bn", "head", "both"],
+)
+def test_distributed_walk_in_one_process_repairs_as_the_simulated_final_pass(naive_forgetting, options):
+    """`run_distributed` with every node local (the relay passes payloads on in memory): the same repaired model as
+    `run`, and hops that carry the same statistics parts and bytes (without the model parts the simulation's carry)."""
+    _, _, trainer = naive_forgetting
+    args = copy.copy(trainer.args)
+    for name, value in (options | {"head_calibration_samples": 50, "head_calibration_steps": 20}).items():
+        setattr(args, name, value)
+    last = trainer.plan[-1]
+    results = {}
+    for method in ("run", "run_distributed"):
+        relay = copy.deepcopy(trainer._relay)  # with its own copy of the trained model and of the version ledger
+        report = SnakeReport(num_nodes=2, num_groups=1, part_nbytes=trainer.snake_report.part_nbytes)
+        batches = lambda node: node_batches(trainer, node)  # noqa: E731
+        getattr(FinalPass(args, relay.model, trainer.part_map, relay, report, batches, 4), method)(
+            last.index, last.node
+        )
+        results[method] = (relay.model.state_dict(), report.hops)
+    (simulated, sim_hops), (state, hops) = results["run"], results["run_distributed"]
+    assert all(torch.equal(state[k], simulated[k]) for k in simulated)
+    assert any(not torch.equal(simulated[k], v) for k, v in trainer.model.state_dict().items()), "nothing repaired"
+    assert [(h.sender, h.receiver) for h in hops] == [(h.sender, h.receiver) for h in sim_hops]
+    for hop, sim in zip(hops, sim_hops):
+        model_parts = [p for p in sim.parts if p.startswith("g")]
+        assert hop.parts == [p for p in sim.parts if not p.startswith("g")]
+        assert hop.tensor_nbytes == sim.tensor_nbytes - sum(trainer.snake_report.part_nbytes[p] for p in model_parts)
+
+
+def test_distributed_final_pass_is_skipped_after_a_node_failure(naive_forgetting, monkeypatch):
+    """cs failover: a failed node's statistics are missing, so the repairs are skipped and the trained model kept."""
+    _, _, trainer = naive_forgetting
+    monkeypatch.setattr(trainer.args, "head_calibration", "full")
+    monkeypatch.setattr(trainer, "session", SimpleNamespace(distributed=True))
+    monkeypatch.setattr(trainer._relay, "failed", {1}, raising=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    hops = len(trainer.snake_report.hops)
+    run_final_pass(trainer, len(trainer.plan) - 1, trainer.plan[-1].node)
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    assert len(trainer.snake_report.hops) == hops

@@ -379,6 +379,20 @@ class FailoverRelay(Relay):
                 self.failures.append({"rank": node, "stage": None, "action": "none", "reason": str(error)})
                 self.report.failures = list(self.failures)
 
+    def pass_on(self, encoded: EncodedPayload | None, src: int, dst: int, hop: str) -> EncodedPayload | None:
+        """As [`Relay.pass_on`], through the coordinator when neither end is it (it forwards the bytes unchanged; the
+        receiver verifies them)."""
+        path = [src] + ([self.coordinator] if self.coordinator not in (src, dst) else []) + [dst]
+        if self.rank not in path:
+            return None
+        position = path.index(self.rank)
+        if position > 0:
+            encoded = self.transport.recv_from(path[position - 1], hop, src=src, dst=dst)
+        if position < len(path) - 1:
+            self.transport.send_to(path[position + 1], encoded, hop, src=src, dst=dst)
+            return None
+        return encoded
+
     def gather_text(self, name: str, text: str) -> list[str] | None:
         """Every live rank's `text` on the coordinator, plus the last report each failed rank published."""
         final = f"{_REPORT.format(self.rank)}/{name}"

@@ -25,6 +25,7 @@ from ..report import HopRecord, SnakeReport
 from .deltas import DeltaBook
 from .ledger import VersionLedger
 from .payload import (
+    EncodedPayload,
     PayloadError,
     PayloadSpec,
     build_payload,
@@ -293,6 +294,27 @@ class Relay:
     def gather_text(self, name: str, text: str) -> list[str] | None:
         """Every process's `text` on the first one (None elsewhere); see `Transport.gather_text`."""
         return self.transport.gather_text(name, text)
+
+    # -- payloads outside the plan's stages (the final pass) --
+
+    def pass_on(self, encoded: EncodedPayload | None, src: int, dst: int, hop: str) -> EncodedPayload | None:
+        """Moves `encoded` (given on node `src`'s process) to node `dst`'s process, outside the plan's stages (the
+        final pass's statistics); returns it there and None on every other process. Every process calls it for every
+        such hop, in the same order (in cs topology the coordinator passes it on). `hop` names it uniquely in the run.
+        In one process (simulation) it returns `encoded`: both ends are local."""
+        local_src, local_dst = src in self.local_nodes, dst in self.local_nodes
+        if local_src and local_dst:
+            return encoded
+        if local_src:
+            self.transport.send_to(dst, encoded, hop, src=src, dst=dst)
+        elif local_dst:
+            return self.transport.recv_from(src, hop, src=src, dst=dst)
+        return None
+
+    def broadcast(self, encoded: EncodedPayload | None, src: int) -> EncodedPayload | None:
+        """Hands `encoded` from node `src`'s process to every process (the final pass's repairs, after the run's final
+        hand-over); returns it everywhere. In one process: `encoded`."""
+        return self.transport.broadcast_final(encoded, src)
 
     def _receive(self, previous: Stage, stage: Stage) -> tuple[int, float]:
         start = time.perf_counter()

@@ -14,7 +14,17 @@ them), so the walk goes out gathering batch-norm moments, the far end pools them
 carrying the pooled statistics (not the parts they change: every node already holds the final weights) while it
 gathers the per-class features. Bytes: (N-1) model hops (what each node lacks) plus the statistics, once or twice.
 
-Simulation only for now: in distributed mode the options are refused where the run starts (see `check_final_pass`).
+**Distributed runs** (p2p and cs) run the same walks after the run's final hand-over, when every process already holds
+the final model: each hop carries the statistics only (a verified, counted payload sent over the run's transport; in
+cs through the coordinator), so a hop's bytes are the simulation's less the model parts (which the hand-over brought).
+Each node adds its statistics, computed on its own shard; on the way back a node loads the pooled batch-norm moments
+before it computes its features, as the simulation's shared model has them. The walk's last node pools and repairs
+exactly as in the simulation (same code, same order of summation) and hands the repairs (the pooled moments, or the
+calibrated head's weights) to every process, which load them: every process ends with the same bits, equal to the
+simulation's on the same kernels (tests/test_distributed_final_pass.py). Like the final hand-over, that last
+broadcast is not a hop of the report. The repairs land after `Trainer.train`'s own loop has ended (an evaluation it
+runs at the end of training sees the unrepaired model; one after `train()` returns sees the repaired one). A cs run
+in which a node failed skips the final pass with a warning (the failed node's statistics are missing).
 """
 
 from __future__ import annotations
@@ -52,15 +62,17 @@ logger = logging.get_logger(__name__)
 __all__ = ["FinalPass", "check_final_pass", "needs_final_pass", "node_batches", "run_final_pass", "walk_order"]
 
 POOLED_BATCHNORM = "batchnorm/pooled"
+CALIBRATED_HEAD = "head/calibrated"
 
 
-def check_final_pass(args: SnakeConfig, distributed: bool) -> None:
-    """Refuses the final-pass options where they are not implemented, before any work."""
+def check_final_pass(args: SnakeConfig, streaming: bool) -> None:
+    """Refuses the final-pass options where they are not implemented, before any work: nodes that read their data
+    as an iterable stream (distributed, one stream per rank), whose shard cannot be read again after training."""
     used = [name for name in ("head_calibration", "recompute_batchnorm") if getattr(args, name)]
-    if used and distributed:  # checked where the run starts
+    if used and streaming:
         raise ValueError(
-            f"`{used[0]}` ({getattr(args, used[0])!r}) runs a final pass over the nodes that only the simulation engine "
-            "implements so far; use engine='simulation', or turn it off for distributed runs."
+            f"`{used[0]}` ({getattr(args, used[0])!r}) reads every node's shard again after training, which an "
+            "iterable stream does not allow; pass each rank's data as a Dataset, or turn it off."
         )
 
 
@@ -80,13 +92,23 @@ def node_batches(trainer, node: int) -> Iterable[Mapping]:
 
 
 def run_final_pass(trainer, last_stage: int, last_node: int) -> None:
-    """The final pass of a simulated `SnakeTrainer` run, after its last stage (`last_stage` on `last_node`)."""
+    """The final pass of a `SnakeTrainer` run after its last stage (`last_stage` on `last_node`): in simulation at
+    that stage's end; distributed on every process, after the run's final hand-over."""
     base = unwrap_model(trainer.model)
     num_classes = getattr(getattr(base, "config", None), "num_labels", None) or getattr(base, "num_labels", None)
     batches = lambda node: node_batches(trainer, node)  # noqa: E731
-    final = FinalPass(trainer.args, trainer.model, trainer.part_map, trainer._relay, trainer.snake_report, batches,
+    relay = trainer._relay
+    final = FinalPass(trainer.args, trainer.model, trainer.part_map, relay, trainer.snake_report, batches,
                       num_classes)  # fmt: skip
-    final.run(last_stage, last_node)
+    if not trainer.session.distributed:
+        final.run(last_stage, last_node)
+        return
+    failed = sorted(getattr(relay, "failed", ()))
+    if failed:  # cs failover: the failed nodes' statistics cannot be had
+        logger.warning(f"Final pass skipped: node(s) {failed} failed in this run, and the repairs need every node's "
+                       "statistics; the model is the trained one, unrepaired.")  # fmt: skip
+        return
+    final.run_distributed(last_stage, last_node)
 
 
 def walk_order(num_nodes: int, start: int) -> list[int]:
@@ -144,7 +166,16 @@ class FinalPass:
             self.head_name, self.head = find_head(model, self.part_of)
         self.num_classes = num_classes
         self._rebuilt: set[str] = set()  # parts the pooled batch-norm statistics rebuild on a receiver
-        self.stats_spec = PayloadSpec(relay.spec.fingerprint, relay.spec.adapter_hash, self._layout())
+        layout = self._layout()
+        self.stats_spec = PayloadSpec(relay.spec.fingerprint, relay.spec.adapter_hash, layout)
+        # distributed: the repairs the walk's last node hands to every process (pooled moments, or the head)
+        repairs = {part: layout[part] for part in (POOLED_BATCHNORM,) if part in layout}
+        if self.head is not None:
+            head = {"weight": self.head.weight} | ({"bias": self.head.bias} if self.head.bias is not None else {})
+            repairs = {
+                CALIBRATED_HEAD: {f"{CALIBRATED_HEAD}.{k}": ("float32", tuple(t.shape)) for k, t in head.items()}
+            }
+        self.repairs_spec = PayloadSpec(relay.spec.fingerprint, relay.spec.adapter_hash, repairs)
 
     def _layout(self) -> dict[str, dict[str, tuple[str, tuple[int, ...]]]]:
         """Every statistics part and its tensors' shapes, known from the model alone (identical on every node)."""
@@ -170,16 +201,9 @@ class FinalPass:
         order = walk_order(self.num_nodes, last_node)
         if self.args.recompute_batchnorm:
             gathered = self._walk(order, last_stage, {}, self._batchnorm_contribution)
-            pooled = pool_batchnorm(
-                (
-                    self._strip(gathered, _node_part(n, "batchnorm")),
-                    int(gathered[f"{_node_part(n, 'batchnorm')}.count"]),
-                )
-                for n in order
-            )
+            pooled = self._pool_batchnorm(gathered, order)
             # The pooled statistics rebuild these parts on every later receiver: they travel instead of the parts.
             self._rebuilt = set(self._record_change(order[-1], load_batchnorm(self.model, pooled)))
-            logger.info(f"Final pass: batch-norm statistics pooled over {self.num_nodes} nodes on node {order[-1]}.")
             if self.head is None:
                 return
             carried = {f"{POOLED_BATCHNORM}.{k}": v for k, v in pooled.items()}
@@ -187,6 +211,49 @@ class FinalPass:
             gathered = self._walk(order, last_stage, carried, self._feature_contribution)
         else:
             gathered = self._walk(order, last_stage, {}, self._feature_contribution)
+        self._calibrate(gathered, order[-1])
+
+    def run_distributed(self, last_stage: int, last_node: int) -> None:
+        """The final pass of a distributed run, on every process, once each holds the final model: the walks of
+        [`run`] carrying the statistics only, the repairs on the walk's last node (the same code as `run`), then the
+        repairs handed to every process."""
+        order = walk_order(self.num_nodes, last_node)
+        mine = self.relay.local_nodes
+        if self.args.recompute_batchnorm:
+            gathered = self._relay_walk(order, last_stage, {}, "batchnorm", self._batchnorm_contribution)
+            carried = {}
+            if order[-1] in mine:
+                pooled = self._pool_batchnorm(gathered, order)
+                self._record_change(order[-1], load_batchnorm(self.model, pooled))
+                carried = {f"{POOLED_BATCHNORM}.{k}": v for k, v in pooled.items()}
+            if self.head is None:
+                self._hand_out(carried, order[-1])
+                return
+            order = order[::-1]  # back, carrying the pooled moments, which every node loads before its features
+            gathered = self._relay_walk(order, last_stage, carried, "features", self._feature_contribution)
+        else:
+            gathered = self._relay_walk(order, last_stage, {}, "features", self._feature_contribution)
+        repairs = {}
+        if order[-1] in mine:
+            self._calibrate(gathered, order[-1])
+            head = {"weight": self.head.weight} | ({"bias": self.head.bias} if self.head.bias is not None else {})
+            repairs = {f"{CALIBRATED_HEAD}.{k}": t.detach() for k, t in head.items()}
+        self._hand_out(repairs, order[-1])
+
+    def _pool_batchnorm(self, gathered: Mapping[str, torch.Tensor], order: list[int]) -> dict[str, torch.Tensor]:
+        """The pooled batch-norm moments of every node's contribution, summed in walk order."""
+        pooled = pool_batchnorm(
+            (
+                self._strip(gathered, _node_part(n, "batchnorm")),
+                int(gathered[f"{_node_part(n, 'batchnorm')}.count"]),
+            )
+            for n in order
+        )
+        logger.info(f"Final pass: batch-norm statistics pooled over {self.num_nodes} nodes on node {order[-1]}.")
+        return pooled
+
+    def _calibrate(self, gathered: Mapping[str, torch.Tensor], node: int) -> None:
+        """Calibrates the head on `node` from every node's class statistics (pooled in node order)."""
         stats = pool_class_stats(
             ClassFeatureStats.from_tensors(gathered, _node_part(n, "features")) for n in range(self.num_nodes)
         )
@@ -194,10 +261,8 @@ class FinalPass:
             self.head, stats, self.args.head_calibration_samples, self.args.head_calibration_steps,
             seed=self.args.seed,
         )  # fmt: skip
-        self._record_change(order[-1], [self.head.weight] + ([self.head.bias] if self.head.bias is not None else []))
-        logger.info(
-            f"Final pass: head {self.head_name} calibrated on node {order[-1]} (virtual-feature loss {loss:.4f})."
-        )
+        self._record_change(node, [self.head.weight] + ([self.head.bias] if self.head.bias is not None else []))
+        logger.info(f"Final pass: head {self.head_name} calibrated on node {node} (virtual-feature loss {loss:.4f}).")
 
     @staticmethod
     def _strip(tensors: Mapping[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
@@ -252,14 +317,75 @@ class FinalPass:
             )
         )  # fmt: skip
 
-    def _stats_payload(self, carried, parts, sender, receiver, last_stage) -> Payload:
+    def _relay_walk(self, order, last_stage, carried, kind, contribute) -> dict[str, torch.Tensor]:
+        """Distributed: this process's part of the walk over `order` (every process takes part in every hop, so the cs
+        coordinator can pass it on). Returns what the walk gathered on its last node's process ({} on the others)."""
+        mine = self.relay.local_nodes
+        carried = dict(carried) if order[0] in mine else {}
+        back = kind == "features" and self.args.recompute_batchnorm  # the pooled moments travel too
+        expected = {POOLED_BATCHNORM} if back else set()
+        for position, node in enumerate(order):
+            if position > 0:
+                hop = f"final-pass/{kind}/{order[position - 1]}-{node}"
+                carried = self._pass(order[position - 1], node, last_stage, carried, sorted(expected), hop)
+            if node in mine:
+                carried |= contribute(node)
+            expected.add(_node_part(node, kind))
+        return carried
+
+    def _pass(self, sender, receiver, last_stage, carried, expected, hop) -> dict[str, torch.Tensor]:
+        """Distributed: one hop of a walk. The sender encodes what it carries and records the hop; the receiver
+        verifies it (checksums, layout, the parts it expects) and, on the way back, loads the pooled moments."""
+        mine = self.relay.local_nodes
+        encoded = None
+        if sender in mine:
+            start = time.perf_counter()
+            parts = sorted({_part_of(name) for name in carried})
+            payload = self._stats_payload(carried, parts, sender, receiver, last_stage)
+            encoded = encode_payload(payload, {name: _part_of(name) for name in carried})
+            self.report.hops.append(
+                HopRecord(
+                    from_stage=last_stage, to_stage=last_stage + 1, sender=sender, receiver=receiver, parts=parts,
+                    nbytes=encoded.nbytes, tensor_nbytes=encoded.data_nbytes, seconds=time.perf_counter() - start,
+                )
+            )  # fmt: skip
+        encoded = self.relay.pass_on(encoded, sender, receiver, hop)
+        if receiver not in mine:
+            return {}
+        tensors = dict(decode_payload(encoded, self.stats_spec, expected_parts=expected).tensors)
+        if POOLED_BATCHNORM in expected:  # the way back: this node's features must see the pooled moments
+            pooled = self._strip(tensors, POOLED_BATCHNORM)
+            round_to_wire(load_batchnorm(self.model, pooled), self.args.payload_dtype)  # as the pooling node did
+        return tensors
+
+    def _hand_out(self, repairs: Mapping[str, torch.Tensor], holder: int) -> None:
+        """Distributed: the walk's last node hands its repairs to every process, which verifies and loads them."""
+        parts = sorted(self.repairs_spec.layout)
+        encoded = None
+        if holder in self.relay.local_nodes:
+            payload = self._stats_payload(repairs, parts, holder, -1, -1, self.repairs_spec)
+            encoded = encode_payload(payload, {name: _part_of(name) for name in repairs})
+        encoded = self.relay.broadcast(encoded, holder)
+        if holder in self.relay.local_nodes:
+            return
+        tensors = decode_payload(encoded, self.repairs_spec, expected_parts=parts).tensors
+        if CALIBRATED_HEAD in parts:
+            with torch.no_grad():
+                self.head.weight.copy_(tensors[f"{CALIBRATED_HEAD}.weight"])
+                if self.head.bias is not None:
+                    self.head.bias.copy_(tensors[f"{CALIBRATED_HEAD}.bias"])
+        else:
+            round_to_wire(load_batchnorm(self.model, self._strip(tensors, POOLED_BATCHNORM)), self.args.payload_dtype)
+
+    def _stats_payload(self, carried, parts, sender, receiver, last_stage, spec: PayloadSpec | None = None) -> Payload:
+        spec = spec or self.stats_spec
         state = {}
-        for part in self.stats_spec.layout:
+        for part in spec.layout:
             tensors = [(n, t) for n, t in carried.items() if _part_of(n) == part]
             state[part] = [1, tensors_checksum(tensors)] if part in parts else [0, ""]
         manifest = {
-            "sender": sender, "receiver": receiver, "stage": last_stage + 1, "scheme": self.stats_spec.payload_dtype,
-            "deltas": {}, "fingerprint": self.stats_spec.fingerprint, "adapter_hash": self.stats_spec.adapter_hash,
+            "sender": sender, "receiver": receiver, "stage": last_stage + 1, "scheme": spec.payload_dtype,
+            "deltas": {}, "fingerprint": spec.fingerprint, "adapter_hash": spec.adapter_hash,
             "state": state, "parts": parts, "tensors": [],
         }  # fmt: skip
         return Payload(manifest=manifest, tensors={n: t.float().contiguous() for n, t in carried.items()})

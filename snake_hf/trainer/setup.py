@@ -39,6 +39,7 @@ from ..launch import LaunchInfo, process_launch
 from ..lm_loss import check_chunkable
 from ..losses import ProximalTerm, StageObjective, TeacherForward, node_label_priors
 from ..plan import Stage, cut_plan, designated_plan, fit_plan, plan_steps, serpentine_plan, validate_plan
+from .final_pass import check_final_pass
 
 
 logger = logging.get_logger(__name__)
@@ -442,6 +443,7 @@ def prepare_run(
             "`logit_adjustment`/`restrict_to_node_classes` need each node's label counts, which an iterable stream does "
             "not give before training; turn them off, or pass a Dataset."
         )
+    check_final_pass(args, node_data.streaming)
     plan, epoch_steps = build_plan(args, node_data.sizes, groups, capacity, node_data.streaming)
     model = wrap_for_mode(model, args, peft_config)
     release_input_grads(model)  # what wrapping may have added back

@@ -122,7 +122,7 @@ class StageBoundaries:
         current.closed = True
         self._relay.close_stage(stage)
         self.snake_report.stages.append(record)
-        if stage.index == len(self.plan) - 1 and needs_final_pass(self.args):  # simulation only (check_final_pass)
+        if stage.index == len(self.plan) - 1 and needs_final_pass(self.args) and not self.session.distributed:
             run_final_pass(self, stage.index, stage.node)  # before Trainer's end-of-training evaluation and save
         metrics = self.snake_report.log_metrics(record)  # stage, node, group, comm/*, mem/peak to every report_to
         if self.session.distributed:

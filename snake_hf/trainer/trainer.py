@@ -45,7 +45,7 @@ from ..plan import PLAN_FILE, Stage, format_plan, save_plan
 from ..recompute import set_recompute
 from ..report import SnakeReport, StageRecord
 from . import _compat
-from .final_pass import check_final_pass
+from .final_pass import needs_final_pass, run_final_pass
 from .options import check_trainer_options, check_user_optimizer
 from .resume import ResumePoint, StageCheckpoints
 from .setup import (
@@ -143,7 +143,6 @@ class SnakeTrainer(StageBoundaries, Trainer):
             resolve_launch(args), args.num_nodes, args.topology, args.hop_timeout, run_secret=args.run_secret
         )
         check_trainer_options(args, self.session, callbacks)
-        check_final_pass(args, self.session.distributed)
         self._peft_config, self._partitioner, self._train_input = peft_config, partitioner, train_dataset
         if model is None and model_init is not None:  # as Trainer: seeded, then built once for the set-up
             _compat.seed_for_model_init(args)
@@ -295,6 +294,8 @@ class SnakeTrainer(StageBoundaries, Trainer):
                 set_recompute(self.model, self.groups, None)
         self._handed_on = None  # simulation: nothing follows the last stage trained
         relay.finish()
+        if self.session.distributed and needs_final_pass(self.args):  # every process holds the final model now
+            run_final_pass(self, len(self.plan) - 1, self.plan[-1].node)
         self.session.merge_reports(self.snake_report, relay)
         if self.session.distributed and self.session.is_main and (loss := self.snake_report.plan_loss()) is not None:
             # Each rank's loop averaged only its own stages; the first rank holds every stage's record.
