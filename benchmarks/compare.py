@@ -527,9 +527,18 @@ def result_stem(s: Settings) -> str:
     return f"compare_{s.task}{split}_{s.size}{wire}{base}"  # not Path.with_suffix: "dirichlet0.1" has a dot
 
 
+_LATER_SETTINGS = ("base_dtype",)  # added after committed caches (results/lm_study_runs/) were made
+
+
 def _cache_key(s: Settings) -> dict:
-    """The settings a method's result depends on: all but which methods run and how many threads time them."""
-    return {k: v for k, v in dataclasses.asdict(s).items() if k not in ("methods", "threads")}
+    """The settings a method's result depends on: all but which methods run and how many threads time them. A setting
+    added later is left out while at its default, so the caches made before it stay valid."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    return {
+        k: v
+        for k, v in dataclasses.asdict(s).items()
+        if k not in ("methods", "threads") and not (k in _LATER_SETTINGS and v == defaults[k])
+    }
 
 
 def run(s: Settings, in_process: bool = False, cache: Path | None = None) -> dict:

@@ -80,6 +80,9 @@ def levers(s: compare.Settings) -> dict[str, dict]:
         variants["2 passes, half the steps, alternate"] = dict(
             num_passes=2, stage_steps=steps // 2, snake_options="group_order=alternate"
         )
+        variants["descending, 2 passes, half the steps"] = dict(
+            num_passes=2, stage_steps=steps // 2, snake_options="group_order=descending"
+        )
     if steps % 3 == 0:
         variants["3 passes, a third of the steps"] = dict(num_passes=3, stage_steps=steps // 3)
     variants["lr x [2..0.5] by depth"] = dict(snake_options="group_learning_rate_scale=" + _ramp(2.0, 0.5, g))
@@ -93,14 +96,18 @@ def _ramp(first: float, last: float, count: int) -> str:
 
 
 REPORT_ONLY = False  # --report_only: never run, use what the cache holds (a run not there yet is None)
+RUN_ONLY: set[str] | None = (
+    None  # --only: run these parts (methods' sweeps, "full mode", lever names); the rest cached
+)
 
 
-def run_one(s: compare.Settings, folder: Path) -> dict | None:
+def run_one(s: compare.Settings, folder: Path, part: str = "") -> dict | None:
     """One method's result (`s.methods` names it), cached under `folder/lm_study_runs/` by its settings: an
-    interrupted study redoes only the runs it had not finished."""
+    interrupted study redoes only the runs it had not finished. `part` is the sweep or lever the run belongs to."""
     key = hashlib.sha256(json.dumps(compare._cache_key(s), sort_keys=True).encode()).hexdigest()[:12]
     cache = folder / "lm_study_runs" / f"{s.methods}-{key}"
-    if REPORT_ONLY and not (cache / f"{s.methods}.json").exists():
+    cached_only = REPORT_ONLY or (RUN_ONLY is not None and part not in RUN_ONLY)
+    if cached_only and not (cache / f"{s.methods}.json").exists():
         return None
     return compare.run(s, in_process=False, cache=cache)["methods"][s.methods]
 
@@ -113,8 +120,9 @@ def sweeps(methods: list[str], s: compare.Settings, size: str, folder: Path, job
 
     def run_all(points: list[tuple[str, float]]) -> list[dict | None]:
         at = [dataclasses.replace(s, methods=m, learning_rate=lr, **change) for m, lr in points]
+        parts = ["full mode" if change.get("lora") is False else m for m, _ in points]
         with ThreadPoolExecutor(jobs) as pool:
-            return list(pool.map(lambda x: run_one(x, folder), at))
+            return list(pool.map(lambda x, part: run_one(x, folder, part), at, parts))
 
     points = [(m, lr) for m in methods for lr in grids[m]]
     results = {m: {} for m in methods}
@@ -241,7 +249,7 @@ def study(size: str, folder: Path, jobs: int, threads: int) -> dict:
 def _lever(s: compare.Settings, name: str, lr: float, folder: Path) -> dict | None:
     change = dict(levers(s)[name])
     method = change.pop("methods", "snake_serpentine")
-    return run_one(dataclasses.replace(s, methods=method, learning_rate=lr, **change), folder)
+    return run_one(dataclasses.replace(s, methods=method, learning_rate=lr, **change), folder, name)
 
 
 def _brief(r: dict) -> dict:
@@ -353,9 +361,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each in its own process)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--report_only", action="store_true", help="no runs: tables from the finished ones")
+    parser.add_argument("--only", action="append", metavar="PART",
+                        help="run only this part (a method's sweep, 'full mode' or a lever's name; repeatable); "
+                             "the other parts come from the finished runs")  # fmt: skip
     options = parser.parse_args(argv)
-    global REPORT_ONLY
+    global REPORT_ONLY, RUN_ONLY
     REPORT_ONLY = options.report_only
+    RUN_ONLY = set(options.only) if options.only else None
     folder = Path(options.output_dir)
     results = study(options.size, folder, options.jobs, options.threads)
     folder.mkdir(parents=True, exist_ok=True)
