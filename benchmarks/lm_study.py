@@ -9,7 +9,8 @@ optimizer steps for every method (`benchmarks/compare.py`'s harness, each run in
 2. **Levers**, Snake at its best rate, against the gap at equal optimizer steps: group order (descending = top-down;
    `alternate` needs two passes), fewer steps per stage with more passes (more hops: the bytes go up), a
    learning-rate factor per block group, the designated schedule (one group per node), full mode (the blocks' own
-   weights, swept over its own rates), and Snake given 1.5x centralized's steps.
+   weights, swept over its own rates), Snake given 1.5x centralized's steps, and the two best levers combined
+   (descending order with 2 passes of half the steps, at Snake's rate and at half of it).
 3. **Memory**: per-node peak (evaluation at the training batch size, which stays under the training step's peak) and
    the trainable-state bytes (gradients + AdamW moments) of each method.
 
@@ -28,6 +29,7 @@ Usage (results in benchmarks/results/lm_study_<size>.{json,md,png}):
     python benchmarks/lm_study.py --size full     # 288 steps of 8 x 128 tokens: for a GPU
     python benchmarks/lm_study.py --size tiny --output_dir /tmp/lm   # seconds (tests)
     python benchmarks/lm_study.py --jobs 2        # two runs at a time (one per core)
+    python benchmarks/lm_study.py --only fedavg_lora --only "descending, 2 passes, half the steps"   # just these
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ def levers(s: compare.Settings) -> dict[str, dict]:
         )
         variants["descending, 2 passes, half the steps"] = dict(
             num_passes=2, stage_steps=steps // 2, snake_options="group_order=descending"
+        )
+        variants["descending, 2 passes, half the steps, lr x0.5"] = dict(  # the combination at a neighbouring rate
+            num_passes=2, stage_steps=steps // 2, snake_options="group_order=descending", lr_factor=0.5
         )
     if steps % 3 == 0:
         variants["3 passes, a third of the steps"] = dict(num_passes=3, stage_steps=steps // 3)
@@ -249,6 +254,7 @@ def study(size: str, folder: Path, jobs: int, threads: int) -> dict:
 def _lever(s: compare.Settings, name: str, lr: float, folder: Path) -> dict | None:
     change = dict(levers(s)[name])
     method = change.pop("methods", "snake_serpentine")
+    lr *= change.pop("lr_factor", 1.0)
     return run_one(dataclasses.replace(s, methods=method, learning_rate=lr, **change), folder, name)
 
 
