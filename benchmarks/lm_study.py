@@ -153,6 +153,11 @@ def _best(results: dict) -> tuple[float, dict]:
     return lr, results[lr]
 
 
+def best_on_edge(swept: dict[str, dict]) -> list[str]:
+    """The methods whose best rate is the largest or smallest they ran: their best may lie beyond the sweep."""
+    return [m for m, runs in swept.items() if _best(runs)[0] in (min(runs), max(runs))]
+
+
 def _at_or_before(curve: list[dict], key: str, limit: float) -> float | None:
     """The metric of the last curve point with `key` at most `limit` (None when the first point is past it)."""
     reached = [p["metric"] for p in curve if p[key] <= limit * (1 + 1e-9)]
@@ -246,7 +251,10 @@ def study(size: str, folder: Path, jobs: int, threads: int) -> dict:
         "lever_learning_rate": snake_lr if variants else None,
         "best": best,
         "levers": {name: _brief(r) | {"curve": r["curve"]} for name, r in variants.items() if r is not None},
-        "missing": [m for m in METHODS if m not in swept] + [n for n, r in variants.items() if r is None],
+        "missing": [m for m in METHODS if m not in swept]
+        + [n for n, r in variants.items() if r is None]
+        + [f"snake full mode at {lr:g}" for lr in GRIDS[size]["full"] if lr not in full_sweep],
+        "best_on_edge": best_on_edge(swept),
         "summary": summarise(best, s.num_nodes) if {"centralized", "snake_serpentine"} <= set(best) else None,
     }
 
@@ -324,6 +332,8 @@ def to_markdown(results: dict) -> str:
         f"- Snake/cyclic bytes over the run: {_ratio(summary['snake/cyclic bytes_total'])}; Snake/split: "
         f"{_ratio(summary['snake/split bytes_total'])}.",
         f"- Not run (yet): {', '.join(results['missing']) or 'none'}.",
+        f"- Best rate on the edge of its sweep (extended once; a larger or smaller rate may do better): "
+        f"{', '.join(results['best_on_edge']) or 'none'}.",
         "- Wall time is training time in one process (nodes one after the other; evaluation excluded); FedAvg's nodes "
         "would train in parallel: its time divided by the number of nodes is in the JSON (`parallel_wall_seconds`).",
     ]

@@ -312,6 +312,13 @@ def lm_study_levers() -> str:
     for name, runs in sweeps.items():
         cells = ", ".join(f"{lr}: {r['final_metric']:.2f}" for lr, r in runs.items())
         lines.append(f"| {_LM_NAMES.get(name, name)} | {cells} |")
+    edge = [_LM_NAMES.get(m, m) for m in data.get("best_on_edge", [])]
+    if edge:
+        lines += ["", f"Best rate on the edge of its sweep (each sweep is extended once): {', '.join(edge)}; a larger "
+                  "or smaller rate may do better there, so Snake's gaps to them are if anything understated."]  # fmt: skip
+    not_run = [m for m in data["missing"] if m.startswith("snake full mode")]
+    if not_run:
+        lines += ["", f"Not run in time: {', '.join(not_run)} (full mode against LoRA at equal per-node memory)."]
     lever_lr = data["lever_learning_rate"]
     plain = data["sweeps"]["snake_serpentine"][f"{lever_lr:g}"]
     lines += ["", f"Snake's levers, each at learning rate {lever_lr:g} (the best of Snake's first grid):", "",

@@ -82,6 +82,13 @@ def test_sweep_keeps_each_methods_own_grid_when_the_best_value_is_inside(study, 
     assert list(full["snake_serpentine"]) == [0.5, 2.0, 3.0]  # the full-mode grid, its best inside
 
 
+def test_best_on_edge_names_the_methods_whose_best_rate_ends_their_sweep(study):
+    swept = {"a": {1: {"final_metric": 3.0}, 2: {"final_metric": 2.0}, 4: {"final_metric": 1.0}},
+             "b": {1: {"final_metric": 3.0}, 2: {"final_metric": 1.0}, 4: {"final_metric": 2.0}},
+             "c": {1: {"final_metric": 1.0}, 2: {"final_metric": 2.0}, 4: {"final_metric": 3.0}}}  # fmt: skip
+    assert study.best_on_edge(swept) == ["a", "c"]
+
+
 def test_only_runs_the_named_parts_and_takes_the_rest_from_the_cache(study, monkeypatch, tmp_path):
     ran = []
 
