@@ -4,8 +4,8 @@ SmolLM2-135M-Instruct + LoRA (q_proj, v_proj, r=8) on the King James Bible in pa
 optimizer steps for every method (`benchmarks/compare.py`'s harness, each run in its own process):
 
 1. **Sweep.** Centralized LoRA, FedAvg-LoRA, cyclic weight transfer, split learning and Snake (serpentine) each over a
-   grid of at least three learning rates; a grid is extended once in the direction of its best value when that value
-   sits on its edge. Each method is then quoted at its own best rate.
+   grid of at least three learning rates; a grid is extended in the direction of its best value while that value
+   sits on its edge (at most three more rates). Each method is then quoted at its own best rate.
 2. **Levers**, Snake at its best rate, against the gap at equal optimizer steps: group order (descending = top-down;
    `alternate` needs two passes), fewer steps per stage with more passes (more hops: the bytes go up), a
    learning-rate factor per block group, the designated schedule (one group per node), full mode (the blocks' own
@@ -100,6 +100,7 @@ def _ramp(first: float, last: float, count: int) -> str:
     return ";".join(f"{v:.3g}" for v in values)
 
 
+EXTENSIONS = 3  # a sweep whose best is on its edge gains at most this many points in that direction
 REPORT_ONLY = False  # --report_only: never run, use what the cache holds (a run not there yet is None)
 RUN_ONLY: set[str] | None = (
     None  # --only: run these parts (methods' sweeps, "full mode", lever names); the rest cached
@@ -119,7 +120,8 @@ def run_one(s: compare.Settings, folder: Path, part: str = "") -> dict | None:
 
 def sweeps(methods: list[str], s: compare.Settings, size: str, folder: Path, jobs: int, **change) -> dict[str, dict]:
     """`{method: {lr: result}}` over each method's grid (every run of every method in one pool, so that `jobs` runs
-    are always busy), each grid extended once towards its best value when that value is on its edge."""
+    are always busy), each grid extended towards its best value while that value is on its edge (at most
+    `EXTENSIONS` points)."""
     grid_of = GRIDS[size]
     grids = {m: grid_of["full"] if change.get("lora") is False else grid_of.get(m, grid_of["lora"]) for m in methods}
 
@@ -134,17 +136,22 @@ def sweeps(methods: list[str], s: compare.Settings, size: str, folder: Path, job
     for (m, lr), r in zip(points, run_all(points)):
         if r is not None:
             results[m][lr] = r
-    extra = []
-    for m, grid in grids.items():
-        if len(results[m]) < len(grid):  # --report_only before the grid finished
-            continue
-        best = _best(results[m])[0]
-        step = grid[1] / grid[0]
-        if best in (max(grid), min(grid)):
-            extra.append((m, best * step if best == max(grid) else best / step))
-    for (m, lr), r in zip(extra, run_all(extra)):
-        if r is not None:
-            results[m][lr] = r
+    for _ in range(EXTENSIONS):
+        extra = []
+        for m, grid in grids.items():
+            if any(lr not in results[m] for lr in grid):  # --report_only before the grid finished
+                continue
+            best, step = _best(results[m])[0], grid[1] / grid[0]
+            if best == max(results[m]):
+                extra.append((m, best * step))
+            elif best == min(results[m]):
+                extra.append((m, best / step))
+        extra = [(m, lr) for m, lr in extra if lr not in results[m]]
+        if not extra:
+            break
+        for (m, lr), r in zip(extra, run_all(extra)):
+            if r is not None:
+                results[m][lr] = r
     return {m: dict(sorted(runs.items())) for m, runs in results.items()}
 
 
@@ -332,7 +339,7 @@ def to_markdown(results: dict) -> str:
         f"- Snake/cyclic bytes over the run: {_ratio(summary['snake/cyclic bytes_total'])}; Snake/split: "
         f"{_ratio(summary['snake/split bytes_total'])}.",
         f"- Not run (yet): {', '.join(results['missing']) or 'none'}.",
-        f"- Best rate on the edge of its sweep (extended once; a larger or smaller rate may do better): "
+        f"- Best rate still on the edge of the rates run (a larger or smaller rate may do better): "
         f"{', '.join(results['best_on_edge']) or 'none'}.",
         "- Wall time is training time in one process (nodes one after the other; evaluation excluded); FedAvg's nodes "
         "would train in parallel: its time divided by the number of nodes is in the JSON (`parallel_wall_seconds`).",

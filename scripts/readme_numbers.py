@@ -314,7 +314,7 @@ def lm_study_levers() -> str:
         lines.append(f"| {_LM_NAMES.get(name, name)} | {cells} |")
     edge = [_LM_NAMES.get(m, m) for m in data.get("best_on_edge", [])]
     if edge:
-        lines += ["", f"Best rate on the edge of its sweep (each sweep is extended once): {', '.join(edge)}; a larger "
+        lines += ["", f"Best rate still on the edge of the rates run: {', '.join(edge)}; a larger "
                   "or smaller rate may do better there, so Snake's gaps to them are if anything understated."]  # fmt: skip
     not_run = [m for m in data["missing"] if m.startswith("snake full mode")]
     if not_run:

@@ -58,18 +58,26 @@ def test_curve_points_carry_training_seconds_without_the_time_spent_measuring(ba
     assert curve.seconds == 4.0
 
 
-def test_sweep_extends_the_grid_once_towards_a_best_value_on_its_edge(study, monkeypatch, tmp_path):
+def test_sweep_extends_the_grid_towards_a_best_value_on_its_edge_until_it_is_inside(study, monkeypatch, tmp_path):
     ran = []
 
     def fake(s, folder, part=""):
         ran.append(s.learning_rate)
-        return {"final_metric": 10.0 / s.learning_rate}  # the larger the rate, the lower the perplexity
+        return {"final_metric": abs(math.log2(s.learning_rate) - 4)}  # best at 16
 
     monkeypatch.setattr(study, "run_one", fake)
     monkeypatch.setitem(study.GRIDS, "tiny", {"lora": [1.0, 2.0, 4.0]})
     results = study.sweeps(["centralized"], study.base_settings("tiny", 1), "tiny", tmp_path, 2)["centralized"]
-    assert list(results) == [1.0, 2.0, 4.0, 8.0]
-    assert sorted(ran) == [1.0, 2.0, 4.0, 8.0]
+    assert list(results) == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]  # 16 is inside once 32 ran
+    assert sorted(ran) == list(results)
+
+
+def test_sweep_extends_at_most_extensions_points(study, monkeypatch, tmp_path):
+    monkeypatch.setattr(study, "run_one", lambda s, folder, part="": {"final_metric": s.learning_rate})
+    monkeypatch.setattr(study, "EXTENSIONS", 3)
+    monkeypatch.setitem(study.GRIDS, "tiny", {"lora": [8.0, 16.0, 32.0]})
+    results = study.sweeps(["centralized"], study.base_settings("tiny", 1), "tiny", tmp_path, 1)["centralized"]
+    assert list(results) == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]  # downwards, 3 points
 
 
 def test_sweep_keeps_each_methods_own_grid_when_the_best_value_is_inside(study, monkeypatch, tmp_path):
