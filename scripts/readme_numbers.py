@@ -356,6 +356,7 @@ def lm_recipe_default() -> str:
     kept = levers[_ORDER_LEVER[order]]
     passes, both = levers["2 passes, half the steps"], levers["descending, 2 passes, half the steps"]
     both_half = levers.get("descending, 2 passes, half the steps, lr x0.5")
+    full, full_lr = levers.get("full mode (its best lr)"), data["best_learning_rate"].get("snake_full")
 
     def at(r):
         return f"{r['final_metric']:.2f}, {_gap(r['final_metric'] / central - 1)}"
@@ -370,7 +371,17 @@ def lm_recipe_default() -> str:
         + (f"; {both_half['final_metric']:.2f} at half the rate" if both_half else "")
         + f") did no better within the noise (the paired standard error of Snake's gap is {se:.1%}) while moving "
         f"{passes['bytes_total'] / kept['bytes_total']:.1f}x the bytes ({mib(passes['bytes_total'], 2)} MiB), so the "
-        f'lever that adds no bytes is the one kept. `SnakeConfig`\'s own default stays `"ascending"`: the evidence is '
+        "lever that adds no bytes is the one kept."
+        + (
+            f" Full mode (the blocks' own weights, at its own best rate {full_lr:g}) reached {at(full)}, but moved "
+            f"{full['bytes_total'] / plain['bytes_total']:.0f}x the LoRA run's bytes ({mib(full['bytes_total'], 0)} MiB) "
+            f"and peaked at {mib(full['peak_memory_max'], 0)} MiB per node against {mib(plain['peak_memory_max'], 0)}: "
+            "a different trade, not a default for the LoRA recipe (full mode at LoRA's per-node memory would take "
+            "fewer blocks per group; not run)."
+            if full
+            else ""
+        )
+        + ' `SnakeConfig`\'s own default stays `"ascending"`: the evidence is '
         f"one model, one data set and {data['total_steps']} steps. {source(LM_STUDY)}"
     )
 
