@@ -284,15 +284,20 @@ def lm_study_table() -> str:
             f"| {_LM_NAMES.get(name, name)} | {lrs[name]:g} | {row['perplexity']:.2f} ± {row['standard_error']:.2f} | "
             f"{_gap(row['gap_at_equal_steps'])} | {mib(row['bytes_total'], 2)} | {mib(row['peak_memory_max'], 0)} |"
         )
-    same = {n: r for n, r in data["levers"].items() if r["steps"] == data["total_steps"]}
+    same = {n: r for n, r in data["levers"].items() if r["steps"] == data["total_steps"] and not n.startswith("full")}
+    full = data["levers"].get("full mode (its best lr)")
     longer = {n: r for n, r in data["levers"].items() if r["steps"] > data["total_steps"]}
     if same:
         name, best = min(same.items(), key=lambda kv: kv[1]["final_metric"])
-        lines += ["", f"Snake's best lever at the same steps: {name}, perplexity {best['final_metric']:.2f} "
+        lines += ["", f"Snake's best LoRA lever at the same steps: {name}, perplexity {best['final_metric']:.2f} "
                   f"({_gap(best['final_metric'] / central - 1)} against centralized, "
                   f"{mib(best['bytes_total'], 2)} MiB moved)"
                   + "".join(f"; given {r['steps']} steps ({n}), {r['final_metric']:.2f} "
                             f"({_gap(r['final_metric'] / central - 1)})" for n, r in longer.items())
+                  + (f"; full mode (the blocks' own weights, at {data['best_learning_rate']['snake_full']:g}), "
+                     f"{full['final_metric']:.2f} ({_gap(full['final_metric'] / central - 1)}) with "
+                     f"{mib(full['bytes_total'], 0)} MiB moved and {mib(full['peak_memory_max'], 0)} MiB per node"
+                     if full else "")
                   + ". Centralized's bytes are the pooled tokenized training set, which Snake's nodes never send."]  # fmt: skip
     s = data["settings"]
     lines += ["", f"SmolLM2-135M-Instruct + LoRA on the King James Bible, {s['num_nodes']} nodes, {data['total_steps']} "
