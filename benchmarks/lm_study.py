@@ -4,12 +4,13 @@ SmolLM2-135M-Instruct + LoRA (q_proj, v_proj, r=8) on the King James Bible in pa
 optimizer steps for every method (`benchmarks/compare.py`'s harness, each run in its own process):
 
 1. **Sweep.** Centralized LoRA, FedAvg-LoRA, cyclic weight transfer, split learning and Snake (serpentine) each over a
-   grid of at least three learning rates; a grid is extended once in the direction of its best value when that value
-   sits on its edge. Each method is then quoted at its own best rate.
+   grid of at least three learning rates; a grid is extended in the direction of its best value while that value
+   sits on its edge (at most three more rates). Each method is then quoted at its own best rate.
 2. **Levers**, Snake at its best rate, against the gap at equal optimizer steps: group order (descending = top-down;
    `alternate` needs two passes), fewer steps per stage with more passes (more hops: the bytes go up), a
    learning-rate factor per block group, the designated schedule (one group per node), full mode (the blocks' own
-   weights, swept over its own rates), and Snake given 1.5x centralized's steps.
+   weights, swept over its own rates), Snake given 1.5x centralized's steps, and the two best levers combined
+   (descending order with 2 passes of half the steps, at Snake's rate and at half of it).
 3. **Memory**: per-node peak (evaluation at the training batch size, which stays under the training step's peak) and
    the trainable-state bytes (gradients + AdamW moments) of each method.
 
@@ -28,6 +29,7 @@ Usage (results in benchmarks/results/lm_study_<size>.{json,md,png}):
     python benchmarks/lm_study.py --size full     # 288 steps of 8 x 128 tokens: for a GPU
     python benchmarks/lm_study.py --size tiny --output_dir /tmp/lm   # seconds (tests)
     python benchmarks/lm_study.py --jobs 2        # two runs at a time (one per core)
+    python benchmarks/lm_study.py --only fedavg_lora --only "descending, 2 passes, half the steps"   # just these
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ def levers(s: compare.Settings) -> dict[str, dict]:
         variants["2 passes, half the steps, alternate"] = dict(
             num_passes=2, stage_steps=steps // 2, snake_options="group_order=alternate"
         )
+        variants["descending, 2 passes, half the steps"] = dict(
+            num_passes=2, stage_steps=steps // 2, snake_options="group_order=descending"
+        )
+        variants["descending, 2 passes, half the steps, lr x0.5"] = dict(  # the combination at a neighbouring rate
+            num_passes=2, stage_steps=steps // 2, snake_options="group_order=descending", lr_factor=0.5
+        )
     if steps % 3 == 0:
         variants["3 passes, a third of the steps"] = dict(num_passes=3, stage_steps=steps // 3)
     variants["lr x [2..0.5] by depth"] = dict(snake_options="group_learning_rate_scale=" + _ramp(2.0, 0.5, g))
@@ -92,52 +100,69 @@ def _ramp(first: float, last: float, count: int) -> str:
     return ";".join(f"{v:.3g}" for v in values)
 
 
+EXTENSIONS = 3  # a sweep whose best is on its edge gains at most this many points in that direction
 REPORT_ONLY = False  # --report_only: never run, use what the cache holds (a run not there yet is None)
+RUN_ONLY: set[str] | None = (
+    None  # --only: run these parts (methods' sweeps, "full mode", lever names); the rest cached
+)
 
 
-def run_one(s: compare.Settings, folder: Path) -> dict | None:
+def run_one(s: compare.Settings, folder: Path, part: str = "") -> dict | None:
     """One method's result (`s.methods` names it), cached under `folder/lm_study_runs/` by its settings: an
-    interrupted study redoes only the runs it had not finished."""
+    interrupted study redoes only the runs it had not finished. `part` is the sweep or lever the run belongs to."""
     key = hashlib.sha256(json.dumps(compare._cache_key(s), sort_keys=True).encode()).hexdigest()[:12]
     cache = folder / "lm_study_runs" / f"{s.methods}-{key}"
-    if REPORT_ONLY and not (cache / f"{s.methods}.json").exists():
+    cached_only = REPORT_ONLY or (RUN_ONLY is not None and part not in RUN_ONLY)
+    if cached_only and not (cache / f"{s.methods}.json").exists():
         return None
     return compare.run(s, in_process=False, cache=cache)["methods"][s.methods]
 
 
 def sweeps(methods: list[str], s: compare.Settings, size: str, folder: Path, jobs: int, **change) -> dict[str, dict]:
     """`{method: {lr: result}}` over each method's grid (every run of every method in one pool, so that `jobs` runs
-    are always busy), each grid extended once towards its best value when that value is on its edge."""
+    are always busy), each grid extended towards its best value while that value is on its edge (at most
+    `EXTENSIONS` points)."""
     grid_of = GRIDS[size]
     grids = {m: grid_of["full"] if change.get("lora") is False else grid_of.get(m, grid_of["lora"]) for m in methods}
 
     def run_all(points: list[tuple[str, float]]) -> list[dict | None]:
         at = [dataclasses.replace(s, methods=m, learning_rate=lr, **change) for m, lr in points]
+        parts = ["full mode" if change.get("lora") is False else m for m, _ in points]
         with ThreadPoolExecutor(jobs) as pool:
-            return list(pool.map(lambda x: run_one(x, folder), at))
+            return list(pool.map(lambda x, part: run_one(x, folder, part), at, parts))
 
     points = [(m, lr) for m in methods for lr in grids[m]]
     results = {m: {} for m in methods}
     for (m, lr), r in zip(points, run_all(points)):
         if r is not None:
             results[m][lr] = r
-    extra = []
-    for m, grid in grids.items():
-        if len(results[m]) < len(grid):  # --report_only before the grid finished
-            continue
-        best = _best(results[m])[0]
-        step = grid[1] / grid[0]
-        if best in (max(grid), min(grid)):
-            extra.append((m, best * step if best == max(grid) else best / step))
-    for (m, lr), r in zip(extra, run_all(extra)):
-        if r is not None:
-            results[m][lr] = r
+    for _ in range(EXTENSIONS):
+        extra = []
+        for m, grid in grids.items():
+            if any(lr not in results[m] for lr in grid):  # --report_only before the grid finished
+                continue
+            best, step = _best(results[m])[0], grid[1] / grid[0]
+            if best == max(results[m]):
+                extra.append((m, best * step))
+            elif best == min(results[m]):
+                extra.append((m, best / step))
+        extra = [(m, lr) for m, lr in extra if lr not in results[m]]
+        if not extra:
+            break
+        for (m, lr), r in zip(extra, run_all(extra)):
+            if r is not None:
+                results[m][lr] = r
     return {m: dict(sorted(runs.items())) for m, runs in results.items()}
 
 
 def _best(results: dict) -> tuple[float, dict]:
     lr = min(results, key=lambda k: results[k]["final_metric"])
     return lr, results[lr]
+
+
+def best_on_edge(swept: dict[str, dict]) -> list[str]:
+    """The methods whose best rate is the largest or smallest they ran: their best may lie beyond the sweep."""
+    return [m for m, runs in swept.items() if _best(runs)[0] in (min(runs), max(runs))]
 
 
 def _at_or_before(curve: list[dict], key: str, limit: float) -> float | None:
@@ -233,7 +258,10 @@ def study(size: str, folder: Path, jobs: int, threads: int) -> dict:
         "lever_learning_rate": snake_lr if variants else None,
         "best": best,
         "levers": {name: _brief(r) | {"curve": r["curve"]} for name, r in variants.items() if r is not None},
-        "missing": [m for m in METHODS if m not in swept] + [n for n, r in variants.items() if r is None],
+        "missing": [m for m in METHODS if m not in swept]
+        + [n for n, r in variants.items() if r is None]
+        + [f"snake full mode at {lr:g}" for lr in GRIDS[size]["full"] if lr not in full_sweep],
+        "best_on_edge": best_on_edge(swept),
         "summary": summarise(best, s.num_nodes) if {"centralized", "snake_serpentine"} <= set(best) else None,
     }
 
@@ -241,7 +269,8 @@ def study(size: str, folder: Path, jobs: int, threads: int) -> dict:
 def _lever(s: compare.Settings, name: str, lr: float, folder: Path) -> dict | None:
     change = dict(levers(s)[name])
     method = change.pop("methods", "snake_serpentine")
-    return run_one(dataclasses.replace(s, methods=method, learning_rate=lr, **change), folder)
+    lr *= change.pop("lr_factor", 1.0)
+    return run_one(dataclasses.replace(s, methods=method, learning_rate=lr, **change), folder, name)
 
 
 def _brief(r: dict) -> dict:
@@ -310,6 +339,8 @@ def to_markdown(results: dict) -> str:
         f"- Snake/cyclic bytes over the run: {_ratio(summary['snake/cyclic bytes_total'])}; Snake/split: "
         f"{_ratio(summary['snake/split bytes_total'])}.",
         f"- Not run (yet): {', '.join(results['missing']) or 'none'}.",
+        f"- Best rate still on the edge of the rates run (a larger or smaller rate may do better): "
+        f"{', '.join(results['best_on_edge']) or 'none'}.",
         "- Wall time is training time in one process (nodes one after the other; evaluation excluded); FedAvg's nodes "
         "would train in parallel: its time divided by the number of nodes is in the JSON (`parallel_wall_seconds`).",
     ]
@@ -353,9 +384,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each in its own process)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--report_only", action="store_true", help="no runs: tables from the finished ones")
+    parser.add_argument("--only", action="append", metavar="PART",
+                        help="run only this part (a method's sweep, 'full mode' or a lever's name; repeatable); "
+                             "the other parts come from the finished runs")  # fmt: skip
     options = parser.parse_args(argv)
-    global REPORT_ONLY
+    global REPORT_ONLY, RUN_ONLY
     REPORT_ONLY = options.report_only
+    RUN_ONLY = set(options.only) if options.only else None
     folder = Path(options.output_dir)
     results = study(options.size, folder, options.jobs, options.threads)
     folder.mkdir(parents=True, exist_ok=True)

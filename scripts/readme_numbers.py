@@ -284,15 +284,20 @@ def lm_study_table() -> str:
             f"| {_LM_NAMES.get(name, name)} | {lrs[name]:g} | {row['perplexity']:.2f} ± {row['standard_error']:.2f} | "
             f"{_gap(row['gap_at_equal_steps'])} | {mib(row['bytes_total'], 2)} | {mib(row['peak_memory_max'], 0)} |"
         )
-    same = {n: r for n, r in data["levers"].items() if r["steps"] == data["total_steps"]}
+    same = {n: r for n, r in data["levers"].items() if r["steps"] == data["total_steps"] and not n.startswith("full")}
+    full = data["levers"].get("full mode (its best lr)")
     longer = {n: r for n, r in data["levers"].items() if r["steps"] > data["total_steps"]}
     if same:
         name, best = min(same.items(), key=lambda kv: kv[1]["final_metric"])
-        lines += ["", f"Snake's best lever at the same steps: {name}, perplexity {best['final_metric']:.2f} "
+        lines += ["", f"Snake's best LoRA lever at the same steps: {name}, perplexity {best['final_metric']:.2f} "
                   f"({_gap(best['final_metric'] / central - 1)} against centralized, "
                   f"{mib(best['bytes_total'], 2)} MiB moved)"
                   + "".join(f"; given {r['steps']} steps ({n}), {r['final_metric']:.2f} "
                             f"({_gap(r['final_metric'] / central - 1)})" for n, r in longer.items())
+                  + (f"; full mode (the blocks' own weights, at {data['best_learning_rate']['snake_full']:g}), "
+                     f"{full['final_metric']:.2f} ({_gap(full['final_metric'] / central - 1)}) with "
+                     f"{mib(full['bytes_total'], 0)} MiB moved and {mib(full['peak_memory_max'], 0)} MiB per node"
+                     if full else "")
                   + ". Centralized's bytes are the pooled tokenized training set, which Snake's nodes never send."]  # fmt: skip
     s = data["settings"]
     lines += ["", f"SmolLM2-135M-Instruct + LoRA on the King James Bible, {s['num_nodes']} nodes, {data['total_steps']} "
@@ -312,6 +317,13 @@ def lm_study_levers() -> str:
     for name, runs in sweeps.items():
         cells = ", ".join(f"{lr}: {r['final_metric']:.2f}" for lr, r in runs.items())
         lines.append(f"| {_LM_NAMES.get(name, name)} | {cells} |")
+    edge = [_LM_NAMES.get(m, m) for m in data.get("best_on_edge", [])]
+    if edge:
+        lines += ["", f"Best rate still on the edge of the rates run: {', '.join(edge)}; a larger "
+                  "or smaller rate may do better there, so Snake's gaps to them are if anything understated."]  # fmt: skip
+    not_run = [m for m in data["missing"] if m.startswith("snake full mode")]
+    if not_run:
+        lines += ["", f"Not run in time: {', '.join(not_run)} (full mode against LoRA at equal per-node memory)."]
     lever_lr = data["lever_learning_rate"]
     plain = data["sweeps"]["snake_serpentine"][f"{lever_lr:g}"]
     lines += ["", f"Snake's levers, each at learning rate {lever_lr:g} (the best of Snake's first grid):", "",
@@ -332,6 +344,73 @@ def lm_study_levers() -> str:
               f"stood at: {at_time}. At Snake's bytes ({mib(snake['bytes_total'], 2)} MiB): {at_bytes} (a method "
               "missing there had moved more before its first measurement).", "", source(LM_STUDY)]  # fmt: skip
     return "\n".join(lines)
+
+
+LM_RECIPE = ROOT / "recipes" / "configs" / "smollm2_bible.yaml"
+_ORDER_LEVER = {"descending": "descending (top-down)", "alternate": "2 passes, half the steps, alternate"}
+
+
+def lm_recipe_default() -> str:
+    """docs/benchmarks.md: the lever the causal-LM recipe's config keeps, against the others at equal steps."""
+    data = load(LM_STUDY)
+    order = next(line.split(":")[1].strip() for line in LM_RECIPE.read_text().splitlines()
+                 if line.startswith("group_order:"))  # fmt: skip
+    levers, lr = data["levers"], data["lever_learning_rate"]
+    central = data["summary"]["methods"]["centralized"]["perplexity"]
+    plain = data["sweeps"]["snake_serpentine"][f"{lr:g}"]
+    kept = levers[_ORDER_LEVER[order]]
+    passes, both = levers["2 passes, half the steps"], levers["descending, 2 passes, half the steps"]
+    both_half = levers.get("descending, 2 passes, half the steps, lr x0.5")
+    full, full_lr = levers.get("full mode (its best lr)"), data["best_learning_rate"].get("snake_full")
+
+    def at(r):
+        return f"{r['final_metric']:.2f}, {_gap(r['final_metric'] / central - 1)}"
+
+    se = data["summary"]["methods"]["snake_serpentine"]["gap_standard_error"]
+    return (
+        f"`{LM_RECIPE.relative_to(ROOT)}` sets `group_order: {order}`. At Snake's rate ({lr:g}) it cut the gap to "
+        f"centralized from {_gap(plain['final_metric'] / central - 1)} to {_gap(kept['final_metric'] / central - 1)} "
+        f"({kept['final_metric']:.2f} against the plain serpentine's {plain['final_metric']:.2f}) at the plain run's "
+        f"bytes ({mib(kept['bytes_total'], 2)} MiB). Two passes of half the steps ({at(passes)}) and both levers "
+        f"combined ({at(both)}"
+        + (f"; {both_half['final_metric']:.2f} at half the rate" if both_half else "")
+        + f") did no better within the noise (the paired standard error of Snake's gap is {se:.1%}) while moving "
+        f"{passes['bytes_total'] / kept['bytes_total']:.1f}x the bytes ({mib(passes['bytes_total'], 2)} MiB), so the "
+        "lever that adds no bytes is the one kept."
+        + (
+            f" Full mode (the blocks' own weights, at its own best rate {full_lr:g}) reached {at(full)}, but moved "
+            f"{full['bytes_total'] / plain['bytes_total']:.0f}x the LoRA run's bytes ({mib(full['bytes_total'], 0)} MiB) "
+            f"and peaked at {mib(full['peak_memory_max'], 0)} MiB per node against {mib(plain['peak_memory_max'], 0)}: "
+            "a different trade, not a default for the LoRA recipe (full mode at LoRA's per-node memory would take "
+            "fewer blocks per group; not run)."
+            if full
+            else ""
+        )
+        + ' `SnakeConfig`\'s own default stays `"ascending"`: the evidence is '
+        f"one model, one data set and {data['total_steps']} steps. {source(LM_STUDY)}"
+    )
+
+
+def lm_warm_start() -> str:
+    """docs/benchmarks.md: what sending each stage's AdamW moments with its group would cost, from the study's run."""
+    data = load(LM_STUDY)
+    snake = data["best"]["snake_serpentine"]
+    report = snake["snake_report"]
+    group = max(report["part_nbytes"].values())
+    carried = snake["tensor_bytes"] // group
+    with_moments = 3 * snake["tensor_bytes"]
+    cyclic = data["summary"]["methods"]["cyclic"]["bytes_total"]
+    passes = data["levers"]["2 passes, half the steps"]["bytes_total"]
+    return (
+        f"Measured in the study's runs: a group of {report['group_boundaries'][1]} blocks' adapters is "
+        f"{group:,} bytes in float32 ({group // 4:,} LoRA parameters); the plain serpentine run carries {carried} "
+        f"groups over {len(report['hops'])} hops, {snake['tensor_bytes']:,} tensor bytes ({snake['bytes_total']:,} "
+        f"with framing). With the moments each carried group becomes {group:,} + 2 x {group:,} = {3 * group:,} bytes: "
+        f"{with_moments:,} tensor bytes for the run, {mib(with_moments, 1)} MiB against cyclic transfer's "
+        f"{mib(cyclic, 2)} MiB, i.e. Snake would move {with_moments / cyclic:.2f}x cyclic's bytes instead of "
+        f"{snake['bytes_total'] / cyclic:.2f}x, and the target of at most half of cyclic's bytes could not be met. "
+        f"The two-pass lever would go from {mib(passes, 1)} to about {mib(3 * passes, 0)} MiB. {source(LM_STUDY)}"
+    )
 
 
 def memory_full_part() -> str:
@@ -748,6 +827,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "smollm2": smollm2,
     "lm_study": lm_study_table,
     "lm_study_levers": lm_study_levers,
+    "lm_recipe_default": lm_recipe_default,
+    "lm_warm_start": lm_warm_start,
     "memory_full": memory_full_part,
     "distributed": distributed_part,
     "vision": vision_part,

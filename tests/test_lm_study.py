@@ -58,32 +58,73 @@ def test_curve_points_carry_training_seconds_without_the_time_spent_measuring(ba
     assert curve.seconds == 4.0
 
 
-def test_sweep_extends_the_grid_once_towards_a_best_value_on_its_edge(study, monkeypatch, tmp_path):
+def test_sweep_extends_the_grid_towards_a_best_value_on_its_edge_until_it_is_inside(study, monkeypatch, tmp_path):
     ran = []
 
-    def fake(s, folder):
+    def fake(s, folder, part=""):
         ran.append(s.learning_rate)
-        return {"final_metric": 10.0 / s.learning_rate}  # the larger the rate, the lower the perplexity
+        return {"final_metric": abs(math.log2(s.learning_rate) - 4)}  # best at 16
 
     monkeypatch.setattr(study, "run_one", fake)
     monkeypatch.setitem(study.GRIDS, "tiny", {"lora": [1.0, 2.0, 4.0]})
     results = study.sweeps(["centralized"], study.base_settings("tiny", 1), "tiny", tmp_path, 2)["centralized"]
-    assert list(results) == [1.0, 2.0, 4.0, 8.0]
-    assert sorted(ran) == [1.0, 2.0, 4.0, 8.0]
+    assert list(results) == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]  # 16 is inside once 32 ran
+    assert sorted(ran) == list(results)
+
+
+def test_sweep_extends_at_most_extensions_points(study, monkeypatch, tmp_path):
+    monkeypatch.setattr(study, "run_one", lambda s, folder, part="": {"final_metric": s.learning_rate})
+    monkeypatch.setattr(study, "EXTENSIONS", 3)
+    monkeypatch.setitem(study.GRIDS, "tiny", {"lora": [8.0, 16.0, 32.0]})
+    results = study.sweeps(["centralized"], study.base_settings("tiny", 1), "tiny", tmp_path, 1)["centralized"]
+    assert list(results) == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]  # downwards, 3 points
 
 
 def test_sweep_keeps_each_methods_own_grid_when_the_best_value_is_inside(study, monkeypatch, tmp_path):
-    monkeypatch.setattr(study, "run_one", lambda s, folder: {"final_metric": abs(s.learning_rate - 2.0) + s.lora})
+    monkeypatch.setattr(
+        study, "run_one", lambda s, folder, part="": {"final_metric": abs(s.learning_rate - 2.0) + s.lora}
+    )
     monkeypatch.setitem(study.GRIDS, "tiny", {"lora": [9.0], "cyclic": [1.0, 2.0, 4.0], "full": [0.5, 2.0, 3.0]})
     assert list(study.sweeps(["cyclic"], study.base_settings("tiny", 1), "tiny", tmp_path, 2)["cyclic"]) == [1, 2, 4]
     full = study.sweeps(["snake_serpentine"], study.base_settings("tiny", 1), "tiny", tmp_path, 1, lora=False)
     assert list(full["snake_serpentine"]) == [0.5, 2.0, 3.0]  # the full-mode grid, its best inside
 
 
+def test_best_on_edge_names_the_methods_whose_best_rate_ends_their_sweep(study):
+    swept = {"a": {1: {"final_metric": 3.0}, 2: {"final_metric": 2.0}, 4: {"final_metric": 1.0}},
+             "b": {1: {"final_metric": 3.0}, 2: {"final_metric": 1.0}, 4: {"final_metric": 2.0}},
+             "c": {1: {"final_metric": 1.0}, 2: {"final_metric": 2.0}, 4: {"final_metric": 3.0}}}  # fmt: skip
+    assert study.best_on_edge(swept) == ["a", "c"]
+
+
+def test_only_runs_the_named_parts_and_takes_the_rest_from_the_cache(study, monkeypatch, tmp_path):
+    ran = []
+
+    def fake_run(s, **kw):
+        ran.append(s.learning_rate)
+        return {"methods": {s.methods: {"final_metric": abs(s.learning_rate - 2.0)}}}
+
+    monkeypatch.setattr(study.compare, "run", fake_run)
+    monkeypatch.setattr(study, "RUN_ONLY", {"fedavg_lora"})
+    monkeypatch.setitem(study.GRIDS, "tiny", {"lora": [1.0, 2.0, 4.0]})
+    s = study.base_settings("tiny", 1)
+    assert study.sweeps(["centralized"], s, "tiny", tmp_path, 1) == {"centralized": {}}  # nothing cached, not run
+    assert ran == []
+    assert list(study.sweeps(["fedavg_lora"], s, "tiny", tmp_path, 1)["fedavg_lora"]) == [1.0, 2.0, 4.0]
+    assert ran == [1.0, 2.0, 4.0]
+
+
+def test_cache_key_leaves_out_a_later_setting_at_its_default():
+    compare = load_script(BENCH / "compare.py")
+    s = compare.Settings(task="smollm2_lm")
+    assert "base_dtype" not in compare._cache_key(s)  # the committed caches of lm_study_runs/ predate it
+    assert compare._cache_key(compare.Settings(task="smollm2_lm", base_dtype="bfloat16"))["base_dtype"] == "bfloat16"
+
+
 def test_levers_keep_the_step_budget_except_the_longer_run(study):
     s = study.base_settings("cpu", 1)
     for name, change in study.levers(s).items():
-        varied = {**vars(s), **{k: v for k, v in change.items() if k != "methods"}}
+        varied = {**vars(s), **{k: v for k, v in change.items() if k not in ("methods", "lr_factor")}}
         steps = varied["num_nodes"] * varied["num_groups"] * varied["num_passes"] * varied["stage_steps"]
         assert steps == (s.total_steps * 3 // 2 if name == "1.5x steps" else s.total_steps), name
 
