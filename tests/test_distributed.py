@@ -47,6 +47,12 @@ def _launch_ranks(out_dir: Path, topology: str, num_nodes: int, timeout: float =
                 text=True,
             )  # fmt: skip
         )
+    join_ranks(procs, timeout)
+
+
+def join_ranks(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Waits for every rank's process (killing the rest on a timeout) and checks each exited 0, showing a failed
+    rank's output; returns the outputs."""
     outputs = []
     try:
         for proc in procs:
@@ -56,6 +62,7 @@ def _launch_ranks(out_dir: Path, topology: str, num_nodes: int, timeout: float =
             proc.kill()
     for rank, (proc, output) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"rank {rank} failed:\n{output[-3000:]}"
+    return outputs
 
 
 @pytest.fixture(scope="module")

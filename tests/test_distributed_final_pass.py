@@ -14,7 +14,7 @@ import pytest
 import torch
 from _final_pass_run import run
 from safetensors.torch import load_file
-from test_distributed import _free_port
+from test_distributed import _free_port, join_ranks
 
 
 HERE = Path(__file__).parent
@@ -37,15 +37,7 @@ def _launch(
             env["SNAKE_RUN_SECRET"] = secret
         command = [sys.executable, str(HERE / "_final_pass_run.py"), str(out_dir), topology, str(num_nodes), repairs]
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            proc.kill()
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-3000:]}"
+    join_ranks(procs, timeout)
 
 
 def _simulate(out_dir: Path, num_nodes: int, repairs: str):
