@@ -24,7 +24,7 @@ A leaf module (torch; accelerate and peft imported where used).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -133,20 +133,39 @@ def load_adapters_in_place(model: nn.Module, folder: str) -> bool:
     return True
 
 
-def offloaded_values(model: nn.Module) -> dict[str, torch.Tensor]:
+class _OffloadedValues(Mapping):
+    """`state_dict` name -> stored value of each offloaded tensor, read from its hook's `weights_map` when asked for
+    (a `"disk"` entry is read from its file then, and not kept)."""
+
+    def __init__(self, model: nn.Module):
+        self._where = {
+            f"{path}.{name}" if path else name: (hook.weights_map, name)
+            for path, module in model.named_modules()
+            for hook in _offload_hooks(module)
+            for name in _hook_tensor_names(module, hook)
+            if name in hook.weights_map
+        }
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        weights_map, key = self._where[name]
+        return weights_map[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def offloaded_values(model: nn.Module) -> Mapping[str, torch.Tensor]:
     """The stored values of every offloaded tensor of `model`, by its `state_dict` name.
 
     An offloaded tensor is a `meta` placeholder in the module between forwards; its value sits in the Accelerate
-    hook's `weights_map` (host memory, or a memory-mapped file for `"disk"`). Reading one does not load the others.
+    hook's `weights_map` (host memory, or a memory-mapped file for `"disk"`). The mapping reads a value only when it
+    is asked for, so listing the names, or reading one tensor at a time, never holds the offloaded model in memory.
     Empty when nothing is offloaded.
     """
-    values = {}
-    for path, module in model.named_modules():
-        for hook in _offload_hooks(module):
-            for name in _hook_tensor_names(module, hook):
-                if name in hook.weights_map:
-                    values[f"{path}.{name}" if path else name] = hook.weights_map[name]
-    return values
+    return _OffloadedValues(model)
 
 
 def check_offload(model: nn.Module, train_mode: str, peft_config=None) -> None:
@@ -158,23 +177,15 @@ def check_offload(model: nn.Module, train_mode: str, peft_config=None) -> None:
     and travel, and they are placed on a device ([`peft_on_offloaded_base`]). A `peft_config` whose initialisation
     reads the base weight (PiSSA, OLoRA, LoftQ, ...) is refused there: the weight is not in memory when PEFT reads it.
     """
-    init = getattr(peft_config, "init_lora_weights", True)
-    if init not in (True, False, "gaussian") and has_offload(model):
-        raise ValueError(
-            f"`init_lora_weights` is {init!r} and the model's device map offloads weights: that initialisation reads "
-            "(or rewrites) the base weight, which an offloaded module does not hold. Use init_lora_weights=True or "
-            "'gaussian', or a device map with nothing offloaded."
-        )
+    if has_offload(model):
+        _check_init(peft_config, "the model's device map offloads weights")
     meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
     if not meta:
         return
     stored = set(offloaded_values(model))
     for path, layer, _, pending in _unplaced_adapters(model):  # placed by `materialize_offloaded_adapters`
         for attribute, adapter in pending:
-            item = getattr(layer, attribute)[adapter]
-            named = (
-                [("", item)] if isinstance(item, torch.Tensor) else [*item.named_parameters(), *item.named_buffers()]
-            )
+            named = _named_tensors(getattr(layer, attribute)[adapter], buffers=True)
             stored |= {f"{path}.{attribute}.{adapter}" + (f".{name}" if name else "") for name, _ in named}
     unheld = [name for name in meta if name not in stored]
     if unheld:
@@ -279,13 +290,7 @@ def materialize_offloaded_adapters(model: nn.Module) -> list[str]:
     for path, layer, hook, pending in _unplaced_adapters(model):
         base = layer.get_base_layer()
         config = _peft_config_of(model, path)
-        init = getattr(config, "init_lora_weights", True)
-        if init not in (True, False, "gaussian"):
-            raise ValueError(
-                f"`init_lora_weights` is {init!r} and {path!r} is offloaded: that initialisation reads (or rewrites) "
-                "the base weight, which is not in memory. Use init_lora_weights=True or 'gaussian', or place the "
-                "module on a device in the device map."
-            )
+        init = _check_init(config, f"{path!r} is offloaded")
         device = _execution_device(hook)
         loaded = [(base, _onload(base, hook, device))]  # the base weight in memory while its adapters initialise
         try:
@@ -358,18 +363,36 @@ def check_trainable_placed(model: nn.Module) -> None:
         )
 
 
+def _check_init(peft_config, why: str):
+    """`peft_config`'s `init_lora_weights`, refused when it reads (or rewrites) the base weight, which `why` says is
+    not in memory."""
+    init = getattr(peft_config, "init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        raise ValueError(
+            f"`init_lora_weights` is {init!r} and {why}: that initialisation reads (or rewrites) the base weight, "
+            "which an offloaded module does not hold. Use init_lora_weights=True or 'gaussian', or map the module to "
+            "a device (nothing offloaded)."
+        )
+    return init
+
+
+def _named_tensors(item, buffers: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """An adapter entry's tensors by name relative to it ("" for a bare parameter of a `ParameterDict`)."""
+    if isinstance(item, torch.Tensor):
+        return [("", item)]
+    return [*item.named_parameters(), *(item.named_buffers() if buffers else ())]
+
+
 def _tensors_of(item) -> list[torch.Tensor]:
-    return [item] if isinstance(item, torch.Tensor) else [*item.parameters(), *item.buffers()]
+    return [tensor for _, tensor in _named_tensors(item, buffers=True)]
 
 
 def _dtypes_and_grads(item) -> dict[str, tuple[torch.dtype, bool]]:
-    named = [("", item)] if isinstance(item, torch.Tensor) else item.named_parameters()
-    return {name: (tensor.dtype, tensor.requires_grad) for name, tensor in named}
+    return {name: (tensor.dtype, tensor.requires_grad) for name, tensor in _named_tensors(item)}
 
 
 def _restore_dtypes_and_grads(item, state: dict[str, tuple[torch.dtype, bool]]) -> None:
-    named = [("", item)] if isinstance(item, torch.Tensor) else item.named_parameters()
-    for name, tensor in named:
+    for name, tensor in _named_tensors(item):
         if name in state:
             dtype, requires_grad = state[name]
             tensor.data = tensor.data.to(dtype)

@@ -284,6 +284,11 @@ def test_device_map_auto_with_max_memory_trains_offloaded(tmp_path, saved_llama)
     trainer = SnakeTrainer(model, args, train_dataset=lm_dataset(n=16), peft_config=LoraConfig(**TWO_TARGETS))
     trainer.train()
     assert len(trainer.snake_report.stages) == 4
+    offloaded = [
+        layer for name, layer in trainer.model.named_modules()
+        if name.endswith("q_proj") and layer.base_layer.weight.is_meta
+    ]  # fmt: skip
+    assert offloaded and all(layer.lora_B["default"].weight.any() for layer in offloaded), "offloaded blocks trained"
 
 
 def test_a_checkpoint_loads_into_an_offloaded_model_in_place(tmp_path, saved_llama):

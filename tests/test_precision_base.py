@@ -293,7 +293,6 @@ def test_master_weights_keep_the_updates_bf16_weights_lose(tmp_path):
     assert distance(plain, start) < 0.7 * moved, "bf16 weights drop the updates under half a bf16 step"
     assert distance(master, start) > 0.9 * moved, "the masters accumulate them"
     assert distance(master, reference) < 0.8 * distance(plain, reference)
-    assert {t.dtype for t in master.values()} == {torch.float32}  # (cast above); the model itself stays bf16
 
 
 def test_master_weights_leave_the_model_and_payloads_in_bf16(tmp_path):
