@@ -143,6 +143,14 @@ def exchange_lost_then_receive(transport):
 # -- the intruder -----------------------------------------------------------------------------------------------------
 
 
+def _write_atomically(path: Path, record: dict) -> None:
+    """Writes `record` as JSON so that a reader never sees a part of it: the test kills the intruder at any moment,
+    and a kill between `write_text`'s truncation and its write left an empty file (a CI failure, JSONDecodeError)."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(record))
+    os.replace(partial, path)
+
+
 def intrude(port: int, mode: str, world_size: int, out: str, seconds: float = 60.0) -> None:
     """A process without the secret, on the store from the start of the run.
 
@@ -171,7 +179,7 @@ def intrude(port: int, mode: str, world_size: int, out: str, seconds: float = 60
         store.set(f"snake/join/{rank}/hello", json.dumps({"auth": True, "nonce": "intruder"}))
         store.set(f"snake/join/{rank}/proof", "0" * 64)
     actions = 0
-    record.write_text(json.dumps({"actions": actions, "read": [], "joined_at": time.time()}))
+    _write_atomically(record, {"actions": actions, "read": [], "joined_at": time.time()})
     try:
         while time.monotonic() < deadline:
             for rank in range(world_size):
@@ -191,7 +199,7 @@ def intrude(port: int, mode: str, world_size: int, out: str, seconds: float = 60
             elif mode == "lurker":
                 store.set("snake/intruder/was-here", str(actions))
                 actions += 1
-            record.write_text(json.dumps({"actions": actions, "read": sorted(seen)}))
+            _write_atomically(record, {"actions": actions, "read": sorted(seen)})
             time.sleep(0.05)
     except RuntimeError:  # the run is over: its store went away
         pass
