@@ -8,7 +8,8 @@ optimizer steps for every method (`benchmarks/compare.py`'s harness, each run in
    sits on its edge (at most three more rates). Each method is then quoted at its own best rate.
 2. **Levers**, Snake at its best rate, against the gap at equal optimizer steps: group order (descending = top-down;
    `alternate` needs two passes), fewer steps per stage with more passes (more hops: the bytes go up), a
-   learning-rate factor per block group, the designated schedule (one group per node), full mode (the blocks' own
+   learning-rate factor per block group, one learning-rate schedule per block group (`lr_schedule_scope="group"`:
+   under one run-wide decay the group trained last trains at a fraction of the first one's rate), the designated schedule (one group per node), full mode (the blocks' own
    weights, swept over its own rates), Snake given 1.5x centralized's steps, and the two best levers combined
    (descending order with 2 passes of half the steps, at Snake's rate and at half of it).
 3. **Memory**: per-node peak (evaluation at the training batch size, which stays under the training step's peak) and
@@ -73,6 +74,9 @@ def levers(s: compare.Settings) -> dict[str, dict]:
     """Snake variants at its best rate: the name and the settings that differ from the plain serpentine run."""
     g, steps = s.num_groups, s.stage_steps
     variants = {  # the most telling first: a study cut short has these
+        "one schedule per group": dict(snake_options="lr_schedule_scope=group"),
+        "one schedule per group, lr x2": dict(snake_options="lr_schedule_scope=group", lr_factor=2.0),
+        "one schedule per group, descending": dict(snake_options="lr_schedule_scope=group,group_order=descending"),
         "1.5x steps": dict(stage_steps=steps * 3 // 2),
         "lr x [0.5..2] by depth": dict(snake_options="group_learning_rate_scale=" + _ramp(0.5, 2.0, g)),
         "descending (top-down)": dict(snake_options="group_order=descending"),

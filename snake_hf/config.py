@@ -76,6 +76,11 @@ class SnakeConfig(TrainingArguments):
             One factor per block group: a stage of group g trains its group at `learning_rate` x this list's g-th
             value (the always-trainable modules keep their own rate). Block-coordinate training gives each group a
             share of the steps, so larger steps than centralized training's often pay (benchmarks/lm_study.py).
+        lr_schedule_scope (`str`, defaults to `"run"`):
+            `"run"`: one `lr_scheduler_type` schedule over the whole plan, as `Trainer` runs it. `"group"`: each block
+            group runs the whole schedule (warm-up and decay) over its own steps, as if each group were fine-tuned on
+            its own; under one run-wide decay the group trained last trains at a fraction of the rate of the first.
+            Needs a step-count schedule (not `"reduce_lr_on_plateau"`) built by the trainer.
         train_mode (`str`, *optional*):
             `"lora"`: the active group's LoRA adapters train and travel; `"full"`: the group's weights do. Unset, the
             trainer decides as `Trainer` would: `"lora"` for a `PeftModel` or with `peft_config`, else `"full"`. Either
@@ -219,6 +224,10 @@ class SnakeConfig(TrainingArguments):
     group_learning_rate_scale: list[float] | None = field(
         default=None, metadata={"help": "One learning-rate factor per block group (the group's stages use lr x it)."}
     )
+    lr_schedule_scope: str = field(
+        default="run",
+        metadata={"help": "'run': one LR schedule over the plan (as Trainer); 'group': one per block group."},
+    )
     train_mode: str | None = field(
         default=None,
         metadata={"help": "'lora' (adapters train and travel), 'full', or unset: lora with a PEFT model, else full."},
@@ -349,6 +358,8 @@ class SnakeConfig(TrainingArguments):
             self.group_order,
             f"use one of {', '.join(map(repr, GROUP_ORDERS))}",
         )
+        _require(self.lr_schedule_scope in ("run", "group"), "lr_schedule_scope", self.lr_schedule_scope,
+                 "use 'run' (one schedule over the plan) or 'group' (one per block group)")  # fmt: skip
         if self.group_learning_rate_scale is not None:
             scales = self.group_learning_rate_scale
             _require(

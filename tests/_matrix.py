@@ -55,7 +55,13 @@ def _lora(targets, task_type: str = "CAUSAL_LM", **extra) -> LoraConfig:
 # name -> () -> (model, train dataset, peft_config or None, SnakeConfig fields)
 CONFIGS = {
     "gpt2_c_attn": lambda: (tiny_gpt2(), lm_dataset(n=36), _lora(["c_attn"]), {}),
-    "llama_qkvo": lambda: (tiny_llama(), lm_dataset(n=36), _lora(["q_proj", "k_proj", "v_proj", "o_proj"]), {}),
+    # four target modules, and one LR schedule per block group (its clock must agree across ranks and resumes)
+    "llama_qkvo": lambda: (
+        tiny_llama(),
+        lm_dataset(n=36),
+        _lora(["q_proj", "k_proj", "v_proj", "o_proj"]),
+        {"lr_schedule_scope": "group"},
+    ),
     "llama_all_linear": lambda: (tiny_llama(), lm_dataset(n=36), _lora("all-linear"), {}),
     # the classifier is new: PEFT puts it in modules_to_save, it trains in every stage and travels as the shared part
     "bert_head": lambda: (tiny_bert(), cls_dataset(n=36), _lora(["query", "key", "value"], "SEQ_CLS"), {}),

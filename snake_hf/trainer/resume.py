@@ -67,12 +67,14 @@ __all__ = ["ResumePoint", "StageCheckpoints"]
 # settings are left out: they do not change the adapters.)
 _SIGNATURE_FIELDS = (
     "payload_dtype", "seed", "data_seed", "train_mode", "learning_rate", "head_learning_rate", "group_learning_rate_scale", "lr_scheduler_type",
-    "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "optim", "optim_args", "adam_beta1", "adam_beta2",
+    "lr_schedule_scope", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "optim", "optim_args", "adam_beta1", "adam_beta2",
     "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps",
     "dataloader_drop_last", "bf16", "fp16", "label_smoothing_factor", "always_trainable_modules", "distill_alpha",
     "distill_temperature", "logit_adjustment", "restrict_to_node_classes", "node_class_min_share",
     "lm_loss_chunk_tokens",
 )  # fmt: skip
+# Fields added after checkpoints were written without them, with the value those runs had.
+_SIGNATURE_ADDED = {"lr_schedule_scope": "run"}
 # What to keep the same for the signature entries that are not fields of their own.
 _SIGNATURE_FIXES = {
     "adapter": "the same peft_config (LoRA r, alpha, target modules) and trainable modules",
@@ -219,7 +221,7 @@ class StageCheckpoints:
 
     def _check_signature(self, path: Path, saved: dict) -> None:
         for field, value in self.signature().items():
-            if saved.get(field) != value:
+            if saved.get(field, _SIGNATURE_ADDED.get(field)) != value:
                 fix = _SIGNATURE_FIXES.get(field, f"the same `{field}`")
                 raise CheckpointError(
                     f"Checkpoint {path} was written by a run with `{field}` = {saved.get(field)!r}; this run has "

@@ -48,6 +48,7 @@ from . import _compat
 from .final_pass import needs_final_pass, run_final_pass
 from .options import check_trainer_options, check_user_optimizer
 from .resume import ResumePoint, StageCheckpoints
+from .schedule import check_schedule_scope, scope_scheduler
 from .setup import (
     Prepared,
     needs_priors,
@@ -143,6 +144,7 @@ class SnakeTrainer(StageBoundaries, Trainer):
             resolve_launch(args), args.num_nodes, args.topology, args.hop_timeout, run_secret=args.run_secret
         )
         check_trainer_options(args, self.session, callbacks)
+        check_schedule_scope(args, optimizers[1])
         self._peft_config, self._partitioner, self._train_input = peft_config, partitioner, train_dataset
         if model is None and model_init is not None:  # as Trainer: seeded, then built once for the set-up
             _compat.seed_for_model_init(args)
@@ -367,7 +369,10 @@ class SnakeTrainer(StageBoundaries, Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         # A run resumed at a stage boundary continues its schedule at the checkpoint's step (a schedule is a function
         # of the step count); one resumed inside a stage loads the scheduler's state as Trainer does.
+        fresh = self.lr_scheduler is None
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if fresh and self.args.lr_schedule_scope == "group":  # each block group runs the schedule over its own steps
+            scope_scheduler(scheduler, self.plan)
         if self._resume_point.schedule_step:
             _compat.advance_scheduler(scheduler, self._resume_point.schedule_step)
             self._resume_point.schedule_step = 0
