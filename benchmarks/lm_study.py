@@ -27,6 +27,7 @@ several passes and makes a node hold state for groups it is not training.
 Usage (results in benchmarks/results/lm_study_<size>.{json,md,png}):
     python benchmarks/lm_study.py                 # the CPU size: 48 steps of 4 x 64 tokens, about 70 min of one core
     python benchmarks/lm_study.py --report_only   # the tables from the runs finished so far (missing ones marked)
+    python benchmarks/lm_study.py --size cpu_long # 144 steps of 4 x 64 tokens: the gap at 3x the budget
     python benchmarks/lm_study.py --size full     # 288 steps of 8 x 128 tokens: for a GPU
     python benchmarks/lm_study.py --size tiny --output_dir /tmp/lm   # seconds (tests)
     python benchmarks/lm_study.py --jobs 2        # two runs at a time (one per core)
@@ -55,11 +56,14 @@ METHODS = ("centralized", "snake_serpentine", "cyclic", "split", "fedavg_lora") 
 SIZES = {
     "tiny": dict(num_nodes=2, num_groups=2, stage_steps=2, batch_size=4, max_length=16, train_size=32, eval_size=16),
     "cpu": dict(num_nodes=4, num_groups=3, stage_steps=4, batch_size=4, max_length=64, train_size=192, eval_size=32),
+    # 3x the cpu size's steps (144 of 4 x 64 tokens, each block seen once): does the gap close as groups train longer?
+    "cpu_long": dict(num_nodes=4, num_groups=3, stage_steps=12, batch_size=4, max_length=64, train_size=576, eval_size=32),
     "full": dict(num_nodes=4, num_groups=3, stage_steps=24, batch_size=8, max_length=128, train_size=2304, eval_size=256),
 }  # fmt: skip
 GRIDS = {  # learning rates per size: the LoRA baselines, Snake (block-coordinate: larger steps), Snake full mode
     "tiny": {"lora": [2e-3, 5e-3, 1e-2], "snake_serpentine": [2e-3, 5e-3, 1e-2], "full": [1e-4, 3e-4, 1e-3]},
     "cpu": {"lora": [1e-3, 2e-3, 4e-3], "snake_serpentine": [2e-3, 4e-3, 8e-3], "full": [2e-5, 5e-5, 1e-4]},
+    "cpu_long": {"lora": [2e-3, 4e-3, 8e-3], "snake_serpentine": [2e-3, 4e-3, 8e-3], "full": [5e-5, 1e-4, 2.5e-4]},
     "full": {"lora": [5e-4, 1e-3, 2e-3], "snake_serpentine": [1e-3, 2e-3, 4e-3], "full": [1e-5, 3e-5, 1e-4]},
 }
 
@@ -78,6 +82,12 @@ def levers(s: compare.Settings) -> dict[str, dict]:
         "one schedule per group, lr x2": dict(snake_options="lr_schedule_scope=group", lr_factor=2.0),
         "one schedule per group, descending": dict(snake_options="lr_schedule_scope=group,group_order=descending"),
         "1.5x steps": dict(stage_steps=steps * 3 // 2),
+        "1.5x steps, descending, one schedule per group": dict(
+            stage_steps=steps * 3 // 2, snake_options="lr_schedule_scope=group,group_order=descending"
+        ),
+        "2x steps, descending, one schedule per group": dict(
+            stage_steps=steps * 2, snake_options="lr_schedule_scope=group,group_order=descending"
+        ),
         "lr x [0.5..2] by depth": dict(snake_options="group_learning_rate_scale=" + _ramp(0.5, 2.0, g)),
         "descending (top-down)": dict(snake_options="group_order=descending"),
     }
@@ -89,12 +99,21 @@ def levers(s: compare.Settings) -> dict[str, dict]:
         variants["descending, 2 passes, half the steps"] = dict(
             num_passes=2, stage_steps=steps // 2, snake_options="group_order=descending"
         )
+        variants["descending, 2 passes, half the steps, one schedule per group"] = dict(
+            num_passes=2, stage_steps=steps // 2, snake_options="lr_schedule_scope=group,group_order=descending"
+        )
         variants["descending, 2 passes, half the steps, lr x0.5"] = dict(  # the combination at a neighbouring rate
             num_passes=2, stage_steps=steps // 2, snake_options="group_order=descending", lr_factor=0.5
         )
     if steps % 3 == 0:
         variants["3 passes, a third of the steps"] = dict(num_passes=3, stage_steps=steps // 3)
     variants["lr x [2..0.5] by depth"] = dict(snake_options="group_learning_rate_scale=" + _ramp(2.0, 0.5, g))
+    if g > 2 and steps * g % (g - 1) == 0:  # fewer, larger groups (longer stages: the same steps in all): more steps
+        # per group, and more of the model in each node's backward and optimizer
+        variants[f"{g - 1} groups, descending, one schedule per group"] = dict(
+            num_groups=g - 1, stage_steps=steps * g // (g - 1),
+            snake_options="lr_schedule_scope=group,group_order=descending",
+        )  # fmt: skip
     variants["designated"] = dict(methods="snake_designated")
     return variants
 

@@ -284,11 +284,10 @@ def lm_study_table() -> str:
             f"| {_LM_NAMES.get(name, name)} | {lrs[name]:g} | {row['perplexity']:.2f} ± {row['standard_error']:.2f} | "
             f"{_gap(row['gap_at_equal_steps'])} | {mib(row['bytes_total'], 2)} | {mib(row['peak_memory_max'], 0)} |"
         )
-    same = {n: r for n, r in data["levers"].items() if r["steps"] == data["total_steps"] and not n.startswith("full")}
     full = data["levers"].get("full mode (its best lr)")
     longer = {n: r for n, r in data["levers"].items() if r["steps"] > data["total_steps"]}
-    if same:
-        name, best = min(same.items(), key=lambda kv: kv[1]["final_metric"])
+    if data["levers"]:
+        name, best = _lm_best_lever(data)
         lines += ["", f"Snake's best LoRA lever at the same steps: {name}, perplexity {best['final_metric']:.2f} "
                   f"({_gap(best['final_metric'] / central - 1)} against centralized, "
                   f"{mib(best['bytes_total'], 2)} MiB moved)"
@@ -378,6 +377,11 @@ def lm_recipe_default() -> str:
         f"{passes['bytes_total'] / kept['bytes_total']:.1f}x the bytes ({mib(passes['bytes_total'], 2)} MiB), so the "
         "lever that adds no bytes is the one kept."
         + (
+            _lm_group_schedule(data, kept, at)
+            if "descending, 2 passes, half the steps, one schedule per group" in levers
+            else ""
+        )
+        + (
             f" Full mode (the blocks' own weights, at its own best rate {full_lr:g}) reached {at(full)}, but moved "
             f"{full['bytes_total'] / plain['bytes_total']:.0f}x the LoRA run's bytes ({mib(full['bytes_total'], 0)} MiB) "
             f"and peaked at {mib(full['peak_memory_max'], 0)} MiB per node against {mib(plain['peak_memory_max'], 0)}: "
@@ -389,6 +393,51 @@ def lm_recipe_default() -> str:
         + ' `SnakeConfig`\'s own default stays `"ascending"`: the evidence is '
         f"one model, one data set and {data['total_steps']} steps. {source(LM_STUDY)}"
     )
+
+
+LM_LONG = "lm_study_cpu_long.json"
+
+
+def _lm_best_lever(data: dict) -> tuple[str, dict]:
+    """The lever with the lowest perplexity at the study's own step budget (LoRA: full mode is another trade)."""
+    same = {n: r for n, r in data["levers"].items() if r["steps"] == data["total_steps"] and not n.startswith("full")}
+    return min(same.items(), key=lambda kv: kv[1]["final_metric"])
+
+
+def lm_study_budget() -> str:
+    """docs/benchmarks.md: the gap at the CPU size and at 3x its steps, to tell whether it closes with the budget."""
+    rows = ["| budget | centralized (lr) | Snake plain (lr) | gap | Snake's best lever | its perplexity | gap | "
+            "its MiB moved |", "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+    for name in (LM_STUDY, LM_LONG):
+        data = load(name)
+        methods, lrs = data["summary"]["methods"], data["best_learning_rate"]
+        central, snake = methods["centralized"], methods["snake_serpentine"]
+        lever, best = _lm_best_lever(data)
+        rows.append(
+            f"| {data['total_steps']} steps of {data['settings']['batch_size']} x {data['settings']['max_length']} | "
+            f"{central['perplexity']:.2f} ({lrs['centralized']:g}) | {snake['perplexity']:.2f} "
+            f"({lrs['snake_serpentine']:g}) | {_gap(snake['gap_at_equal_steps'])} ± {snake['gap_standard_error']:.1%} | "
+            f"{lever} | {best['final_metric']:.2f} | {_gap(best['final_metric'] / central['perplexity'] - 1)} | "
+            f"{mib(best['bytes_total'], 2)} |"
+        )
+    return "\n".join(rows + ["", source(LM_STUDY, LM_LONG)])
+
+
+def _lm_group_schedule(data: dict, kept: dict, at) -> str:
+    """The per-group learning-rate schedule's part of the recipe-default paragraph."""
+    levers = data["levers"]
+    alone, top_down = levers["one schedule per group"], levers["one schedule per group, descending"]
+    passes = levers["descending, 2 passes, half the steps, one schedule per group"]
+    cyclic = data["summary"]["methods"].get("cyclic")
+    return (
+        f" One learning-rate schedule per block group (`lr_schedule_scope=\"group\"`) took the plain order to "
+        f"{at(alone)}, and top-down to {at(top_down)} (top-down alone: {kept['final_metric']:.2f}); with two "
+        f"passes of half the steps top-down reached {at(passes)}, the best LoRA lever at equal steps, but moved "
+        f"{mib(passes['bytes_total'], 2)} MiB"
+        + (f", as much as cyclic transfer ({mib(cyclic['bytes_total'], 2)} MiB, {cyclic['perplexity']:.2f})"
+           if cyclic else "")
+        + ", so it is not the recipe's default either."
+    )  # fmt: skip
 
 
 def lm_warm_start() -> str:
@@ -829,6 +878,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "lm_study_levers": lm_study_levers,
     "lm_recipe_default": lm_recipe_default,
     "lm_warm_start": lm_warm_start,
+    "lm_study_budget": lm_study_budget,
     "memory_full": memory_full_part,
     "distributed": distributed_part,
     "vision": vision_part,
