@@ -134,13 +134,24 @@ def _edit_state(checkpoint: Path, **changes) -> None:
     (checkpoint / STATE_FILE).write_text(json.dumps(state))
 
 
-@pytest.mark.parametrize(("field", "value", "saved"), [("payload_dtype", "bfloat16", "'float32'"), ("seed", 1, "0")],
-                         ids=["payload_dtype", "seed"])  # fmt: skip
+@pytest.mark.parametrize(("field", "value", "saved"), [("payload_dtype", "bfloat16", "'float32'"), ("seed", 1, "0"),
+                         ("lr_schedule_scope", "group", "'run'")], ids=["payload_dtype", "seed", "lr_schedule_scope"])  # fmt: skip
 def test_resume_with_another_run_setting_is_refused_naming_the_field(checkpointed, tmp_path, field, value, saved):
     out = _copy(checkpointed, tmp_path)
     expected = rf"`{field}` = {saved}; this run has {value!r}\. Resume with the same `{field}`, or start a new run"
     with pytest.raises(CheckpointError, match=expected):
         _fresh(out, **{field: value}).train(resume_from_checkpoint=True)
+
+
+def test_a_checkpoint_from_before_lr_schedule_scope_resumes_as_the_run_scope_it_had(checkpointed, tmp_path):
+    out = _copy(checkpointed, tmp_path)
+    checkpoint = latest_checkpoint(out)
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    del state["signature"]["lr_schedule_scope"]  # written by a version without the field
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+    _fresh(out).train(resume_from_checkpoint=True)
+    with pytest.raises(CheckpointError, match=r"`lr_schedule_scope` = 'run'; this run has 'group'"):
+        _fresh(out, lr_schedule_scope="group").train(resume_from_checkpoint=True)
 
 
 def test_checkpoint_written_after_a_replan_is_refused_naming_the_failed_rank(checkpointed, tmp_path):

@@ -221,10 +221,11 @@ class StageCheckpoints:
 
     def _check_signature(self, path: Path, saved: dict) -> None:
         for field, value in self.signature().items():
-            if saved.get(field, _SIGNATURE_ADDED.get(field)) != value:
+            had = saved.get(field, _SIGNATURE_ADDED.get(field))
+            if had != value:
                 fix = _SIGNATURE_FIXES.get(field, f"the same `{field}`")
                 raise CheckpointError(
-                    f"Checkpoint {path} was written by a run with `{field}` = {saved.get(field)!r}; this run has "
+                    f"Checkpoint {path} was written by a run with `{field}` = {had!r}; this run has "
                     f"{value!r}. Resume with {fix}, or start a new run in a new output_dir."
                 )
 
