@@ -345,56 +345,6 @@ def lm_study_levers() -> str:
     return "\n".join(lines)
 
 
-LM_RECIPE = ROOT / "recipes" / "configs" / "smollm2_bible.yaml"
-_ORDER_LEVER = {"descending": "descending (top-down)", "alternate": "2 passes, half the steps, alternate"}
-
-
-def lm_recipe_default() -> str:
-    """docs/benchmarks.md: the lever the causal-LM recipe's config keeps, against the others at equal steps."""
-    data = load(LM_STUDY)
-    order = next(line.split(":")[1].strip() for line in LM_RECIPE.read_text().splitlines()
-                 if line.startswith("group_order:"))  # fmt: skip
-    levers, lr = data["levers"], data["lever_learning_rate"]
-    central = data["summary"]["methods"]["centralized"]["perplexity"]
-    plain = data["sweeps"]["snake_serpentine"][f"{lr:g}"]
-    kept = levers[_ORDER_LEVER[order]]
-    passes, both = levers["2 passes, half the steps"], levers["descending, 2 passes, half the steps"]
-    both_half = levers.get("descending, 2 passes, half the steps, lr x0.5")
-    full, full_lr = levers.get("full mode (its best lr)"), data["best_learning_rate"].get("snake_full")
-
-    def at(r):
-        return f"{r['final_metric']:.2f}, {_gap(r['final_metric'] / central - 1)}"
-
-    se = data["summary"]["methods"]["snake_serpentine"]["gap_standard_error"]
-    return (
-        f"`{LM_RECIPE.relative_to(ROOT)}` sets `group_order: {order}`. At Snake's rate ({lr:g}) it cut the gap to "
-        f"centralized from {_gap(plain['final_metric'] / central - 1)} to {_gap(kept['final_metric'] / central - 1)} "
-        f"({kept['final_metric']:.2f} against the plain serpentine's {plain['final_metric']:.2f}) at the plain run's "
-        f"bytes ({mib(kept['bytes_total'], 2)} MiB). Two passes of half the steps ({at(passes)}) and both levers "
-        f"combined ({at(both)}"
-        + (f"; {both_half['final_metric']:.2f} at half the rate" if both_half else "")
-        + f") did no better within the noise (the paired standard error of Snake's gap is {se:.1%}) while moving "
-        f"{passes['bytes_total'] / kept['bytes_total']:.1f}x the bytes ({mib(passes['bytes_total'], 2)} MiB), so the "
-        "lever that adds no bytes is the one kept."
-        + (
-            _lm_group_schedule(data, kept, at)
-            if "descending, 2 passes, half the steps, one schedule per group" in levers
-            else ""
-        )
-        + (
-            f" Full mode (the blocks' own weights, at its own best rate {full_lr:g}) reached {at(full)}, but moved "
-            f"{full['bytes_total'] / plain['bytes_total']:.0f}x the LoRA run's bytes ({mib(full['bytes_total'], 0)} MiB) "
-            f"and peaked at {mib(full['peak_memory_max'], 0)} MiB per node against {mib(plain['peak_memory_max'], 0)}: "
-            "a different trade, not a default for the LoRA recipe (full mode at LoRA's per-node memory would take "
-            "fewer blocks per group; not run)."
-            if full
-            else ""
-        )
-        + ' `SnakeConfig`\'s own default stays `"ascending"`: the evidence is '
-        f"one model, one data set and {data['total_steps']} steps. {source(LM_STUDY)}"
-    )
-
-
 LM_LONG = "lm_study_cpu_long.json"
 
 
@@ -441,21 +391,69 @@ def lm_study_budget() -> str:
     return "\n".join(rows + ["", source(LM_STUDY, LM_LONG)])
 
 
-def _lm_group_schedule(data: dict, kept: dict, at) -> str:
-    """The per-group learning-rate schedule's part of the recipe-default paragraph."""
-    levers = data["levers"]
-    alone, top_down = levers["one schedule per group"], levers["one schedule per group, descending"]
-    passes = levers["descending, 2 passes, half the steps, one schedule per group"]
-    cyclic = data["summary"]["methods"].get("cyclic")
+LM_RECIPE = ROOT / "recipes" / "configs" / "smollm2_bible.yaml"
+_RECIPE_LEVER = "2 groups, descending, one schedule per group"  # what the recipe's config sets (checked below)
+
+
+def _recipe_setting(key: str) -> str:
+    return next(line.split(":")[1].split("#")[0].strip() for line in LM_RECIPE.read_text().splitlines()
+                if line.startswith(f"{key}:"))  # fmt: skip
+
+
+def lm_recipe_default() -> str:
+    """docs/benchmarks.md: the lever the causal-LM recipe's config keeps, at both budgets, against the others."""
+    settings = {k: _recipe_setting(k) for k in ("num_nodes", "num_block_groups", "group_order", "lr_schedule_scope")}
+    groups = int(settings["num_block_groups"])
+    if (groups, settings["group_order"], settings["lr_schedule_scope"]) != (2, "descending", "group"):
+        raise ValueError(f"{LM_RECIPE.name} no longer sets the lever '{_RECIPE_LEVER}' this part describes")
+    short, long = load(LM_STUDY), load(LM_LONG)
+
+    def gap(data, name):
+        central = data["summary"]["methods"]["centralized"]["perplexity"]
+        r = (
+            data["sweeps"]["snake_serpentine"][f"{data['lever_learning_rate']:g}"]
+            if name is None
+            else data["levers"][name]
+        )
+        return f"{r['final_metric']:.2f} ({_gap(r['final_metric'] / central - 1)})"
+
+    def both(name):
+        return f"{gap(short, name)} at {short['total_steps']} steps and {gap(long, name)} at {long['total_steps']}"
+
+    kept, plain = (
+        short["levers"][_RECIPE_LEVER],
+        short["sweeps"]["snake_serpentine"][f"{short['lever_learning_rate']:g}"],
+    )
+    passes = short["levers"]["descending, 2 passes, half the steps, one schedule per group"]
+    cyclic = short["summary"]["methods"]["cyclic"]
+    full, full_lr = short["levers"].get("full mode (its best lr)"), short["best_learning_rate"].get("snake_full")
     return (
-        f" One learning-rate schedule per block group (`lr_schedule_scope=\"group\"`) took the plain order to "
-        f"{at(alone)}, and top-down to {at(top_down)} (top-down alone: {kept['final_metric']:.2f}); with two "
-        f"passes of half the steps top-down reached {at(passes)}, the best LoRA lever at equal steps, but moved "
-        f"{mib(passes['bytes_total'], 2)} MiB"
-        + (f", as much as cyclic transfer ({mib(cyclic['bytes_total'], 2)} MiB, {cyclic['perplexity']:.2f})"
-           if cyclic else "")
-        + ", so it is not the recipe's default either."
-    )  # fmt: skip
+        f"`{LM_RECIPE.relative_to(ROOT)}` trains {groups} block groups over its {settings['num_nodes']} nodes, top-down, "
+        "each group with its own learning-rate schedule (`num_block_groups`, `group_order: descending`, "
+        f"`lr_schedule_scope: group`). In the study ({short['settings']['num_nodes']} nodes; "
+        f"{short['settings']['num_groups']} groups in its other Snake runs) that lever gave "
+        f"{both(_RECIPE_LEVER)}, against the plain serpentine's {both(None)} and top-down alone's "
+        f"{both('descending (top-down)')}; one schedule per group with top-down and the study's groups gave "
+        f"{both('one schedule per group, descending')}. Fewer groups means fewer hand-overs, so it moved fewer bytes "
+        f"({mib(kept['bytes_total'], 2)} MiB against {mib(plain['bytes_total'], 2)}); each node trains half the "
+        f"adapters instead of a third: trainable state {mib(kept['trainable_state_bytes'], 2)} MiB against "
+        f"{mib(plain['trainable_state_bytes'], 2)} and a peak of {mib(kept['peak_memory_max'], 0)} MiB per node against "
+        f"{mib(plain['peak_memory_max'], 0)} (LoRA's state is small beside the frozen model; in full mode a group's "
+        "share of the model is the memory, and fewer groups cost in proportion). Two passes of half the steps "
+        f"with top-down and one schedule per group reached {gap(short, 'descending, 2 passes, half the steps, one schedule per group')} "
+        f"at {short['total_steps']} steps but moved {mib(passes['bytes_total'], 2)} MiB, as much as cyclic transfer "
+        f"({mib(cyclic['bytes_total'], 2)} MiB, {cyclic['perplexity']:.2f})."
+        + (
+            f" Full mode (the blocks' own weights, at its own best rate {full_lr:g}) reached "
+            f"{gap(short, 'full mode (its best lr)')}, but moved {full['bytes_total'] / plain['bytes_total']:.0f}x the "
+            f"LoRA run's bytes ({mib(full['bytes_total'], 0)} MiB) and peaked at {mib(full['peak_memory_max'], 0)} MiB "
+            f"per node against {mib(plain['peak_memory_max'], 0)}: a different trade, not a default for the LoRA recipe."
+            if full
+            else ""
+        )
+        + " `SnakeConfig`'s own defaults stay (one group per node, ascending, one schedule over the run): the evidence "
+        f"is one model and one data set. {source(LM_STUDY, LM_LONG)}"
+    )
 
 
 def lm_warm_start() -> str:

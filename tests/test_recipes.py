@@ -213,12 +213,15 @@ def test_every_recipe_config_parses_into_its_recipe_arguments(config):
     assert header.startswith("#")
 
 
-def test_causal_lm_config_trains_top_down_while_the_library_default_stays_ascending():
+def test_causal_lm_config_keeps_the_studys_lever_while_the_library_defaults_stay():
     recipe = _recipe("causal_lm")
     types = [recipe.ScriptArguments, *[t for t in vars(recipe).values() if _is_model_args(t)], SnakeConfig]
     _, _, args = parse_recipe_args(types, [str(CONFIGS / "smollm2_bible.yaml")])
-    assert args.group_order == "descending"  # the study's best lever at no extra bytes (docs/benchmarks.md)
-    assert SnakeConfig(output_dir="unused").group_order == "ascending"
+    # the study's best lever at no extra bytes (docs/benchmarks.md): two groups, top-down, one schedule per group
+    assert (args.num_block_groups, args.group_order, args.lr_schedule_scope) == (2, "descending", "group")
+    assert args.num_nodes * args.num_block_groups * args.stage_steps == 36  # the budget its header states
+    default = SnakeConfig(output_dir="unused")
+    assert (default.num_block_groups, default.group_order, default.lr_schedule_scope) == (None, "ascending", "run")
 
 
 def test_every_config_of_these_recipes_is_covered_and_names_its_command():
