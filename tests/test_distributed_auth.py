@@ -23,7 +23,8 @@ import torch
 from _snake_run import run
 from safetensors.torch import load_file
 
-from snake_hf.engine.auth import SEAL_NBYTES
+from snake_hf.engine.auth import SEAL_NBYTES, AuthenticationError
+from snake_hf.engine.transport import HopTimeoutError
 
 
 pytestmark = [
@@ -180,6 +181,30 @@ def test_message_deleted_from_the_store_stops_the_waiting_rank_instead_of_a_hang
     assert "published 'snake/exchange/sizes/0/1' but the store no longer holds it" in results[0]["message"]
     assert results[0]["seconds"] < attacks.FAST["heartbeat_timeout"] + 5
     assert results[1]["error"] == "HopTimeoutError" and "rank 0 closed its transport first" in results[1]["message"]
+
+
+@pytest.mark.parametrize("secret", [SECRET, None], ids=["with_secret", "without_secret"])
+def test_message_deleted_between_seen_and_read_is_named_at_once_not_after_the_store_timeout(secret):
+    """A waiting rank can see a key in the moment between its publication and an intruder's deletion (a CI failure:
+    the read then waited out the store's timeout and stopped unnamed). The read names the deletion at once."""
+    from snake_hf.engine.torch_dist import DistributedTransport
+
+    kwargs = {**attacks.FAST, "hop_timeout": 30.0, "run_secret": secret}
+    transport = DistributedTransport(0, 1, master_addr="127.0.0.1", master_port=_free_port(), **kwargs)
+    try:
+        transport.publish("snake/exchange/sizes/0/0", "12")
+        assert transport.read("snake/exchange/sizes/0/0", 0, "exchanged text 'sizes'") == "12"
+        transport.store.delete_key("snake/exchange/sizes/0/0")
+        start = time.monotonic()
+        expected = AuthenticationError if secret else HopTimeoutError
+        with pytest.raises(expected) as caught:
+            transport.read("snake/exchange/sizes/0/0", 0, "exchanged text 'sizes'")
+        assert time.monotonic() - start < 1.0
+    finally:
+        transport.close(wait=False)
+    message = str(caught.value)
+    assert "published 'snake/exchange/sizes/0/0' but the store no longer holds it" in message
+    assert "exchanged text 'sizes'" in message and ("tampering" in message) == bool(secret)
 
 
 # -- whole runs (SnakeTrainer, one process per node) ---------------------------------------------------------------

@@ -208,18 +208,45 @@ class DistributedTransport(CoordinatedTransport):
     def read(self, key: str, writer: int, what: str = "message") -> str:
         """The text rank `writer` published under `key` (which must be set); with a secret, raises
         [`AuthenticationError`] naming `what` and `writer` when it is not that rank's for that key in this run."""
+        # `get` would wait out the store's timeout for a key deleted after the caller saw it: check it first (a
+        # deletion then is named at once), and name one that falls in the moment between the check and the read.
         try:
-            raw = self.store.get(key).decode("utf-8", errors="replace")
-        except RuntimeError as error:  # the key vanished after it was seen (deleted), or the store's server is gone
+            present = self.store.check([key])
+            raw = self.store.get(key).decode("utf-8", errors="replace") if present else None
+        except RuntimeError as error:  # the key vanished after the check, or the store's server is gone
+            if self._still_reachable():
+                raise self._deleted(key, writer, what) from error
             raise HopTimeoutError(
                 f"Rank {self.rank} could not read the {what} (store key {key!r}) of rank {writer}: {error} "
                 f"(topology {self.topology})"
             ) from error
+        if raw is None:
+            raise self._deleted(key, writer, what)
         describe = lambda reason: (  # noqa: E731
             f"Rank {self.rank} refused the {what} (store key {key!r}) that claims to come from rank {writer}: "
             f"{reason} (topology {self.topology})."
         )
         return self._auth.open_text(key, writer, raw, describe)
+
+    def _still_reachable(self) -> bool:
+        try:
+            self.store.check([_CLOSED.format(self.rank)])
+        except RuntimeError:
+            return False
+        return True
+
+    def _deleted(self, key: str, writer: int, what: str) -> Exception:
+        """The error for a key that was set when this rank saw it and is gone when it reads it: no rank deletes a key
+        another still has to read, so with a secret it is tampering; without one, a named stop instead of a wait."""
+        reason = (
+            f"rank {writer} published {key!r} but the store no longer holds it (its {what}): a process on the "
+            "rendezvous store deleted it"
+        )
+        if self._auth.enabled:
+            return AuthenticationError(
+                f"Rank {self.rank}: {reason} (tampering; see docs/security.md; topology {self.topology})."
+            )
+        return HopTimeoutError(f"Rank {self.rank}: {reason} (topology {self.topology}).")
 
     # -- texts, barriers and the final state --------------------------------------------------------------------------
 
