@@ -67,6 +67,14 @@ def idle(transport):
     """Joins and closes."""
 
 
+def idle_until_forged(transport, key="snake/exchange/sizes/0/1", seconds=60.0):
+    """Joins, stays until an intruder has written `key` in this rank's name, and closes. Closing at once would race
+    the intruder: a peer waiting for `key` that saw this rank closed first stops on that, not on the forgery."""
+    deadline = time.monotonic() + seconds
+    while not transport.store.check([key]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def receive_stages(transport, stages=(1,), sender=0):
     """Receives the payload of each of `stages` from `sender`; records which arrived intact."""
     arrived = {}

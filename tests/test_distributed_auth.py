@@ -149,7 +149,7 @@ def test_store_message_forged_by_an_intruder_is_refused_naming_it(tmp_path):
 
     port, context = _free_port(), multiprocessing.get_context("spawn")
     ready, go = context.Semaphore(0), context.Event()
-    targets = {0: attacks.exchange, 1: attacks.idle}
+    targets = {0: attacks.exchange, 1: attacks.idle_until_forged}
     processes = [
         context.Process(
             target=attacks.entry,
