@@ -230,6 +230,29 @@ class StageObjective:
         self.loss_total += float(loss.detach())
         return loss, outputs
 
+    def start_values(self) -> dict[str, torch.Tensor]:
+        """The values the stage started from that this objective keeps (the teacher's tensors, the proximal term's
+        anchor), by name: a checkpoint taken inside the stage saves them, so a resume goes on towards the same ones."""
+        values = {}
+        if self.teacher is not None:
+            values |= {f"teacher/{name}": tensor for name, tensor in self.teacher.snapshot.items()}
+        if self.proximal is not None:
+            values |= {f"proximal/{i}": tensor for i, tensor in enumerate(self.proximal.start)}
+        return values
+
+    def restore_start_values(self, values: dict[str, torch.Tensor]) -> None:
+        """Puts back the stage-start values [`start_values`] gave (from a checkpoint taken inside the stage); raises
+        `ValueError` naming what differs when they are not this objective's (names or shapes)."""
+        own = self.start_values()
+        differ = sorted(set(own) ^ set(values)) or [n for n in own if own[n].shape != values[n].shape]
+        if differ:
+            raise ValueError(
+                f"the saved stage-start values do not match this stage's objective (first: {differ[0]!r})"
+            )
+        with torch.no_grad():
+            for name, tensor in own.items():
+                tensor.copy_(values[name])
+
     @property
     def distill_share(self) -> float | None:
         """Share of the stage's training loss that came from distillation."""

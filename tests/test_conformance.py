@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,6 +35,7 @@ from transformers import (
 
 from conftest import assert_same_state, lm_dataset, losses, tiny_gpt2
 from snake_hf import SnakeConfig, SnakeTrainer
+from snake_hf.trainer.checkpoint import CheckpointError
 from snake_hf.trainer.options import check_trainer_options
 
 
@@ -408,8 +410,12 @@ class TestTwoByTwo:
         with pytest.raises(ValueError, match=r"`max_steps` \(6\).*stage_steps"):
             two_by_two(tmp_path, max_steps=6, stage_steps=4)
 
-    def test_checkpoint_inside_a_stage_resumes_bit_identically(self, tmp_path):
-        steps = dict(save_strategy="steps", save_steps=3, stage_steps=4)
+    @pytest.mark.parametrize(
+        "objective", [{}, {"proximal_mu": 0.5}, {"distill_alpha": 0.5}], ids=["plain", "proximal", "distill"]
+    )
+    def test_checkpoint_inside_a_stage_resumes_bit_identically(self, tmp_path, objective):
+        # proximal/distill: the stage's start values (anchor, teacher) come back from the checkpoint, not the resume
+        steps = dict(save_strategy="steps", save_steps=3, stage_steps=4, learning_rate=5e-2, **objective)
         full = two_by_two(tmp_path / "a", **steps)
         full.train()
         names = checkpoints(full.args.output_dir)
@@ -417,11 +423,32 @@ class TestTwoByTwo:
         assert names == [f"checkpoint-{n}" for n in (3, 4, 6, 8, 9, 12, 15, 16)]
         state = json.loads((Path(full.args.output_dir) / "checkpoint-6" / "snake_state.json").read_text())
         assert state["in_stage"] is not None and state["next_stage"] == 1
+        kept = (Path(full.args.output_dir) / "checkpoint-6" / "snake_stage_start.safetensors").is_file()
+        assert kept == bool(objective) and bool(state["in_stage"]["start_values"]) == bool(objective)
         resumed = two_by_two(tmp_path / "a", **steps)
         resumed.train(resume_from_checkpoint=str(Path(full.args.output_dir) / "checkpoint-6"))
         assert_same_state(trained_state(resumed), trained_state(full))
         assert [r.train_loss for r in resumed.snake_report.stages] == [r.train_loss for r in full.snake_report.stages]
         assert resumed.snake_report.total_bytes == full.snake_report.total_bytes
+
+    @pytest.mark.parametrize("written_by", ["older_snake_hf", "file_lost"])
+    def test_an_in_stage_checkpoint_without_its_start_values_warns_or_is_refused(self, tmp_path, caplog, written_by):
+        steps = dict(save_strategy="steps", save_steps=3, stage_steps=4, proximal_mu=0.5)
+        full = two_by_two(tmp_path / "a", **steps)
+        full.train()
+        folder = Path(full.args.output_dir) / "checkpoint-6"
+        (folder / "snake_stage_start.safetensors").unlink()
+        resumed = two_by_two(tmp_path / "a", **steps)
+        if written_by == "file_lost":  # the state lists them: a damaged checkpoint, refused before any work
+            with pytest.raises(CheckpointError, match=r"checkpoint-6 \(snake_stage_start.safetensors\).*proximal/0"):
+                resumed.train(resume_from_checkpoint=str(folder))
+            return
+        state = json.loads((folder / "snake_state.json").read_text())
+        del state["in_stage"]["start_values"]  # as written before the start values were kept
+        (folder / "snake_state.json").write_text(json.dumps(state))
+        caplog.set_level(logging.WARNING, logger="snake_hf.trainer.stage")
+        resumed.train(resume_from_checkpoint=str(folder))
+        assert any("not bit-identical" in r.getMessage() and "checkpoint-6" in r.getMessage() for r in caplog.records)
 
     def test_epoch_based_early_stopping_stops_at_a_plan_epoch_end(self, tmp_path):
         data = lm_dataset(n=32)

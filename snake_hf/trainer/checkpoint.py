@@ -14,7 +14,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ __all__ = ["CheckpointError", "StageCheckpoint", "latest_checkpoint", "rotate_ch
 STATE_FILE = "snake_state.json"
 PARTS_FILE = "snake_parts.safetensors"
 RNG_FILE = "snake_rng.safetensors"
+START_FILE = "snake_stage_start.safetensors"  # only in a checkpoint inside a stage whose objective keeps start values
 FORMAT = 2  # 2: the run's signature and id (a checkpoint resumes only the run that wrote it)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -44,15 +45,21 @@ class StageCheckpoint:
             `report`, `rank`, `failures`, `run_id` and `signature` (see `snake_hf.trainer.resume`).
         parts (`dict[str, torch.Tensor]`): every part's tensors, by the trained model's tensor names.
         rng (`dict[int, torch.Tensor]`): each node's CPU RNG state.
+        stage_start (`dict[str, torch.Tensor]`): inside a stage, the values it started from that its objective keeps
+            (distillation's teacher, the proximal term's anchor; see `StageObjective.start_values`), else empty.
     """
 
     state: dict
     parts: dict[str, torch.Tensor]
     rng: dict[int, torch.Tensor]
+    stage_start: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def save(self, folder: Path) -> None:
         save_file({name: t.detach().contiguous().cpu() for name, t in self.parts.items()}, str(folder / PARTS_FILE))
         save_file({f"node_{node}": state for node, state in self.rng.items()}, str(folder / RNG_FILE))
+        if self.stage_start:
+            start = {name: t.detach().contiguous().cpu() for name, t in self.stage_start.items()}
+            save_file(start, str(folder / START_FILE))
         (folder / STATE_FILE).write_text(json.dumps({"format": FORMAT, **self.state}, default=str))  # last: complete
 
     @classmethod
@@ -70,6 +77,7 @@ class StageCheckpoint:
             state = json.loads((folder / STATE_FILE).read_text())
             parts = load_file(str(folder / PARTS_FILE))
             rng = {int(k.removeprefix("node_")): v for k, v in load_file(str(folder / RNG_FILE)).items()}
+            stage_start = load_file(str(folder / START_FILE)) if (folder / START_FILE).is_file() else {}
         except (OSError, ValueError, RuntimeError, SafetensorError, EOFError) as error:
             raise CheckpointError(
                 f"Checkpoint {folder} is damaged ({type(error).__name__}: {error}); resume from an earlier "
@@ -80,7 +88,7 @@ class StageCheckpoint:
                 f"Checkpoint {folder} has format {state.get('format')}; this snake_hf reads {FORMAT}. Resume it with "
                 "the snake_hf version that wrote it, or start again."
             )
-        return cls(state=state, parts=parts, rng=rng)
+        return cls(state=state, parts=parts, rng=rng, stage_start=stage_start)
 
 
 def write_atomically(output_dir: str | os.PathLike, step: int, write) -> Path:

@@ -29,6 +29,7 @@ error at once instead of waiting for a payload that will not come.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import Callable
@@ -97,6 +98,7 @@ class ResumePoint:
             skipped; each later stage seeks its own plan step).
         in_stage (`dict`, *optional*): simulation: the checkpoint was taken inside stage `next_stage`, which goes on
             where it was (its loss so far and record); `Trainer` restores its optimizer and scheduler.
+        stage_start (`dict`): with `in_stage`, the values the stage started from that its objective keeps.
     """
 
     checkpoint: Path | None = None
@@ -104,6 +106,7 @@ class ResumePoint:
     schedule_step: int = 0
     skip_own_steps: int = 0
     in_stage: dict | None = None
+    stage_start: dict = dataclasses.field(default_factory=dict)
 
 
 class StageCheckpoints:
@@ -179,11 +182,13 @@ class StageCheckpoints:
         global_step: int,
         in_stage: dict | None = None,
         live_node: int | None = None,
+        stage_start: dict[str, torch.Tensor] | None = None,
     ) -> StageCheckpoint:
         """What a checkpoint restores: every part's tensors, the version vectors, each node's RNG stream, the report
         and where the run goes on — at a stage boundary (`next_stage`'s hop not yet handed on), or inside stage
         `next_stage` (`in_stage`: its loss so far and record; `live_node`: the node whose RNG stream is the global one
-        now). Simulation: saved into the folder `Trainer._save_checkpoint` just wrote."""
+        now; `stage_start`: the values the stage started from that its objective keeps). Simulation: saved into the
+        folder `Trainer._save_checkpoint` just wrote."""
         named = dict(model.named_parameters()) | dict(model.named_buffers())
         state = {
             "next_stage": next_stage,
@@ -205,7 +210,7 @@ class StageCheckpoints:
         if live_node is not None:
             rng[live_node] = torch.get_rng_state()
         names = [name for part in self.part_map.parts for name in self.part_map.tensor_names(part)]
-        return StageCheckpoint(state, {n: named[n] for n in names}, rng)
+        return StageCheckpoint(state, {n: named[n] for n in names}, rng, dict(stage_start or {}))
 
     def signature(self) -> dict:
         """Every setting besides the plan, the base model and the rank that decides what this run computes (as JSON
@@ -365,7 +370,9 @@ class StageCheckpoints:
         report.stages = [StageRecord(**record) for record in state["report"]["stages"]]
         report.hops = [HopRecord(**hop) for hop in state["report"]["hops"]]
         self.run_id = state["run_id"]
-        point = ResumePoint(checkpoint=path, next_stage=next_stage, in_stage=in_stage)
+        point = ResumePoint(
+            checkpoint=path, next_stage=next_stage, in_stage=in_stage, stage_start=checkpoint.stage_start
+        )
         if not self.session.distributed and in_stage is None:
             # A boundary: the next stage's fresh optimizer, on the schedule at the checkpoint's step. (Inside a stage
             # Trainer loads the optimizer and scheduler; distributed: each stage seeks its own plan step.)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.utils import logging
 
 from ..blocks import frozen_batchnorms, set_trainable
 from ..losses import StageObjective
@@ -18,11 +19,14 @@ from ..plan import Stage
 from ..recompute import set_recompute
 from ..report import StageRecord
 from . import _compat
+from .checkpoint import START_FILE, CheckpointError
 from .final_pass import needs_final_pass, run_final_pass
 from .setup import stage_objective
 
 
 __all__ = ["StageBoundaries", "StageBoundary", "StageRun"]
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -92,8 +96,30 @@ class StageBoundaries:
             else [],
             loss=torch.tensor(resumed["loss"] if resumed else 0.0, device=self.args.device),
         )  # fmt: skip
+        if resumed is not None and self._current.objective is not None:
+            self._restore_stage_start(resumed)
         if not first:
             self._fresh_optimizer()
+
+    def _restore_stage_start(self, resumed: dict) -> None:
+        """A stage resumed from a checkpoint inside it goes on towards the values it started from (distillation's
+        teacher, the proximal term's anchor), which the checkpoint kept, not towards the values it resumed with."""
+        objective, path = self._current.objective, self._resume_point.checkpoint
+        if not objective.start_values():
+            return
+        if "start_values" not in resumed:  # written before snake_hf kept them
+            logger.warning(
+                f"Checkpoint {path} was taken inside stage {self._current.stage.index} by a snake_hf that did not keep "
+                "the stage's start values: distillation's teacher and the proximal term's anchor are taken from the "
+                "resumed values, so this resume is not bit-identical to an uninterrupted run."
+            )
+            return
+        try:
+            objective.restore_start_values(self._resume_point.stage_start)
+        except ValueError as error:
+            raise CheckpointError(
+                f"Checkpoint {path} ({START_FILE}): {error}; resume from another checkpoint-N, or start again."
+            ) from error
 
     def _start_stage_clock(self) -> None:
         """On the stage's first micro-batch: its node's RNG stream, its place in the schedule, timers, progress."""

@@ -411,9 +411,11 @@ class SnakeTrainer(StageBoundaries, Trainer):
             )
         else:
             in_stage = {"loss": current.loss.item(), "record": dataclasses.asdict(current.record)}
+            start = current.objective.start_values() if current.objective is not None else {}
+            in_stage["start_values"] = sorted(start)  # what a resume must find (distillation, proximal_mu)
             snapshot = self.checkpoints.snapshot(
                 current.stage.index, self.model, self._relay, self.snake_report, self.state.global_step, in_stage,
-                live_node=current.stage.node,
+                live_node=current.stage.node, stage_start=start,
             )  # fmt: skip
         self._relay.save_deltas(folder)  # quantized payloads: residuals and latest deltas (a no-op otherwise)
         snapshot.save(folder)  # snake_state.json last: a folder without it is never trusted
