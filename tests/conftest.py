@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import datasets
@@ -42,6 +43,13 @@ def load_script(path, name: str | None = None):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A loopback TCP port free a moment ago, for a test's rendezvous store."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def tiny_gpt2(seed: int = 0, n_layer: int = 4) -> GPT2LMHeadModel:

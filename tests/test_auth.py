@@ -12,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import free_port
 from snake_hf import SnakeConfig
 from snake_hf.engine.auth import AuthenticationError, RunAuth, exposure_warning, resolve_run_secret
 from snake_hf.engine.payload import HEADER_NBYTES, EncodedPayload, Payload, PayloadError, encode_payload
@@ -195,15 +196,7 @@ def test_run_without_secret_warns_once_when_its_store_is_reachable_from_other_ho
 
     caplog.set_level(logging.WARNING, logger="snake_hf.engine.torch_dist")
     for _ in range(2):  # two transports of one process: one warning
-        transport = DistributedTransport(0, 1, master_addr="0.0.0.0", master_port=_free_port(), hop_timeout=5.0)
+        transport = DistributedTransport(0, 1, master_addr="0.0.0.0", master_port=free_port(), hop_timeout=5.0)
         transport.close()
     warnings = [r for r in caplog.records if "No run_secret" in r.getMessage()]
     assert len(warnings) == 1 and "0.0.0.0" in warnings[0].getMessage()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

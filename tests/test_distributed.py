@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,10 @@ from _snake_run import run
 from safetensors.torch import load_file
 
 from _matrix import DEFAULT, MATRIX
+from conftest import free_port
 
 
 HERE = Path(__file__).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _launch_ranks(out_dir: Path, topology: str, num_nodes: int, timeout: float = 240, config: str = DEFAULT) -> None:
@@ -32,7 +26,7 @@ def _launch_ranks(out_dir: Path, topology: str, num_nodes: int, timeout: float =
     Every rank gets its own PYTHONHASHSEED (and the test process has yet another): whatever two processes must agree
     on cannot depend on a process's set order.
     """
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(num_nodes):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(num_nodes), LOCAL_RANK=str(rank),
@@ -147,7 +141,7 @@ def test_every_user_configuration_runs_distributed_bit_identical_to_the_simulati
 @pytest.mark.slow
 def test_a_node_that_never_answers_raises_a_hop_timeout_naming_stage_ranks_and_topology(tmp_path):
     env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", SNAKE_TEST_HOP_TIMEOUT="4")  # fmt: skip
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", SNAKE_TEST_HOP_TIMEOUT="4")  # fmt: skip
     command = [sys.executable, str(HERE / "_snake_run.py"), str(tmp_path), "p2p", "2"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)  # rank 1 never starts
     assert done.returncode != 0

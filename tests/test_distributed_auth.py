@@ -11,7 +11,6 @@ import functools
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 from _snake_run import run
 from safetensors.torch import load_file
 
+from conftest import free_port
 from snake_hf.engine.auth import SEAL_NBYTES, AuthenticationError
 from snake_hf.engine.transport import HopTimeoutError
 
@@ -36,15 +36,9 @@ HERE = Path(__file__).parent
 SECRET = attacks.SECRET
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(targets: dict, kwargs: dict[int, dict], tmp_path: Path, timeout: float = 60.0) -> dict[int, dict]:
     """Runs `targets[rank](transport)` in one spawned process per rank, with that rank's transport `kwargs`."""
-    port, context = _free_port(), multiprocessing.get_context("spawn")
+    port, context = free_port(), multiprocessing.get_context("spawn")
     ready, go = context.Semaphore(0), context.Event()
     world_size = len(targets)
     processes = {
@@ -147,7 +141,7 @@ def test_store_message_forged_by_an_intruder_is_refused_naming_it(tmp_path):
 
     from torch.distributed import TCPStore
 
-    port, context = _free_port(), multiprocessing.get_context("spawn")
+    port, context = free_port(), multiprocessing.get_context("spawn")
     ready, go = context.Semaphore(0), context.Event()
     targets = {0: attacks.exchange, 1: attacks.idle_until_forged}
     processes = [
@@ -190,7 +184,7 @@ def test_message_deleted_between_seen_and_read_is_named_at_once_not_after_the_st
     from snake_hf.engine.torch_dist import DistributedTransport
 
     kwargs = {**attacks.FAST, "hop_timeout": 30.0, "run_secret": secret}
-    transport = DistributedTransport(0, 1, master_addr="127.0.0.1", master_port=_free_port(), **kwargs)
+    transport = DistributedTransport(0, 1, master_addr="127.0.0.1", master_port=free_port(), **kwargs)
     try:
         transport.publish("snake/exchange/sizes/0/0", "12")
         assert transport.read("snake/exchange/sizes/0/0", 0, "exchanged text 'sizes'") == "12"
@@ -212,7 +206,7 @@ def test_message_deleted_between_seen_and_read_is_named_at_once_not_after_the_st
 
 def _launch(out: Path, num_nodes: int, env_extra: dict, topology: str = "p2p"):
     """Starts one `_dist_auth_run.py` process per rank; returns the store's port and the processes."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(num_nodes):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(num_nodes), LOCAL_RANK=str(rank),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,17 +24,12 @@ from _snake_run import run
 from safetensors.torch import load_file
 
 from _matrix import DEFAULT, MATRIX
+from conftest import free_port
 
 
 HERE = Path(__file__).parent
 WORLD = 3
 HOP_TIMEOUT = "6"  # seconds without a heartbeat before a rank counts as dead
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _launch(
@@ -51,7 +45,7 @@ def _launch(
 
     Every rank has its own PYTHONHASHSEED (`hash_base + 17 * rank`; a relaunch passes another base).
     """
-    port, procs = _free_port(), {}
+    port, procs = free_port(), {}
     for rank in range(WORLD):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", SNAKE_TEST_HOP_TIMEOUT=HOP_TIMEOUT,

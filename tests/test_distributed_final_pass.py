@@ -14,7 +14,9 @@ import pytest
 import torch
 from _final_pass_run import run
 from safetensors.torch import load_file
-from test_distributed import _free_port, join_ranks
+from test_distributed import join_ranks
+
+from conftest import free_port
 
 
 HERE = Path(__file__).parent
@@ -26,7 +28,7 @@ def _launch(
 ) -> None:
     """One process per node joined through the rendezvous store, each with its own PYTHONHASHSEED (and, with `secret`,
     authenticated: every store message and payload sealed and checked)."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(num_nodes):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(num_nodes), LOCAL_RANK=str(rank),

@@ -14,7 +14,6 @@ import functools
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from snake_hf.engine.payload import EncodedPayload, Payload, encode_payload
 from snake_hf.engine.torch_dist import DistributedTransport, hide_launch_env, launch_info
 from snake_hf.engine.transport import HopTimeoutError
@@ -34,12 +34,6 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="spawned ranks a
 
 FAST = {"hop_timeout": 5.0, "heartbeat_interval": 0.2, "heartbeat_timeout": 2.0}
 STARTUP_TIMEOUT = 180.0  # seconds for spawned ranks to import torch and snake_hf, on a loaded 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _payload(stage: int, numel: int = 1000) -> EncodedPayload:
@@ -95,7 +89,7 @@ def _run(targets, world_size: int, tmp_path: Path, timeout: float = 60.0, **kwar
 
     `timeout` counts from the moment every rank has started (imported torch and snake_hf), not from the spawn.
     """
-    port, context = _free_port(), multiprocessing.get_context("spawn")
+    port, context = free_port(), multiprocessing.get_context("spawn")
     ready, go = context.Semaphore(0), context.Event()
     processes = {
         rank: context.Process(
@@ -221,7 +215,7 @@ def test_receiver_waits_through_long_stages_elsewhere(tmp_path):
 
 
 def test_recv_from_rank_that_never_joins_raises_hop_timeout(tmp_path):
-    port, start = _free_port(), time.monotonic()
+    port, start = free_port(), time.monotonic()
     transport = DistributedTransport(0, 3, master_addr="127.0.0.1", master_port=port, **{**FAST, "hop_timeout": 3.0})
     try:
         with pytest.raises(HopTimeoutError) as caught:
@@ -320,7 +314,7 @@ LAUNCHERS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
 def test_launched_ranks_train_single_process_and_exchange_payloads(tmp_path, launcher):
-    command = [*LAUNCHERS[launcher], str(_free_port())]
+    command = [*LAUNCHERS[launcher], str(free_port())]
     worker = Path(__file__).with_name("_dist_worker.py")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     subprocess.run([*command, str(worker), str(tmp_path)], check=True, timeout=240, env=env, cwd=tmp_path)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,19 +16,15 @@ import torch
 from _wire_run import run
 from safetensors.torch import load_file
 
+from conftest import free_port
+
 
 HERE = Path(__file__).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _distributed(out: Path, topology: str, num_nodes: int, payload_dtype: str) -> None:
     """One `_wire_run.py` process per rank (each its own PYTHONHASHSEED); every rank must finish."""
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for rank in range(num_nodes):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(num_nodes), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
