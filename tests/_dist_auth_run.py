@@ -4,7 +4,8 @@
         python tests/_dist_auth_run.py OUT_DIR TOPOLOGY NUM_NODES
 
 The secret is given as `SnakeConfig(run_secret=...)` when `SNAKE_TEST_SECRET_IN_CONFIG` is set, else the library reads
-`SNAKE_RUN_SECRET`. INFO logging is on, with stage checkpoints (`training_args.bin` in each), `save_model`,
+`SNAKE_RUN_SECRET`. With `SNAKE_TEST_WAIT_FOR_INTRUDER=<intruder.json>` each rank holds its first step until the intruder
+has acted (so the run cannot end before the attack starts, however the processes are scheduled). INFO logging is on, with stage checkpoints (`training_args.bin` in each), `save_model`,
 `save_state` and a model card. The same model, data and plan as tests/_snake_run.py, so the final adapters (each rank
 writes them to OUT_DIR/adapters-<rank>.safetensors) must equal its simulation's; the first rank writes the report.
 """
@@ -14,16 +15,33 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _matrix import build, trained_state  # noqa: E402
 from snake_hf import SnakeConfig, SnakeTrainer  # noqa: E402
+
+
+class WaitForIntruder(TrainerCallback):
+    """Holds the rank's first step until the intruder's record says it acted (at most `seconds`)."""
+
+    def __init__(self, record: str, seconds: float = 120.0):
+        self.record, self.seconds, self.waited = Path(record), seconds, False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        deadline = time.monotonic() + self.seconds
+        while not self.waited and time.monotonic() < deadline:
+            if self.record.is_file() and json.loads(self.record.read_text())["actions"] > 0:  # written atomically
+                break
+            time.sleep(0.05)
+        self.waited = True
 
 
 def main(out_dir: str, topology: str, num_nodes: int) -> None:
@@ -39,7 +57,9 @@ def main(out_dir: str, topology: str, num_nodes: int) -> None:
     )  # fmt: skip
     print(args)  # what a user's script may well print: the secret must not show
     print(repr(args), args.to_json_string())
-    trainer = SnakeTrainer(model, args, train_dataset=dataset, peft_config=peft_config)
+    record = os.environ.get("SNAKE_TEST_WAIT_FOR_INTRUDER")
+    callbacks = [WaitForIntruder(record)] if record else []
+    trainer = SnakeTrainer(model, args, train_dataset=dataset, peft_config=peft_config, callbacks=callbacks)
     print(f"authenticated transport: {trainer.transport.authenticated}", flush=True)
     trainer.train()
     rank = trainer.launch.rank

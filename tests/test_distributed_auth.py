@@ -298,7 +298,13 @@ def test_intruder_on_the_store_cannot_make_a_rank_load_or_hang(tmp_path, simulat
     out = tmp_path / "run"
     out.mkdir()
     hop_timeout = 20
-    port, procs = _launch(out, 2, {"SNAKE_RUN_SECRET": SECRET, "SNAKE_TEST_HOP_TIMEOUT": str(hop_timeout)})
+    record = tmp_path / "intruder.json"  # each rank's first step waits until the intruder acted
+    env = {
+        "SNAKE_RUN_SECRET": SECRET,
+        "SNAKE_TEST_HOP_TIMEOUT": str(hop_timeout),
+        "SNAKE_TEST_WAIT_FOR_INTRUDER": str(record),
+    }
+    port, procs = _launch(out, 2, env)
     intruder = subprocess.Popen(
         [sys.executable, str(HERE / "_dist_auth.py"), str(port), mode, "2", str(tmp_path), "240"],
         env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -310,7 +316,7 @@ def test_intruder_on_the_store_cannot_make_a_rank_load_or_hang(tmp_path, simulat
     finally:
         intruder.kill()
         intruder_output = intruder.communicate(timeout=10)[0]
-    acted = json.loads((tmp_path / "intruder.json").read_text())
+    acted = json.loads(record.read_text())
     assert acted["actions"] > 0 and acted["read"] == ["snake/alive/0", "snake/alive/1"], intruder_output
     if mode == "lurker":
         for rank, (code, output) in enumerate(outputs):
