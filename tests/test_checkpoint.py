@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -135,7 +136,8 @@ def _edit_state(checkpoint: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize(("field", "value", "saved"), [("payload_dtype", "bfloat16", "'float32'"), ("seed", 1, "0"),
-                         ("lr_schedule_scope", "group", "'run'")], ids=["payload_dtype", "seed", "lr_schedule_scope"])  # fmt: skip
+                         ("lr_schedule_scope", "group", "'run'"), ("proximal_mu", 0.5, "0.0")],
+                         ids=["payload_dtype", "seed", "lr_schedule_scope", "proximal_mu"])  # fmt: skip
 def test_resume_with_another_run_setting_is_refused_naming_the_field(checkpointed, tmp_path, field, value, saved):
     out = _copy(checkpointed, tmp_path)
     expected = rf"`{field}` = {saved}; this run has {value!r}\. Resume with the same `{field}`, or start a new run"
@@ -152,6 +154,19 @@ def test_a_checkpoint_from_before_lr_schedule_scope_resumes_as_the_run_scope_it_
     _fresh(out).train(resume_from_checkpoint=True)
     with pytest.raises(CheckpointError, match=r"`lr_schedule_scope` = 'run'; this run has 'group'"):
         _fresh(out, lr_schedule_scope="group").train(resume_from_checkpoint=True)
+
+
+def test_a_checkpoint_from_before_proximal_mu_was_signed_resumes_unchecked_on_it_with_a_warning(
+    checkpointed, tmp_path, caplog
+):
+    out = _copy(checkpointed, tmp_path)
+    checkpoint = latest_checkpoint(out)
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    del state["signature"]["proximal_mu"]  # written when the field existed but was not part of the signature
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+    caplog.set_level(logging.WARNING, logger="snake_hf.trainer.resume")
+    _fresh(out, proximal_mu=0.5).train(resume_from_checkpoint=True)
+    assert any("did not record ['proximal_mu']" in r.getMessage() for r in caplog.records)
 
 
 def test_checkpoint_written_after_a_replan_is_refused_naming_the_failed_rank(checkpointed, tmp_path):
