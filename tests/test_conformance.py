@@ -431,6 +431,19 @@ class TestTwoByTwo:
         assert [r.train_loss for r in resumed.snake_report.stages] == [r.train_loss for r in full.snake_report.stages]
         assert resumed.snake_report.total_bytes == full.snake_report.total_bytes
 
+    def test_resume_with_ignore_data_skip_is_refused_before_any_work(self, tmp_path):
+        # Trainer would restart the data at the plan's first batch: node 0's batches in node 1's resumed stage.
+        steps = dict(save_strategy="steps", save_steps=3, stage_steps=4)
+        full = two_by_two(tmp_path / "a", **steps)
+        full.train()
+        folder = Path(full.args.output_dir) / "checkpoint-6"
+        resumed = two_by_two(tmp_path / "a", **steps, ignore_data_skip=True)
+        before = trained_state(resumed)
+        with pytest.raises(ValueError, match=r"`ignore_data_skip` \(True\).*another node's.*ignore_data_skip=False"):
+            resumed.train(resume_from_checkpoint=str(folder))
+        assert_same_state(trained_state(resumed), before)  # nothing was loaded or trained
+        two_by_two(tmp_path / "b", ignore_data_skip=True).train()  # a fresh run: nothing to skip, nothing refused
+
     @pytest.mark.parametrize("written_by", ["older_snake_hf", "file_lost"])
     def test_an_in_stage_checkpoint_without_its_start_values_warns_or_is_refused(self, tmp_path, caplog, written_by):
         steps = dict(save_strategy="steps", save_steps=3, stage_steps=4, proximal_mu=0.5)
