@@ -431,6 +431,15 @@ class TestTwoByTwo:
         assert [r.train_loss for r in resumed.snake_report.stages] == [r.train_loss for r in full.snake_report.stages]
         assert resumed.snake_report.total_bytes == full.snake_report.total_bytes
 
+    def test_dataloader_options_reach_the_plan_loader_as_trainer_passes_them(self, tmp_path):
+        options = dict(dataloader_num_workers=2, dataloader_prefetch_factor=3, dataloader_persistent_workers=True,
+                       dataloader_multiprocessing_context="spawn", dataloader_in_order=False,
+                       dataloader_pin_memory=False)  # fmt: skip
+        loader = two_by_two(tmp_path, **options).get_train_dataloader()  # not iterated: no workers start
+        assert (loader.num_workers, loader.prefetch_factor, loader.persistent_workers) == (2, 3, True)
+        assert loader.multiprocessing_context.get_start_method() == "spawn"
+        assert loader.in_order is False and loader.pin_memory is False
+
     def test_resume_with_ignore_data_skip_is_refused_before_any_work(self, tmp_path):
         # Trainer would restart the data at the plan's first batch: node 0's batches in node 1's resumed stage.
         steps = dict(save_strategy="steps", save_steps=3, stage_steps=4)

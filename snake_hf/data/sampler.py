@@ -211,5 +211,8 @@ def plan_dataloader(
         num_workers=args.dataloader_num_workers,
         pin_memory=args.dataloader_pin_memory,
         persistent_workers=args.dataloader_persistent_workers,
+        multiprocessing_context=args.dataloader_multiprocessing_context,
+        prefetch_factor=args.dataloader_prefetch_factor,
+        in_order=args.dataloader_in_order,
         worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=0),
     )
