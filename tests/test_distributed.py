@@ -44,19 +44,26 @@ def _launch_ranks(out_dir: Path, topology: str, num_nodes: int, timeout: float =
     join_ranks(procs, timeout)
 
 
-def join_ranks(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Waits for every rank's process (killing the rest on a timeout) and checks each exited 0, showing a failed
-    rank's output; returns the outputs."""
-    outputs = []
+def collect_ranks(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+    """Waits for every rank's process (killing the rest on a timeout); returns each one's (exit code, output)."""
+    results = []
     try:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0])
+            output = proc.communicate(timeout=timeout)[0]
+            results.append((proc.returncode, output))
     finally:
         for proc in procs:
             proc.kill()
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-3000:]}"
-    return outputs
+    return results
+
+
+def join_ranks(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Waits for every rank's process (killing the rest on a timeout) and checks each exited 0, showing a failed
+    rank's output; returns the outputs."""
+    results = collect_ranks(procs, timeout)
+    for rank, (code, output) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{output[-3000:]}"
+    return [output for _, output in results]
 
 
 @pytest.fixture(scope="module")

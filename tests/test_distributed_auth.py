@@ -21,6 +21,7 @@ import pytest
 import torch
 from _snake_run import run
 from safetensors.torch import load_file
+from test_distributed import collect_ranks
 
 from conftest import free_port
 from snake_hf.engine.auth import SEAL_NBYTES, AuthenticationError
@@ -177,24 +178,50 @@ def test_message_deleted_from_the_store_stops_the_waiting_rank_instead_of_a_hang
     assert results[1]["error"] == "HopTimeoutError" and "rank 0 closed its transport first" in results[1]["message"]
 
 
+class _DeletedAfterCheck:
+    """The store as a read sees it when the key is deleted between its check and its get: the check still finds the
+    key, the get fails (as `TCPStore.get` does once its timeout is out); everything else is the real store."""
+
+    def __init__(self, store):
+        self.store, self.lied = store, False
+
+    def check(self, keys):
+        if not self.lied:
+            self.lied = True
+            return True
+        return self.store.check(keys)
+
+    def get(self, key):
+        raise RuntimeError("wait timeout after 30000ms")
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+@pytest.mark.parametrize("window", ["before_check", "between_check_and_get"])
 @pytest.mark.parametrize("secret", [SECRET, None], ids=["with_secret", "without_secret"])
-def test_message_deleted_between_seen_and_read_is_named_at_once_not_after_the_store_timeout(secret):
+def test_message_deleted_between_seen_and_read_is_named_at_once_not_after_the_store_timeout(secret, window):
     """A waiting rank can see a key in the moment between its publication and an intruder's deletion (a CI failure:
-    the read then waited out the store's timeout and stopped unnamed). The read names the deletion at once."""
+    the read then waited out the store's timeout and stopped unnamed). The read names the deletion at once, also when
+    it falls between the read's own check and its get."""
     from snake_hf.engine.torch_dist import DistributedTransport
 
     kwargs = {**attacks.FAST, "hop_timeout": 30.0, "run_secret": secret}
     transport = DistributedTransport(0, 1, master_addr="127.0.0.1", master_port=free_port(), **kwargs)
+    store = transport.store
     try:
         transport.publish("snake/exchange/sizes/0/0", "12")
         assert transport.read("snake/exchange/sizes/0/0", 0, "exchanged text 'sizes'") == "12"
-        transport.store.delete_key("snake/exchange/sizes/0/0")
+        store.delete_key("snake/exchange/sizes/0/0")
+        if window == "between_check_and_get":
+            transport.store = _DeletedAfterCheck(store)
         start = time.monotonic()
         expected = AuthenticationError if secret else HopTimeoutError
         with pytest.raises(expected) as caught:
             transport.read("snake/exchange/sizes/0/0", 0, "exchanged text 'sizes'")
         assert time.monotonic() - start < 1.0
     finally:
+        transport.store = store
         transport.close(wait=False)
     message = str(caught.value)
     assert "published 'snake/exchange/sizes/0/0' but the store no longer holds it" in message
@@ -224,17 +251,6 @@ def _launch(out: Path, num_nodes: int, env_extra: dict, topology: str = "p2p"):
     return port, procs
 
 
-def _collect(procs, timeout: float) -> list[tuple[int, str]]:
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append((proc.wait(timeout=timeout), proc.stdout.read()))
-    finally:
-        for proc in procs:
-            proc.kill()
-    return outputs
-
-
 @pytest.fixture(scope="module")
 def simulated_2(tmp_path_factory):
     threads = torch.get_num_threads()
@@ -252,7 +268,7 @@ def test_authenticated_run_matches_the_simulation_and_writes_the_secret_nowhere(
     out = tmp_path / "run"
     out.mkdir()
     _, procs = _launch(out, 2, {"SNAKE_TEST_SECRET_IN_CONFIG": SECRET})
-    outputs = _collect(procs, timeout=300)
+    outputs = collect_ranks(procs, timeout=300)
     for rank, (code, output) in enumerate(outputs):
         assert code == 0, f"rank {rank} failed:\n{output[-3000:]}"
         assert SECRET not in output, f"rank {rank} logged the secret"
@@ -280,7 +296,7 @@ def test_authenticated_cs_run_matches_the_simulation(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     _, procs = _launch(out, 3, {"SNAKE_RUN_SECRET": SECRET}, topology="cs")
-    for rank, (code, output) in enumerate(_collect(procs, timeout=300)):
+    for rank, (code, output) in enumerate(collect_ranks(procs, timeout=300)):
         assert code == 0, f"rank {rank} failed:\n{output[-3000:]}"
         assert "authenticated transport: True" in output
     for rank in range(3):
@@ -311,7 +327,7 @@ def test_intruder_on_the_store_cannot_make_a_rank_load_or_hang(tmp_path, simulat
     )  # fmt: skip
     try:
         start = time.monotonic()
-        outputs = _collect(procs, timeout=300)
+        outputs = collect_ranks(procs, timeout=300)
         elapsed = time.monotonic() - start
     finally:
         intruder.kill()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from _final_pass_run import run
 from safetensors.torch import load_file
-from test_distributed import join_ranks
+from test_distributed import collect_ranks, join_ranks
 
 from conftest import free_port
 
@@ -108,16 +108,12 @@ def test_cs_run_with_a_failed_node_skips_the_final_pass_and_ends_as_the_replanne
 
     # 3 nodes x 2 groups, one pass: stages on nodes 0 1 2 2 1 0, two steps each; node 1 dies after step 3 (stage 1).
     procs = _start(tmp_path, "cs", 3, "both", SNAKE_TEST_KILL="1:3", SNAKE_TEST_HOP_TIMEOUT="10")
-    outputs = []
-    try:
-        outputs = [proc.communicate(timeout=240)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert procs[1].returncode == -signal.SIGKILL
+    results = collect_ranks(procs, 240)
+    assert results[1][0] == -signal.SIGKILL
     for rank in (0, 2):
-        assert procs[rank].returncode == 0, f"rank {rank} did not finish:\n{outputs[rank][-3000:]}"
-        assert "Final pass skipped: node(s) [1] failed" in outputs[rank], outputs[rank][-3000:]
+        code, output = results[rank]
+        assert code == 0, f"rank {rank} did not finish:\n{output[-3000:]}"
+        assert "Final pass skipped: node(s) [1] failed" in output, output[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     [failure] = report["failures"]
     assert (failure["rank"], failure["stage"], failure["action"]) == (1, 1, "replan")

@@ -214,7 +214,7 @@ class DistributedTransport(CoordinatedTransport):
             present = self.store.check([key])
             raw = self.store.get(key).decode("utf-8", errors="replace") if present else None
         except RuntimeError as error:  # the key vanished after the check, or the store's server is gone
-            if self._still_reachable():
+            if self._gone(key):
                 raise self._deleted(key, writer, what) from error
             raise HopTimeoutError(
                 f"Rank {self.rank} could not read the {what} (store key {key!r}) of rank {writer}: {error} "
@@ -228,12 +228,12 @@ class DistributedTransport(CoordinatedTransport):
         )
         return self._auth.open_text(key, writer, raw, describe)
 
-    def _still_reachable(self) -> bool:
+    def _gone(self, key: str) -> bool:
+        """Whether the store answers and no longer holds `key` (False when the store itself is unreachable)."""
         try:
-            self.store.check([_CLOSED.format(self.rank)])
+            return not self.store.check([key])
         except RuntimeError:
             return False
-        return True
 
     def _deleted(self, key: str, writer: int, what: str) -> Exception:
         """The error for a key that was set when this rank saw it and is gone when it reads it: no rank deletes a key

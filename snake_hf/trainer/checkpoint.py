@@ -55,11 +55,10 @@ class StageCheckpoint:
     stage_start: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def save(self, folder: Path) -> None:
-        save_file({name: t.detach().contiguous().cpu() for name, t in self.parts.items()}, str(folder / PARTS_FILE))
+        save_file(_on_host(self.parts), str(folder / PARTS_FILE))
         save_file({f"node_{node}": state for node, state in self.rng.items()}, str(folder / RNG_FILE))
         if self.stage_start:
-            start = {name: t.detach().contiguous().cpu() for name, t in self.stage_start.items()}
-            save_file(start, str(folder / START_FILE))
+            save_file(_on_host(self.stage_start), str(folder / START_FILE))
         (folder / STATE_FILE).write_text(json.dumps({"format": FORMAT, **self.state}, default=str))  # last: complete
 
     @classmethod
@@ -89,6 +88,10 @@ class StageCheckpoint:
                 "the snake_hf version that wrote it, or start again."
             )
         return cls(state=state, parts=parts, rng=rng, stage_start=stage_start)
+
+
+def _on_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
 
 
 def write_atomically(output_dir: str | os.PathLike, step: int, write) -> Path:

@@ -12,7 +12,7 @@ from ..engine.session import Session
 from ..plan import Stage
 
 
-__all__ = ["check_trainer_options", "check_user_optimizer"]
+__all__ = ["check_resume_options", "check_trainer_options", "check_user_optimizer"]
 
 # `TrainingArguments` options that Snake refuses, with why and what to do instead: (field, refused values or a test,
 # the reason and fix). Checked where the run starts, before any work.
@@ -55,6 +55,18 @@ def check_trainer_options(args: SnakeConfig, session: Session, callbacks) -> Non
                     "next node waiting for its payload; stop by max_steps / num_train_epochs, or use the simulation "
                     "engine."
                 )
+
+
+def check_resume_options(args: SnakeConfig, plan: list[Stage], resume_from_checkpoint) -> None:
+    """Refuses, before any work, a resume that `Trainer`'s options would make train one node on another's data."""
+    resuming = resume_from_checkpoint not in (None, False)
+    if resuming and args.ignore_data_skip and len({stage.node for stage in plan}) > 1:
+        raise ValueError(
+            "`ignore_data_skip` (True) is not supported when resuming a SnakeTrainer run of several nodes: each "
+            "node's batches are tied to its stages, so restarting the data at its first batch would train the "
+            "resumed stage on another node's (private) batches. Set ignore_data_skip=False: the resume skips "
+            "exactly the batches already trained."
+        )
 
 
 def check_user_optimizer(optimizer, model: nn.Module, part_map: PartMap, plan: list[Stage]):

@@ -63,6 +63,12 @@ logger = logging.get_logger(__name__)
 
 __all__ = ["ResumePoint", "StageCheckpoints"]
 
+# Fields that existed, but were not signed, when earlier checkpoints were written: their values then are unknown, so
+# a checkpoint without them resumes unchecked on them, with a warning.
+_SIGNED_LATER = (
+    "proximal_mu", "master_dtype", "recompute_batchnorm", "head_calibration", "head_calibration_samples",
+    "head_calibration_steps",
+)  # fmt: skip
 # `SnakeConfig` (`TrainingArguments`) fields that change what a run computes, beyond its plan: a checkpoint written
 # with other values would resume into a run that neither setting gives. (Output, logging, topology and timeout
 # settings are left out: they do not change the adapters.)
@@ -72,17 +78,10 @@ _SIGNATURE_FIELDS = (
     "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps",
     "dataloader_drop_last", "bf16", "fp16", "label_smoothing_factor", "always_trainable_modules", "distill_alpha",
     "distill_temperature", "logit_adjustment", "restrict_to_node_classes", "node_class_min_share",
-    "lm_loss_chunk_tokens", "proximal_mu", "master_dtype", "recompute_batchnorm", "head_calibration",
-    "head_calibration_samples", "head_calibration_steps",
+    "lm_loss_chunk_tokens", *_SIGNED_LATER,
 )  # fmt: skip
 # Fields added after checkpoints were written without them, with the value those runs had.
 _SIGNATURE_ADDED = {"lr_schedule_scope": "run"}
-# Fields that existed, but were not signed, when checkpoints were written without them: their values then are unknown,
-# so such a checkpoint resumes unchecked on them, with a warning.
-_SIGNATURE_UNSIGNED_BEFORE = (
-    "proximal_mu", "master_dtype", "recompute_batchnorm", "head_calibration", "head_calibration_samples",
-    "head_calibration_steps",
-)  # fmt: skip
 # What to keep the same for the signature entries that are not fields of their own.
 _SIGNATURE_FIXES = {
     "adapter": "the same peft_config (LoRA r, alpha, target modules) and trainable modules",
@@ -232,7 +231,7 @@ class StageCheckpoints:
         return canonical(signature, "run signature")  # sets sorted: the same in a new process (snake_hf.identity)
 
     def _check_signature(self, path: Path, saved: dict) -> None:
-        unsigned = [field for field in _SIGNATURE_UNSIGNED_BEFORE if field not in saved]
+        unsigned = [field for field in _SIGNED_LATER if field not in saved]
         if unsigned:
             logger.warning(
                 f"Checkpoint {path} was written by a snake_hf that did not record {unsigned}; resuming it assumes this "

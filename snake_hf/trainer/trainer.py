@@ -46,7 +46,7 @@ from ..recompute import set_recompute
 from ..report import SnakeReport, StageRecord
 from . import _compat
 from .final_pass import needs_final_pass, run_final_pass
-from .options import check_trainer_options, check_user_optimizer
+from .options import check_resume_options, check_trainer_options, check_user_optimizer
 from .resume import ResumePoint, StageCheckpoints
 from .schedule import check_schedule_scope, scope_scheduler
 from .setup import (
@@ -249,14 +249,7 @@ class SnakeTrainer(StageBoundaries, Trainer):
         """
         if self.node_data is None:
             raise ValueError("Trainer: training requires a train_dataset.")
-        nodes = {stage.node for stage in self.plan}
-        if resume_from_checkpoint not in (None, False) and self.args.ignore_data_skip and len(nodes) > 1:
-            raise ValueError(
-                "`ignore_data_skip` (True) is not supported when resuming a SnakeTrainer run of several nodes: each "
-                "node's batches are tied to its stages, so restarting the data at its first batch would train the "
-                "resumed stage on another node's (private) batches. Set ignore_data_skip=False: the resume skips "
-                "exactly the batches already trained."
-            )
+        check_resume_options(self.args, self.plan, resume_from_checkpoint)
         model_init, self.model_init = self.model_init, None  # re-initialised here, before the relay holds the model
         try:
             if model_init is not None:
